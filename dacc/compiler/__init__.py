@@ -1,0 +1,1 @@
+"""Trace, IR, pass pipeline and artifact writer."""

@@ -1,0 +1,133 @@
+"""`dacc compile`: model file + plan -> artifact. Trace, run the pipeline, write, verify."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import dacc
+from dacc.compiler.artifact import check_output_path, model_config, write_artifact
+from dacc.compiler.invariants import check_invariants
+from dacc.compiler.ir import ProgramIR
+from dacc.compiler.model_file import load_model_file
+from dacc.compiler.passes import run_pipeline
+from dacc.compiler.pipeline import PIPELINE
+from dacc.compiler.printer import print_graph
+from dacc.compiler.segments import segment_specs, sites
+from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
+from dacc.schema.errors import DaccError
+from dacc.schema.expr import to_tree
+from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, PassRecord, ProgramSpec)
+from dacc.schema.plan import Plan, load_plan
+
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+def _diffusers_version() -> str | None:
+    try:
+        import diffusers
+        return diffusers.__version__
+    except ImportError:
+        return None
+
+
+def _guards(ir: ProgramIR) -> tuple[list, list[str]]:
+    trees, texts, exact = [], [], False
+    for g in ir.guards():
+        try:
+            trees.append(to_tree(g))
+            texts.append(str(g))
+        except ValueError:
+            exact = True  # a condition dacc cannot evaluate: serve the traced sizes only
+    if exact:
+        for spec in ir.symbol_specs():
+            size = int(ir.traced.example_shapes()[spec.input][spec.dim])
+            trees.append(["eq", ["sym", spec.name], size])
+            texts.append(f"Eq({spec.name}, {size})")
+    return trees, texts
+
+
+def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
+    placeholders = {n.name: n for n in ir.graph.nodes if n.op == "placeholder"}
+    symbols = {s.name for s in ir.symbol_specs()}
+    inputs = []
+    for spec, name in zip(ir.traced.inputs, ir.user_inputs):
+        shape = [str(d) for d in ir.shape(placeholders[name])] if spec.kind == "tensor" else []
+        for dim in shape:
+            if not (dim.isdigit() or dim in symbols):
+                raise DaccError(f"input '{spec.path}' has a derived dynamic size {dim}", where,
+                                "use torch.export.Dim.AUTO or plain Dims for input sizes in dynamic_shapes()")
+        inputs.append(type(spec)(**{**spec.__dict__, "shape": shape}))
+    guards, guard_text = _guards(ir)
+    attention, linears = sites(ir)
+    example = ir.traced.example_shapes()
+    return ProgramSpec(file=f"program{index}.pt2", inputs=inputs, symbols=ir.symbol_specs(),
+                       example_shapes=example, outputs=ir.output_names(), guards=guards, guard_text=guard_text,
+                       segments=segment_specs(ir),
+                       attention=attention, linears=linears)
+
+
+def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
+                  verify: bool = True, log: Callable[[str], None] = print,
+                  on_graph: Callable[[int, int, str, str], None] | None = None) -> Manifest:
+    """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass."""
+    out = Path(out)
+    plan = load_plan(plan_path)
+    check_output_path(out, force)  # fail before minutes of tracing, not after
+    mf = load_model_file(model_path)
+    model = mf.build()
+    examples = [mf.example_inputs()] + mf.more_example_inputs()
+    log(f"tracing {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(examples)} example shape(s))")
+    traced, output_type = trace(model, examples, mf.dynamic_shapes(), str(model_path), log)
+    irs = []
+    for i, t in enumerate(traced):
+        ir = ProgramIR(t)
+        hook = (lambda k, name, text, i=i: on_graph(i, k, name, text)) if on_graph else None
+        results = run_pipeline(ir, plan, PIPELINE, check_invariants, tag=f"program{i}", on_graph=hook)
+        for entry, res in zip(PIPELINE, results):
+            log(f"program {i}: {entry.name}: {'; '.join(res.notes)}")
+        irs.append(ir)
+    manifest = build_manifest(model, plan, irs, output_type, str(model_path))
+    texts = {PLAN_FILE: plan.to_yaml(),
+             GRAPH_FILE: "".join(f"# program {i}\n{print_graph(ir)}" for i, ir in enumerate(irs))}
+
+    def check(tmp: Path) -> None:
+        if verify:
+            verify_artifact(tmp, model, examples, log)
+
+    write_artifact(out, force, manifest, irs, texts, check)
+    log(f"wrote {out}")
+    return manifest
+
+
+def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], output_type, where: str) -> Manifest:
+    config = model_config(model)
+    cls = f"{type(model).__module__}.{type(model).__qualname__}"
+    config_hash = hashlib.sha256(json.dumps({"class": cls, "config": config}, sort_keys=True).encode()).hexdigest()
+    paths = [s.path for s in irs[0].traced.inputs if s.kind == "tensor"]
+    return Manifest(
+        schema_version=SCHEMA_VERSION, dacc_version=dacc.__version__, torch_version=torch.__version__,
+        diffusers_version=_diffusers_version(), model_class=cls, model_config=config, config_hash=config_hash,
+        passes=[PassRecord(p.name, p.reason) for p in PIPELINE], num_inference_steps=plan.num_inference_steps,
+        timestep_input=next((n for n in TIMESTEP_NAMES if n in paths), None), output_type=output_type,
+        programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={})
+
+
+def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str, Any]], log) -> None:
+    """Load what was just written with the runtime and compare it with eager on every example."""
+    from dacc.runtime.module import load
+
+    compiled = load(path)
+    for i, inputs in enumerate(examples):
+        ref, _ = eager_reference(model, inputs)
+        got = compiled(**inputs)
+        err = rel_error(list(got.to_tuple()) if hasattr(got, "to_tuple") else
+                        [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)], ref)
+        if err > tolerance(ref):
+            raise DaccError(f"compiled artifact differs from eager on example {i} (relative error {err:.3g})",
+                            str(path), "this is a compiler bug; please report it with the model file")
+        log(f"verified example {i}: relative error {err:.2e}")

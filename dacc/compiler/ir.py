@@ -1,0 +1,179 @@
+"""A thin layer over one exported program: names, symbolic shapes and dacc annotations per node.
+
+The graph stays a torch.export graph (the passes rewrite it in place); this class only answers
+questions about it: which parameter a placeholder is, which module a node came from, what its
+shape is as a sympy expression over canonical symbols `s0, s1, ...`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+from torch.export import ExportedProgram
+from torch.fx import Node
+
+from dacc.schema.dtypes import dtype_text
+from dacc.schema.manifest import InputSpec, NodeInfo, SymbolSpec
+from dacc.schema.serial import from_dict, to_dict
+
+_BLOCK_RE = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
+
+
+@dataclass
+class Traced:
+    """One exported program and the example inputs it was traced (and verified) with."""
+    ep: ExportedProgram
+    example: dict[str, Any]
+    inputs: list[InputSpec]
+
+    def example_shapes(self) -> dict[str, list[int]]:
+        return {s.path: [int(d) for d in s.shape] for s in self.inputs if s.kind == "tensor"}
+
+
+class ProgramIR:
+    def __init__(self, traced: Traced):
+        self.traced = traced
+        self.ep = traced.ep
+        sig = self.ep.graph_signature
+        self.param_of: dict[str, str] = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                                         **sig.inputs_to_lifted_tensor_constants}
+        self.user_inputs: list[str] = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+        self.symbols = self._canonical_symbols()
+
+    # -- graph access ---------------------------------------------------------------------
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.ep.graph
+
+    def compute_nodes(self) -> list[Node]:
+        return [n for n in self.graph.nodes if n.op == "call_function"]
+
+    def is_param(self, node: Node) -> bool:
+        return node.op == "placeholder" and node.name in self.param_of
+
+    def param_tensor(self, node: Node) -> torch.Tensor:
+        fqn = self.param_of[node.name]
+        return self.ep.state_dict.get(fqn, self.ep.constants.get(fqn))
+
+    def output_names(self) -> list[str]:
+        out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        return [a.name if isinstance(a, Node) else repr(a) for a in out.args[0]]
+
+    # -- annotations -----------------------------------------------------------------------
+    @staticmethod
+    def info(node: Node) -> NodeInfo:
+        raw = node.meta.get("custom", {}).get("dacc")
+        return from_dict(NodeInfo, raw) if raw else NodeInfo()
+
+    @staticmethod
+    def set_info(node: Node, info: NodeInfo) -> None:
+        # a fresh dict: export shares one "custom" dict between some nodes
+        node.meta["custom"] = {**(node.meta.get("custom") or {}), "dacc": to_dict(info)}
+
+    @staticmethod
+    def module_stack(node: Node) -> list[tuple[str, str]]:
+        """(path, class name) from outermost to innermost module that produced `node`."""
+        stack = node.meta.get("nn_module_stack") or {}
+        return [(path, cls.rsplit(".", 1)[-1]) for path, cls in stack.values()
+                if path and not path.startswith("_empty")]
+
+    @staticmethod
+    def block_of(node: Node) -> tuple[str, int, str] | None:
+        """(list path, index, block class) of the outermost indexed module around `node`."""
+        for path, cls in ProgramIR.module_stack(node):
+            m = _BLOCK_RE.match(path)
+            if m:
+                return m["list"], int(m["index"]), cls
+        return None
+
+    # -- shapes ----------------------------------------------------------------------------
+    def _canonical_symbols(self) -> dict[sympy.Symbol, str]:
+        names: dict[sympy.Symbol, str] = {}
+        for node in self.graph.nodes:
+            if node.op == "placeholder" and node.name in self.user_inputs:
+                val = node.meta.get("val")
+                for dim in getattr(val, "shape", ()):
+                    expr = _expr(dim)
+                    for sym in sorted(expr.free_symbols, key=str):
+                        names.setdefault(sym, f"s{len(names)}")
+        return names
+
+    def expr(self, value: Any) -> sympy.Expr:
+        e = _expr(value)
+        return e.xreplace({s: sympy.Symbol(n, integer=True, positive=True) for s, n in self.symbols.items()})
+
+    def shape(self, node_or_val: Any) -> list[sympy.Expr] | None:
+        val = node_or_val.meta.get("val") if isinstance(node_or_val, Node) else node_or_val
+        if not isinstance(val, torch.Tensor):
+            return None
+        return [self.expr(d) for d in val.shape]
+
+    def type_text(self, node: Node) -> str:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return f"{dtype_text(val.dtype)}[{', '.join(str(d) for d in self.shape(val))}]"
+        if isinstance(val, (list, tuple)):
+            return "(" + ", ".join(f"{dtype_text(v.dtype)}[{', '.join(str(d) for d in self.shape(v))}]"
+                                   if isinstance(v, torch.Tensor) else str(self.expr(v)) if _is_sym(v) else repr(v)
+                                   for v in val) + ")"
+        if _is_sym(val):
+            return f"sym {self.expr(val)}"
+        return repr(val) if val is not None else ""
+
+    def guards(self) -> list[sympy.Basic]:
+        """Shape conditions torch.export assumed while tracing, over canonical symbols.
+
+        torch.export keeps only ranges when a program is saved; a condition such as
+        `hidden_states.size(2) // 2 == 4` is lost, so dacc records them and checks them itself."""
+        shape_env = next((n.meta["val"].fake_mode.shape_env for n in self.graph.nodes
+                          if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode")), None)
+        if shape_env is None:
+            return []
+        out, seen = [], set()
+        for guard in shape_env.guards:
+            e = self.expr(shape_env.simplify(guard.expr))
+            if e is sympy.true or str(e) in seen:
+                continue
+            if not {str(s) for s in e.free_symbols} <= set(self.symbols.values()):
+                continue  # about a specialized or internal size, checked through the input shapes
+            seen.add(str(e))
+            out.append(e)
+        return out
+
+    def symbol_specs(self) -> list[SymbolSpec]:
+        specs, seen = [], set()
+        by_name = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
+        ranges = {_expr(k): v for k, v in self.ep.range_constraints.items()}
+        for spec in self.traced.inputs:
+            node = by_name.get(_placeholder_name(self, spec))
+            val = node.meta.get("val") if node is not None else None
+            for dim, size in enumerate(getattr(val, "shape", ())):
+                e = _expr(size)
+                if isinstance(e, sympy.Symbol) and e not in seen and e in self.symbols:
+                    seen.add(e)
+                    vr = ranges.get(e)
+                    lo = int(vr.lower) if vr is not None else 0
+                    hi = vr.upper if vr is not None else None
+                    hi = int(hi) if isinstance(hi, (int, sympy.Integer)) else None  # int_oo: unbounded
+                    specs.append(SymbolSpec(self.symbols[e], spec.path, dim, lo, hi))
+        return specs
+
+
+def _placeholder_name(ir: ProgramIR, spec: InputSpec) -> str | None:
+    idx = [s.path for s in ir.traced.inputs].index(spec.path)
+    return ir.user_inputs[idx] if idx < len(ir.user_inputs) else None
+
+
+def _is_sym(v: Any) -> bool:
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _expr(v: Any) -> sympy.Expr:
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return v.node.expr
+    if isinstance(v, sympy.Basic):
+        return v
+    return sympy.Integer(int(v))

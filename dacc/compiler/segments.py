@@ -1,0 +1,97 @@
+"""From a segmented graph to the manifest's segment table: boundary values, residual streams,
+FLOPs and parameter bytes of each segment, plus the attention and linear sites.
+
+A residual stream of a block is a tensor that enters the block, is used by no later segment,
+and leaves the block with the same symbolic shape (hidden_states; Flux's blocks carry two).
+Values read by several blocks (timestep embedding, rotary tables) are context, not streams.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+from torch.fx import Node
+
+from dacc.compiler.flops import node_flops
+from dacc.compiler.ir import ProgramIR
+from dacc.schema.expr import to_tree
+from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec
+
+
+def segment_of(ir: ProgramIR, node: Node) -> str | None:
+    return ir.info(node).segment if node.op == "call_function" else None
+
+
+def _kind(name: str) -> str:
+    if name in ("prologue", "epilogue"):
+        return name
+    return "transition" if name.startswith("transition.") else "block"
+
+
+def _shape_key(ir: ProgramIR, node: Node) -> str | None:
+    val = node.meta.get("val")
+    return ir.type_text(node) if isinstance(val, torch.Tensor) else None
+
+
+def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
+    order: list[str] = []
+    members: dict[str, list[Node]] = {}
+    for node in ir.compute_nodes():
+        seg = segment_of(ir, node)
+        if seg not in members:
+            order.append(seg)
+            members[seg] = []
+        members[seg].append(node)
+    position = {s: i for i, s in enumerate(order)}
+    used_by: dict[str, set[int]] = {}
+    for node in ir.graph.nodes:
+        pos = position.get(segment_of(ir, node), len(order)) if node.op != "output" else len(order)
+        for inp in node.all_input_nodes:
+            used_by.setdefault(inp.name, set()).add(pos)
+
+    specs, block_index = [], 0
+    for seg in order:
+        nodes = members[seg]
+        inside = {n.name for n in nodes}
+        inputs: list[Node] = []
+        for n in nodes:
+            for inp in n.all_input_nodes:
+                if inp.name not in inside and not ir.is_param(inp) and inp not in inputs:
+                    inputs.append(inp)
+        outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
+        params = {inp.name for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
+        param_bytes = sum(t.numel() * t.element_size() for t in (ir.param_tensor(p) for p in
+                          (x for x in ir.graph.nodes if x.name in params)) if t is not None)
+        flops = sympy.expand(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0)))
+        kind = _kind(seg)
+        s_in, s_out = [], []
+        if kind == "block":
+            here = position[seg]
+            candidates = [i for i in inputs if _shape_key(ir, i) and max(used_by.get(i.name, {here})) == here]
+            for out in outputs:
+                key = _shape_key(ir, out)
+                match = next((c for c in candidates if _shape_key(ir, c) == key and c.name not in s_in), None)
+                if key and match is not None:
+                    s_in.append(match.name)
+                    s_out.append(out.name)
+        list_name = seg.rsplit(".", 1)[0] if kind == "block" else None
+        specs.append(SegmentSpec(
+            name=seg, kind=kind, block_list=list_name,
+            block_index=block_index if kind == "block" else None,
+            inputs=[i.name for i in inputs], outputs=[o.name for o in outputs],
+            stream_inputs=s_in, stream_outputs=s_out, num_nodes=len(nodes),
+            flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes)))
+        block_index += kind == "block"
+    return specs
+
+
+def sites(ir: ProgramIR) -> tuple[list[AttentionSite], list[LinearSite]]:
+    attention, linears = [], []
+    for node in ir.compute_nodes():
+        info = ir.info(node)
+        d = info.detail
+        if info.role == "attention":
+            attention.append(AttentionSite(node.name, info.segment or "", d["heads"], d["head_dim"],
+                                           d["q_len"], d["kv_len"], d["cross"]))
+        elif info.role == "linear":
+            linears.append(LinearSite(node.name, info.segment or "", d["weight"], d["in"], d["out"], d["bias"]))
+    return attention, linears

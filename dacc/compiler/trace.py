@@ -1,0 +1,165 @@
+"""Frontend: trace the user's transformer with torch.export and check it against eager.
+
+One dynamic program is exported from `example_inputs()`. Every shape in
+`more_example_inputs()` is then run through the programs traced so far; a shape that none of
+them accepts (a guard fails) or reproduces (numerics differ) gets a program of its own, so an
+artifact never serves a shape it was not checked on.
+"""
+from __future__ import annotations
+
+import inspect
+import traceback
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from dacc.compiler.ir import Traced
+from dacc.schema.dtypes import dtype_text
+from dacc.schema.errors import DaccError
+from dacc.schema.manifest import InputSpec, OutputType
+from dacc.runtime.inputs import flatten_with_paths
+
+FP32_TOL = 1e-5
+LOW_PRECISION_TOL = 1e-2
+
+
+def takes_return_dict(model: torch.nn.Module) -> bool:
+    return "return_dict" in inspect.signature(model.forward).parameters
+
+
+def _call_kwargs(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(inputs)
+    if takes_return_dict(model):
+        kwargs["return_dict"] = False  # the graph returns a tuple; the runtime rebuilds the dataclass
+    return kwargs
+
+
+def _auto_dynamic(kwargs: dict[str, Any]) -> dict[str, Any]:
+    def spec(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return tuple(Dim.AUTO for _ in v.shape) if v.dim() else None
+        if isinstance(v, dict):
+            return {k: spec(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        return None
+    return {k: spec(v) for k, v in kwargs.items()}
+
+
+def input_specs(kwargs: dict[str, Any], where: str) -> list[InputSpec]:
+    specs = []
+    for path, leaf in flatten_with_paths(kwargs):
+        if isinstance(leaf, torch.Tensor):
+            specs.append(InputSpec(path, "tensor", dtype=dtype_text(leaf.dtype),
+                                   shape=[str(d) for d in leaf.shape]))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            specs.append(InputSpec(path, "constant", value=leaf))
+        else:
+            raise DaccError(f"input '{path}' is a {type(leaf).__name__}; only tensors and plain constants "
+                            "(None, bool, int, float, str) can be part of a compiled call", where,
+                            "pass tensors, or fold the object into the model in build()")
+    return specs
+
+
+def _describe_failure(model: torch.nn.Module, exc: BaseException) -> tuple[str, str]:
+    """(module path and class, source line) of the innermost model frame in the traceback."""
+    names = {id(m): (n or "<root>") for n, m in model.named_modules()}
+    module, line = "<root>", "?"
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module) and id(owner) in names:
+            module = f"{names[id(owner)]} ({type(owner).__name__})"
+            src = traceback.extract_tb(tb, limit=1)[0]
+            line = f"{src.filename}:{src.lineno}: {src.line}"
+        tb = tb.tb_next
+    return module, line
+
+
+def export_program(model: torch.nn.Module, inputs: dict[str, Any], dynamic_shapes: Any, where: str) -> Traced:
+    kwargs = _call_kwargs(model, inputs)
+    dyn = dynamic_shapes if dynamic_shapes is not None else _auto_dynamic(kwargs)
+    if "return_dict" in kwargs and isinstance(dyn, dict):
+        dyn = {**dyn, "return_dict": None}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+    except Exception as exc:  # any tracing failure becomes one readable paragraph
+        module, line = _describe_failure(model, exc)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DaccError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {first}",
+                        f"module {module}, at {line}",
+                        "make that code traceable (no data-dependent Python control flow on tensor values), "
+                        "or declare static shapes with dynamic_shapes()") from exc
+    ep._example_inputs = None  # never serialized: torch.export would pickle them
+    return Traced(ep, inputs, input_specs(kwargs, where))
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def rel_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    if len(got) != len(ref):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, ref):
+        if a.shape != b.shape:
+            return float("inf")
+        scale = b.abs().max().clamp_min(1e-12)
+        worst = max(worst, float(((a.float() - b.float()).abs().max() / scale)))
+    return worst
+
+
+def tolerance(ref: list[torch.Tensor]) -> float:
+    return FP32_TOL if all(t.dtype in (torch.float32, torch.float64) for t in ref) else LOW_PRECISION_TOL
+
+
+def eager_reference(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], OutputType | None]:
+    with torch.no_grad():
+        out = model(**inputs)
+    otype = None
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):
+        cls = type(out)
+        otype = OutputType(cls.__module__, cls.__qualname__, list(out.keys()))
+    return flat_outputs(out), otype
+
+
+def program_error(traced: Traced, model: torch.nn.Module, inputs: dict[str, Any],
+                  ref: list[torch.Tensor]) -> float | None:
+    """Relative error of a traced program on `inputs`; None when its guards reject the shapes."""
+    try:
+        with torch.no_grad():
+            got = traced.ep.module()(**_call_kwargs(model, inputs))
+    except Exception:  # a failed guard, or a program that cannot run this shape at all
+        return None
+    return rel_error(flat_outputs(got), ref)
+
+
+def trace(model: torch.nn.Module, examples: list[dict[str, Any]], dynamic_shapes: Any,
+          where: str, log=print) -> tuple[list[Traced], OutputType | None]:
+    """Export programs until every example shape is served by one that matches eager."""
+    programs: list[Traced] = []
+    output_type = None
+    for i, inputs in enumerate(examples):
+        ref, otype = eager_reference(model, inputs)
+        output_type = output_type or otype
+        tol = tolerance(ref)
+        errors = [program_error(p, model, inputs, ref) for p in programs]
+        if any(e is not None and e <= tol for e in errors):
+            continue
+        program = export_program(model, inputs, dynamic_shapes, where)
+        err = program_error(program, model, inputs, ref)
+        if err is None or err > tol:
+            raise DaccError(f"the exported program for example {i} does not reproduce eager "
+                            f"(relative error {err if err is not None else 'guard failure'}, tolerance {tol:g})",
+                            where, "report this model; meanwhile declare static shapes with dynamic_shapes()")
+        if programs:
+            log(f"example {i}: shapes not covered by earlier program(s); traced a program of its own")
+        programs.append(program)
+    return programs, output_type

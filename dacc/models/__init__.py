@@ -1,0 +1,17 @@
+"""Per-family example model files (tiny configs, random weights) and the demo model.
+
+Each module here follows the model-file contract of `dacc compile` (see README.md 'Model files'),
+so `dacc compile dacc/models/flux.py` works as it is. This is the only place for model-specific
+knowledge.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILIES = ("flux", "sd3", "pixart", "dit", "wan")
+
+
+def model_file(family: str) -> Path:
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return Path(__file__).with_name(f"{family}.py")

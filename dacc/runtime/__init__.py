@@ -1,0 +1,1 @@
+"""Executes artifacts. Never imports dacc.compiler: the contract is dacc.schema."""

@@ -1,0 +1,183 @@
+"""`dacc.load()`: a drop-in nn.Module that executes a compiled artifact step by step."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+
+from dacc.runtime.artifact import load_program, load_weights, read_manifest
+from dacc.runtime.inputs import flatten_with_paths
+from dacc.runtime.program import ProgramRunner
+from dacc.runtime.steps import SegmentStats, StepCounter
+from dacc.schema.errors import DaccError
+from dacc.schema.expr import evaluate
+from dacc.schema.manifest import WEIGHTS_FILE, Manifest
+
+try:  # a diffusers pipeline reads `transformer.config.<key>`; FrozenDict gives it attribute access
+    from diffusers.configuration_utils import FrozenDict as _ConfigDict
+except ImportError:  # pragma: no cover - diffusers is a dependency, but stay usable without it
+    class _ConfigDict(dict):
+        __getattr__ = dict.__getitem__
+
+
+class CompiledTransformer(torch.nn.Module):
+    def __init__(self, manifest: Manifest, runners: list[ProgramRunner], out_specs: list[Any], source: str):
+        super().__init__()
+        self.manifest = manifest
+        self.source = source
+        self.programs = torch.nn.ModuleList(runners)
+        self._out_specs = out_specs
+        self.config = _ConfigDict(manifest.model_config)
+        self._input_paths = [i.path for i in manifest.programs[0].inputs]
+        self._context = "default"
+        self._counters: dict[str, StepCounter] = {}
+        self._stats = SegmentStats()
+        self._flops_fns = [self._compile_flops(r) for r in runners]
+        self._output_cls = self._resolve_output_type()
+
+    # -- the drop-in surface ------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """Keep steps and cache state per named context (one per CFG branch)."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def reset(self) -> None:
+        self._counters.clear()
+        self._stats = SegmentStats()
+
+    def stats(self) -> dict:
+        return self._stats.as_dict(self._counters)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            raise DaccError(f"{len(args)} positional argument(s) given to a compiled transformer",
+                            self.source, "call it with keyword arguments, as diffusers pipelines do")
+        return_dict = kwargs.pop("return_dict", True)
+        flat = self._flatten(kwargs)
+        index, runner = self._select(flat)
+        counter = self._counters.setdefault(self._context, StepCounter(self.manifest.num_inference_steps))
+        counter.advance(self._timestep(flat))
+        with torch.no_grad():
+            outs = self._execute(index, runner, flat)
+        result = pytree.tree_unflatten(outs, self._out_specs[index])
+        if return_dict and self._output_cls is not None:
+            fields = self.manifest.output_type.fields
+            seq = result if isinstance(result, (tuple, list)) else (result,)
+            return self._output_cls(**dict(zip(fields, seq)))
+        return result
+
+    # -- execution ------------------------------------------------------------------------------
+    def _execute(self, index: int, runner: ProgramRunner, flat: list[Any]) -> list[Any]:
+        env: dict[str, Any] = dict(zip(runner.placeholder_names, flat))
+        seg_flops = self._flops_fns[index](flat)
+        for seg, spec, flops in zip(runner.segments, runner.spec.segments, seg_flops):
+            outs = seg(*[env[name] for name in spec.inputs])
+            env.update(zip(spec.outputs, outs))
+            self._stats.segments_computed += 1
+            self._stats.flops_total += flops
+            self._stats.flops_computed += flops
+        self._stats.calls += 1
+        return [env[name] if isinstance(name, str) else name for name in runner.output_values]
+
+    def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:
+        given = dict(flatten_with_paths(kwargs))
+        flat = []
+        for spec in self.manifest.programs[0].inputs:
+            if spec.path == "return_dict":  # traced as False; the dataclass is rebuilt in forward()
+                flat.append(spec.value)
+                continue
+            if spec.path not in given:
+                if spec.kind == "constant" and spec.value is None:
+                    flat.append(None)
+                    continue
+                raise DaccError(f"missing argument '{spec.path}'", self.source,
+                                f"pass {spec.path}= as in the example inputs the artifact was compiled with")
+            value = given.pop(spec.path)
+            if spec.kind == "constant" and value != spec.value:
+                raise DaccError(f"argument '{spec.path}' = {value!r} differs from the compiled value {spec.value!r}",
+                                self.source, "pass the compiled value, or recompile with this value in example_inputs()")
+            flat.append(value)
+        extra = {k: v for k, v in given.items() if v is not None and not _is_empty(v)}
+        if extra:
+            raise DaccError(f"argument(s) {', '.join(sorted(extra))} were not part of the compiled call", self.source,
+                            "add them to example_inputs() in the model file and recompile")
+        return flat
+
+    def _select(self, flat: list[Any]) -> tuple[int, ProgramRunner]:
+        reasons = []
+        for i, runner in enumerate(self.programs):
+            why = runner.mismatch(flat)
+            if why is None:
+                return i, runner
+            reasons.append(f"program {i} ({runner.describe()}): {why}")
+        shapes = ", ".join(f"{p}={tuple(v.shape)}" for p, v in zip(self._input_paths, flat) if isinstance(v, torch.Tensor))
+        raise DaccError(f"no compiled program accepts these inputs ({shapes}); " + "; ".join(reasons), self.source,
+                        "add this shape to more_example_inputs() in the model file and recompile")
+
+    def _timestep(self, flat: list[Any]) -> float | None:
+        name = self.manifest.timestep_input
+        if name is None or name not in self._input_paths:
+            return None
+        t = flat[self._input_paths.index(name)]
+        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else None
+
+    def _compile_flops(self, runner: ProgramRunner):
+        """Per-segment FLOPs for the current input sizes (evaluated once per shape)."""
+        names = [s.name for s in runner.spec.symbols]
+        where = [(self._input_paths.index(s.input), s.dim) for s in runner.spec.symbols]
+        cache: dict[tuple, list[float]] = {}
+
+        def evaluate_flops(flat: list[Any]) -> list[float]:
+            key = tuple(int(flat[i].shape[d]) for i, d in where)
+            if key not in cache:
+                env = dict(zip(names, key))
+                cache[key] = [float(evaluate(s.flops_tree, env)) for s in runner.spec.segments]
+            return cache[key]
+        return evaluate_flops
+
+    def _resolve_output_type(self):
+        ot = self.manifest.output_type
+        if ot is None:
+            return None
+        if not ot.module.startswith("diffusers."):
+            raise DaccError(f"output type {ot.module}.{ot.qualname} is not a diffusers output", self.source,
+                            "recompile the artifact")
+        try:
+            return getattr(importlib.import_module(ot.module), ot.qualname)
+        except (ImportError, AttributeError) as exc:
+            raise DaccError(f"cannot import output type {ot.module}.{ot.qualname}: {exc}", self.source,
+                            "install the diffusers version recorded in the manifest") from None
+
+
+def _is_empty(v: Any) -> bool:
+    return isinstance(v, (dict, list, tuple)) and not v
+
+
+def load(path: str | Path) -> CompiledTransformer:
+    """Load an artifact written by `dacc compile`; verifies hashes, never unpickles."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    weights = load_weights(root, WEIGHTS_FILE)
+    shared: dict[str, torch.nn.Parameter] = {}
+    runners, out_specs = [], []
+    for spec in manifest.programs:
+        ep = load_program(root, spec.file, weights, shared)
+        runners.append(ProgramRunner(ep, spec, str(root / spec.file)))
+        out_specs.append(ep.call_spec.out_spec)
+    return CompiledTransformer(manifest, runners, out_specs, str(root))

@@ -1,0 +1,111 @@
+"""One compiled program at run time: its segments as small GraphModules, its input checks.
+
+Segments are cut mechanically from the graph by the `segment` annotation the compiler left on
+every node; the boundary values found here must equal the manifest's, or the artifact is refused.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+
+from dacc.schema.dtypes import dtype_text
+from dacc.schema.errors import DaccError
+from dacc.schema.expr import evaluate
+from dacc.schema.manifest import ProgramSpec, SegmentSpec
+
+
+def _segment_label(node: fx.Node) -> str | None:
+    return (node.meta.get("custom") or {}).get("dacc", {}).get("segment")
+
+
+def _cut(gm: fx.GraphModule, spec: SegmentSpec, nodes: list[fx.Node]) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in spec.inputs:
+        env[by_name[name]] = graph.placeholder(name)
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            if inp not in env and inp.op == "get_attr":
+                env[inp] = graph.get_attr(inp.target)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[by_name[o]] for o in spec.outputs))
+    return fx.GraphModule(gm, graph, class_name=f"Segment_{spec.name.replace('.', '_')}")
+
+
+def _boundaries(nodes: list[fx.Node]) -> tuple[list[str], list[str]]:
+    inside = set(nodes)
+    inputs: list[str] = []
+    for n in nodes:
+        for inp in n.all_input_nodes:
+            if inp not in inside and inp.op != "get_attr" and inp.name not in inputs:
+                inputs.append(inp.name)
+    outputs = [n.name for n in nodes if any(u not in inside for u in n.users)]
+    return inputs, outputs
+
+
+class ProgramRunner(torch.nn.Module):
+    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str):
+        super().__init__()
+        self.spec = spec
+        gm = ep.module()
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(spec.inputs):
+            raise DaccError(f"program has {len(placeholders)} inputs, manifest lists {len(spec.inputs)}", where)
+        self.placeholder_names = [n.name for n in placeholders]
+        members: dict[str, list[fx.Node]] = {s.name: [] for s in spec.segments}
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                label = _segment_label(node)
+                if label not in members:
+                    raise DaccError(f"graph node {node.name} has segment {label!r} unknown to the manifest", where)
+                members[label].append(node)
+        segments = []
+        for seg in spec.segments:
+            found = _boundaries(members[seg.name])
+            if found != (seg.inputs, seg.outputs):
+                raise DaccError(f"segment {seg.name}: graph boundaries {found} differ from the manifest", where)
+            segments.append(_cut(gm, seg, members[seg.name]))
+        self.segments = torch.nn.ModuleList(segments)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        self.output_values = [a.name if isinstance(a, fx.Node) else a for a in out.args[0]]
+        self._symbols = {s.name: s for s in spec.symbols}
+        self._accepted: set[tuple] = set()
+
+    # -- input checks -----------------------------------------------------------------------
+    def mismatch(self, flat: list[Any]) -> str | None:
+        """Why this program cannot run `flat`, or None when it can."""
+        key = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in flat)
+        if key in self._accepted:
+            return None
+        values: dict[str, int] = {}
+        for sym in self.spec.symbols:
+            idx = [i.path for i in self.spec.inputs].index(sym.input)
+            size = int(flat[idx].shape[sym.dim])
+            if size < sym.min or (sym.max is not None and size > sym.max):
+                return f"{sym.input} dim {sym.dim} = {size} outside [{sym.min}, {sym.max}]"
+            values[sym.name] = size
+        for spec, v in zip(self.spec.inputs, flat):
+            if spec.kind != "tensor":
+                continue
+            if not isinstance(v, torch.Tensor):
+                return f"{spec.path} must be a tensor, got {type(v).__name__}"
+            if dtype_text(v.dtype) != spec.dtype:
+                return f"{spec.path} has dtype {v.dtype}, the artifact was compiled for {spec.dtype}"
+            if len(v.shape) != len(spec.shape):
+                return f"{spec.path} has rank {v.dim()}, expected {len(spec.shape)}"
+            for d, (size, dim) in enumerate(zip(v.shape, spec.shape)):
+                want = int(dim) if dim.isdigit() else values[dim]
+                if int(size) != want:
+                    return f"{spec.path} dim {d} = {int(size)}, expected {dim} = {want}"
+        for tree, text in zip(self.spec.guards, self.spec.guard_text):
+            if not evaluate(tree, values):
+                return f"shape condition {text} does not hold"
+        self._accepted.add(key)
+        return None
+
+    def describe(self) -> str:
+        return ", ".join(f"{i.path}=[{', '.join(i.shape)}]" for i in self.spec.inputs if i.kind == "tensor")

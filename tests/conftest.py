@@ -1,0 +1,80 @@
+"""Shared fixtures: one compile per family per session, golden-file comparison."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dacc.compiler.compile import compile_model
+from dacc.compiler.model_file import load_model_file
+from dacc.models import model_file
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-goldens", action="store_true", help="rewrite tests/golden/ from the current output")
+
+
+@pytest.fixture
+def golden(request):
+    update = request.config.getoption("--update-goldens")
+
+    def check(relpath: str, text: str) -> None:
+        path = GOLDEN / relpath
+        if update or not path.exists():
+            if not update:
+                pytest.fail(f"golden file {path} is missing; run pytest --update-goldens")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        expected = path.read_text()
+        if text != expected:
+            diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
+                                                 f"golden/{relpath}", "actual", n=2))
+            pytest.fail(f"graph differs from golden {relpath} (pytest --update-goldens to accept):\n{diff[:6000]}")
+    return check
+
+
+class Compiled:
+    def __init__(self, family: str, path: Path):
+        self.family = family
+        self.path = path
+        self.graphs: dict[tuple[int, int, str], str] = {}
+        self.file = load_model_file(model_file(family))
+        self.model = self.file.build()
+        self.manifest = compile_model(model_file(family), None, path, log=lambda m: None,
+                                      on_graph=lambda p, i, name, text: self.graphs.__setitem__((p, i, name), text))
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    cache: dict[str, Compiled] = {}
+
+    def get(family: str) -> Compiled:
+        if family not in cache:
+            cache[family] = Compiled(family, tmp_path_factory.mktemp(family) / f"{family}.dacc")
+        return cache[family]
+    return get
+
+
+def fresh_like(inputs: dict, seed: int) -> dict:
+    """Same structure and shapes, new random values (ints stay within the example's range)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def new(v):
+        if isinstance(v, dict):
+            return {k: new(x) for k, x in v.items()}
+        if not isinstance(v, torch.Tensor):
+            return v
+        if v.is_floating_point():
+            return torch.randn(v.shape, generator=g, dtype=v.dtype) * v.std().clamp_min(1e-3) + v.mean()
+        hi = int(v.max()) + 1
+        return torch.randint(0, max(hi, 2), v.shape, generator=g, dtype=v.dtype)
+    return {k: new(v) for k, v in inputs.items()}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))

@@ -7,7 +7,11 @@ artifact never serves a shape it was not checked on.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import os
 import traceback
 from typing import Any
 
@@ -78,17 +82,35 @@ def _describe_failure(model: torch.nn.Module, exc: BaseException) -> tuple[str, 
     return module, line
 
 
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch logs warnings and whole graph listings while a trace fails; the DaccError says what
+    matters. DACC_DEBUG=1 keeps torch's own output."""
+    if os.environ.get("DACC_DEBUG"):
+        yield
+        return
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_program(model: torch.nn.Module, inputs: dict[str, Any], dynamic_shapes: Any, where: str) -> Traced:
     kwargs = _call_kwargs(model, inputs)
     dyn = dynamic_shapes if dynamic_shapes is not None else _auto_dynamic(kwargs)
     if "return_dict" in kwargs and isinstance(dyn, dict):
         dyn = {**dyn, "return_dict": None}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
     except Exception as exc:  # any tracing failure becomes one readable paragraph
         module, line = _describe_failure(model, exc)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise DaccError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {first}",
                         f"module {module}, at {line}",
                         "make that code traceable (no data-dependent Python control flow on tensor values), "

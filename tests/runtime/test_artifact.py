@@ -1,0 +1,141 @@
+"""Artifact round-trip, tamper detection, pickle refusal and atomic writes."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+import dacc
+from dacc.compiler.compile import compile_model
+from dacc.models import model_file
+from dacc.schema.errors import DaccError
+from dacc.schema.manifest import manifest_digest
+from tests.conftest import fresh_like, rel_err
+
+
+@pytest.fixture
+def artifact(compiled, tmp_path):
+    dst = tmp_path / "copy.dacc"
+    shutil.copytree(compiled("flux").path, dst)
+    return dst
+
+
+def test_layout_and_round_trip(compiled, artifact):
+    names = sorted(p.name for p in artifact.iterdir())
+    assert names == ["graph.txt", "manifest.json", "plan.yaml", "program0.pt2", "weights.safetensors"]
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(names) - {"manifest.json"}
+    assert manifest["torch_version"] == torch.__version__ and manifest["passes"]
+    # weights live once, in safetensors: the program archive holds only one-element stubs
+    assert (artifact / "program0.pt2").stat().st_size < 2 * (artifact / "weights.safetensors").stat().st_size + 2e6
+    c = compiled("flux")
+    inputs = fresh_like(c.file.example_inputs(), seed=5)
+    with torch.no_grad():
+        ref = c.model(**inputs).sample
+    assert rel_err(dacc.load(artifact)(**inputs).sample, ref) < 1e-5
+
+
+def _flip_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("victim", ["weights.safetensors", "program0.pt2", "graph.txt", "plan.yaml"])
+def test_a_modified_file_is_refused(artifact, victim):
+    _flip_byte(artifact / victim, offset=len((artifact / victim).read_bytes()) // 2)
+    with pytest.raises(DaccError, match=f"'{victim}' was modified or corrupted.*recompile"):
+        dacc.load(artifact)
+
+
+def test_an_edited_manifest_is_refused(artifact):
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["num_inference_steps"] = 7
+    (artifact / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DaccError, match="manifest was edited"):
+        dacc.load(artifact)
+
+
+def test_missing_and_extra_files_are_refused(artifact):
+    (artifact / "notes.txt").write_text("hi")
+    with pytest.raises(DaccError, match="does not list: notes.txt"):
+        dacc.load(artifact)
+    (artifact / "notes.txt").unlink()
+    (artifact / "graph.txt").unlink()
+    with pytest.raises(DaccError, match="'graph.txt' is missing"):
+        dacc.load(artifact)
+
+
+def test_incompatible_schema_version_is_refused(artifact):
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["schema_version"] = 999
+    data["digest"] = manifest_digest(data)
+    (artifact / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DaccError, match="schema version 999 is not supported.*reads version 1"):
+        dacc.load(artifact)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(DaccError, match="not a dacc artifact"):
+        dacc.load(tmp_path)
+
+
+def test_pickled_payloads_are_refused_before_loading(artifact):
+    """Even with hashes recomputed, an archive that carries pickles is not loaded."""
+    pt2 = artifact / "program0.pt2"
+    rewritten = artifact / "tmp.pt2"
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(rewritten, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"]))
+                config["config"][first]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    rewritten.replace(pt2)
+    from dacc.schema.manifest import file_sha256
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["files"]["program0.pt2"] = file_sha256(pt2)
+    data["digest"] = manifest_digest(data)
+    (artifact / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DaccError, match="contains pickled tensors"):
+        dacc.load(artifact)
+
+
+def test_failed_compile_leaves_nothing(tmp_path, monkeypatch):
+    """A failure after files were written (here: in verification) removes the temporary directory."""
+    import dacc.compiler.compile as compile_mod
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash during verification")
+    monkeypatch.setattr(compile_mod, "verify_artifact", boom)
+    out = tmp_path / "out.dacc"
+    with pytest.raises(RuntimeError, match="simulated"):
+        compile_model(model_file("dit"), None, out, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force_and_force_replaces(compiled, tmp_path):
+    out = tmp_path / "out.dacc"
+    shutil.copytree(compiled("dit").path, out)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(DaccError, match="already exists.*--force"):
+        compile_model(model_file("dit"), None, out, log=lambda m: None)
+    assert (out / "manifest.json").read_text() == before
+    (tmp_path / "plan.yaml").write_text("num_inference_steps: 20\n")
+    compile_model(model_file("dit"), tmp_path / "plan.yaml", out, force=True, log=lambda m: None)
+    assert dacc.load(out).manifest.num_inference_steps == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dacc", "plan.yaml"]
+
+
+def test_force_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
+    out = tmp_path / "important"
+    out.mkdir()
+    (out / "data.txt").write_text("keep me")
+    with pytest.raises(DaccError, match="not a dacc artifact; refusing"):
+        compile_model(model_file("dit"), None, out, force=True, log=lambda m: None)
+    assert (out / "data.txt").read_text() == "keep me"

@@ -1,0 +1,122 @@
+"""The loaded artifact behaves like the transformer it replaces, and says clearly when it can't."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+import dacc
+from dacc.schema.errors import DaccError
+from tests.conftest import fresh_like, rel_err
+
+
+@pytest.fixture(scope="module")
+def flux(compiled):
+    c = compiled("flux")
+    return c, dacc.load(c.path)
+
+
+def test_return_dict_and_tuple_like_the_original(flux):
+    c, model = flux
+    inputs = fresh_like(c.file.example_inputs(), seed=11)
+    with torch.no_grad():
+        ref_obj, ref_tuple = c.model(**inputs), c.model(**inputs, return_dict=False)
+    out = model(**inputs)
+    assert isinstance(out, Transformer2DModelOutput) and isinstance(ref_obj, Transformer2DModelOutput)
+    assert rel_err(out.sample, ref_obj.sample) < 1e-5
+    tup = model(**inputs, return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == len(ref_tuple) == 1
+    assert rel_err(tup[0], ref_tuple[0]) < 1e-5
+
+
+def test_pipeline_facing_attributes(flux):
+    c, model = flux
+    assert model.config.in_channels == c.model.config.in_channels == 16
+    assert model.config["num_layers"] == 2
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_none_valued_optional_arguments_are_accepted(flux):
+    c, model = flux
+    inputs = fresh_like(c.file.example_inputs(), seed=12)
+    out = model(**inputs, guidance=None, joint_attention_kwargs=None, return_dict=False)[0]
+    with torch.no_grad():
+        assert rel_err(out, c.model(**inputs, return_dict=False)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda kw: kw.pop("timestep"), "missing argument 'timestep'"),
+    (lambda kw: kw.__setitem__("guidance", torch.ones(2)), "guidance were not part of the compiled call"),
+    (lambda kw: kw.__setitem__("hidden_states", kw["hidden_states"].double()),
+     "hidden_states has dtype torch.float64, the artifact was compiled for f32"),
+    (lambda kw: kw.__setitem__("img_ids", kw["img_ids"][:-1]), r"shape condition Eq\(s1 \+ s2, s3 \+ s4\) does not hold"),
+    (lambda kw: kw.__setitem__("hidden_states", kw["hidden_states"][..., :8]), "hidden_states dim 2 = 8, expected 16"),
+])
+def test_bad_calls_get_clear_errors(flux, mutate, message):
+    c, model = flux
+    inputs = fresh_like(c.file.example_inputs(), seed=13)
+    mutate(inputs)
+    with pytest.raises(DaccError, match=message):
+        model(**inputs)
+
+
+def test_positional_arguments_are_refused(flux):
+    c, model = flux
+    with pytest.raises(DaccError, match="keyword arguments"):
+        model(c.file.example_inputs()["hidden_states"])
+
+
+def test_pixart_constant_arguments_are_checked(compiled):
+    c = compiled("pixart")
+    model = dacc.load(c.path)
+    inputs = fresh_like(c.file.example_inputs(), seed=14)
+    with torch.no_grad():
+        ref = c.model(**inputs, return_dict=False)[0]
+    assert rel_err(model(**inputs).sample, ref) < 1e-5
+    inputs.pop("added_cond_kwargs")  # traced as all-None: leaving it out means the same
+    assert rel_err(model(**inputs).sample, ref) < 1e-5
+    inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": "wide"}
+    with pytest.raises(DaccError, match="added_cond_kwargs.aspect_ratio.*differs from the compiled value None"):
+        model(**inputs)
+
+
+def _generate(model, inputs, steps, context=None):
+    for t in torch.linspace(1.0, 0.02, steps):
+        kw = dict(inputs, timestep=t.expand(inputs["timestep"].shape).contiguous())
+        if context is None:
+            model(**kw)
+        else:
+            with model.cache_context(context):
+                model(**kw)
+
+
+def test_steps_generations_and_stats(compiled):
+    c = compiled("flux")
+    model = dacc.load(c.path)  # compiled with num_inference_steps = 50
+    inputs = fresh_like(c.file.example_inputs(), seed=15)
+    _generate(model, inputs, 5)
+    _generate(model, inputs, 5)  # the timestep goes back up: a new generation
+    s = model.stats()
+    assert (s["calls"], s["steps"], s["generations"]) == (10, 10, 2)
+    segments = len(c.manifest.programs[0].segments)
+    assert s["segments_computed"] == 10 * segments and s["segments_reused"] == 0
+    assert s["flops_saved"] == 0 and s["flops_total"] == s["flops_computed"] > 0
+    model.reset()
+    assert model.stats()["calls"] == 0
+
+
+def test_cache_contexts_keep_separate_step_counts(compiled):
+    c = compiled("flux")
+    model = dacc.load(c.path)
+    inputs = fresh_like(c.file.example_inputs(), seed=16)
+    for t in torch.linspace(1.0, 0.1, 4):
+        kw = dict(inputs, timestep=t.expand(2).contiguous())
+        with model.cache_context("cond"):
+            model(**kw)
+        with model.cache_context("uncond"):
+            model(**kw)
+    s = model.stats()
+    assert s["contexts"] == ["cond", "uncond"]
+    assert (s["calls"], s["steps"], s["generations"]) == (8, 8, 2)
+    assert model._counters["cond"].step == model._counters["uncond"].step == 3

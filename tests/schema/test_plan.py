@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from dacc.schema.errors import DaccError
+from dacc.schema.plan import Plan, load_plan, parse_plan
+
+
+def test_defaults_are_the_empty_plan():
+    plan = parse_plan({})
+    assert plan == Plan()
+    assert plan.cache.strategy == "none" and plan.parallel.ulysses == 1 and plan.quantize.mode == "none"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("num_inference_steps: 28\ncache: {strategy: none, warmup: 2, cooldown: 1}\n")
+    plan = load_plan(path)
+    assert plan.num_inference_steps == 28 and plan.cache.warmup == 2
+    (tmp_path / "again.yaml").write_text(plan.to_yaml())
+    assert load_plan(tmp_path / "again.yaml") == plan
+
+
+@pytest.mark.parametrize("data, fragments", [
+    ({"cahce": {}}, ["unknown key 'cahce'", "did you mean 'cache'", "allowed keys here: num_inference_steps"]),
+    ({"cache": {"stratgy": "none"}}, ["unknown key 'cache.stratgy'", "did you mean 'strategy'"]),
+    ({"cache": {"strategy": "fastest"}}, ["cache.strategy", "'fastest'", "'none'"]),
+    ({"cache": {"cache_ratio": 1.5}}, ["cache.cache_ratio", "less than or equal to 1"]),
+    ({"num_inference_steps": "many"}, ["num_inference_steps", "valid integer"]),
+    ({"parallel": {"ulysses": 3}}, ["parallel.ulysses", "1"]),
+    ({"cache": {"warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
+    ([1, 2], ["must be a mapping"]),
+])
+def test_bad_plans_name_file_key_and_allowed_values(data, fragments):
+    with pytest.raises(DaccError) as info:
+        parse_plan(data, "my/plan.yaml")
+    msg = str(info.value)
+    assert "my/plan.yaml" in msg
+    for fragment in fragments:
+        assert fragment in msg
+
+
+def test_malformed_yaml_points_at_the_line(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("cache:\n  strategy: none\n   warmup: [1,\n")
+    with pytest.raises(DaccError, match=r"not valid YAML.*plan.yaml:\d+:\d+"):
+        load_plan(path)
+
+
+def test_missing_plan_file(tmp_path):
+    with pytest.raises(DaccError, match="does not exist"):
+        load_plan(tmp_path / "nope.yaml")

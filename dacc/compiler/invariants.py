@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dacc.compiler.ir import ProgramIR
-from dacc.compiler.segments import segment_of
+import networkx as nx
+
+from dacc.compiler.segments import segment_graph, segment_of
 
 
 class InvariantError(AssertionError):
@@ -37,13 +39,12 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
             if seg in seen:
                 fail(f"segment '{seg}' is not contiguous")
             seen.append(seg)
-    position = {s: i for i, s in enumerate(seen)}
-    for node in compute:
-        here = position[segment_of(ir, node)]
-        for inp in node.all_input_nodes:
-            src = segment_of(ir, inp)
-            if src is not None and position[src] > here:
-                fail(f"{node.name} in segment {seen[here]} reads {inp.name} from later segment {src}")
+    graph = segment_graph(ir)
+    if not nx.is_directed_acyclic_graph(graph):
+        fail(f"segments depend on each other in a cycle: {nx.find_cycle(graph)}")
+    for src, dst, data in graph.edges(data=True):
+        if graph.nodes[src]["position"] > graph.nodes[dst]["position"]:
+            fail(f"segment {dst} reads {sorted(data['values'])} from later segment {src}")
     for seg in seen:
         if seg not in ("prologue", "epilogue") and not seg.startswith("transition."):
             if not any(segment_of(ir, n) == seg and ir.info(n).role == "attention" for n in compute):

@@ -48,6 +48,14 @@ class CompiledTransformer(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        params = list(self.parameters())
+        if params:
+            for runner in self.programs:
+                runner.retarget(params[0].device)
+        return result
+
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
         """Keep steps and cache state per named context (one per CFG branch)."""

@@ -75,6 +75,20 @@ class ProgramRunner(torch.nn.Module):
         self._symbols = {s.name: s for s in spec.symbols}
         self._accepted: set[tuple] = set()
 
+    def retarget(self, device: torch.device) -> None:
+        """Point the graph's tensor factories (arange, to, ...) at `device`: torch.export records
+        the device the model was traced on, and `artifact.to("cuda")` must move them too."""
+        def swap(a: Any) -> Any:
+            return device if isinstance(a, torch.device) and a != device else a
+        for seg in self.segments:
+            changed = False
+            for node in seg.graph.nodes:
+                args, kwargs = fx.node.map_aggregate(node.args, swap), fx.node.map_aggregate(node.kwargs, swap)
+                if args != node.args or kwargs != node.kwargs:
+                    node.args, node.kwargs, changed = args, kwargs, True
+            if changed:
+                seg.recompile()
+
     # -- input checks -----------------------------------------------------------------------
     def mismatch(self, flat: list[Any]) -> str | None:
         """Why this program cannot run `flat`, or None when it can."""

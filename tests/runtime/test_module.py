@@ -120,3 +120,24 @@ def test_cache_contexts_keep_separate_step_counts(compiled):
     assert s["contexts"] == ["cond", "uncond"]
     assert (s["calls"], s["steps"], s["generations"]) == (8, 8, 2)
     assert model._counters["cond"].step == model._counters["uncond"].step == 3
+
+
+def test_moving_the_artifact_moves_the_graph_constants(compiled):
+    """torch.export records the trace device in factory calls (arange(..., device=cpu)); .to()
+    must retarget them along with the weights."""
+    c = compiled("flux")
+    model = dacc.load(c.path)
+    traced_devices = [n for r in model.programs for seg in r.segments for n in seg.graph.nodes
+                      if n.kwargs.get("device") == torch.device("cpu")]
+    assert traced_devices
+    model.to("meta")
+    assert all(p.device.type == "meta" for p in model.parameters())
+    for r in model.programs:
+        for seg in r.segments:
+            for n in seg.graph.nodes:
+                assert torch.device("cpu") not in list(n.kwargs.values()) + list(n.args), n.format_node()
+    prologue = model.programs[0].segments[0]
+    spec = model.programs[0].spec.segments[0]
+    inputs = {k: v.to("meta") for k, v in c.file.example_inputs().items()}
+    outs = prologue(*[inputs[name] for name in spec.inputs])
+    assert all(o.device.type == "meta" for o in outs if isinstance(o, torch.Tensor))

@@ -1,0 +1,56 @@
+"""The invariant checker catches broken segmentations (it runs after every pass)."""
+from __future__ import annotations
+
+import pytest
+
+from dacc.compiler.invariants import InvariantError, check_invariants
+from dacc.compiler.ir import ProgramIR
+from dacc.compiler.model_file import load_model_file
+from dacc.compiler.passes import run_pipeline
+from dacc.compiler.pipeline import PIPELINE
+from dacc.compiler.trace import export_program
+from dacc.models import model_file
+from dacc.schema.plan import Plan
+
+
+@pytest.fixture
+def ir():
+    mf = load_model_file(model_file("dit"))
+    ir = ProgramIR(export_program(mf.build(), mf.example_inputs(), None, "dit"))
+    run_pipeline(ir, Plan(), PIPELINE, check_invariants)
+    return ir
+
+
+def _relabel(ir, node, segment):
+    info = ir.info(node)
+    info.segment = segment
+    ir.set_info(node, info)
+
+
+def test_a_clean_pipeline_passes(ir):
+    check_invariants(ir, "again")
+
+
+def test_non_contiguous_segment(ir):
+    nodes = [n for n in ir.compute_nodes() if ir.info(n).segment == "transformer_blocks.1"]
+    _relabel(ir, nodes[len(nodes) // 2], "transformer_blocks.0")
+    with pytest.raises(InvariantError, match="after pass 'test'.*not contiguous"):
+        check_invariants(ir, "test")
+
+
+def test_reading_from_a_later_segment(ir):
+    first = next(n for n in ir.compute_nodes() if ir.info(n).segment == "transformer_blocks.0" and n.users)
+    for node in ir.compute_nodes():  # move everything up to and including `first` into block 1's slot
+        if ir.info(node).segment == "prologue":
+            continue
+        _relabel(ir, node, "epilogue" if node is first else ir.info(node).segment)
+        if node is first:
+            break
+    with pytest.raises(InvariantError):
+        check_invariants(ir, "test")
+
+
+def test_unsegmented_node(ir):
+    _relabel(ir, ir.compute_nodes()[5], None)
+    with pytest.raises(InvariantError, match="has no segment"):
+        check_invariants(ir, "test")

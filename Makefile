@@ -11,11 +11,11 @@ STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.\n' '_')
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check '$(TORCH)'
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,train]'
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m dacc.demo
+	$(VENV)/bin/dacc demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -22,6 +22,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from dacc.compiler.compile import compile_model
+
+    log = (lambda msg: print(msg, file=sys.stderr))
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = compile_model(args.model, args.plan, Path(tmp) / "calibration.dacc", log=log)
+    gate = manifest.programs[0].cache
+    if gate is None:
+        raise DaccError("the plan has no cache strategy to calibrate", args.plan or "<empty plan>",
+                        "set cache.strategy (and cache.target_psnr to search its knobs)")
+    options = {"rescale": gate.rescale} if gate.rescale else {}
+    search = gate.calibration.get("search")
+    if search:
+        options.update({k: search[k] for k in ("threshold",) if gate.strategy in ("dbcache", "teacache")})
+        if gate.strategy == "taylorseer":
+            options["interval"] = search["interval"]
+    print(yaml.safe_dump({"cache": {"strategy": gate.strategy, "options": options}}, sort_keys=False), end="")
+    if search:
+        print(f"# measured: PSNR {search['psnr']:.2f} dB at cache_ratio {search['cache_ratio']:.3f}, "
+              f"{search['flops_speedup']:.2f}x fewer FLOPs")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dacc.demo import format_table, run_demo
+
+    result = run_demo(args.out, args.plan, per_class=args.per_class, steps=args.steps, seed=args.seed,
+                      log=lambda msg: print(msg, file=sys.stderr))
+    print(format_table(result.rows))
+    print(f"wrote {args.out}/grid.png (eager | dacc) and {args.out}/demo.dacc")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dacc", description="Ahead-of-time compiler for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and parameter bytes (symbolic and at the example shape).")
     i.add_argument("artifact", help="artifact directory written by `dacc compile`")
     i.set_defaults(func=_inspect)
+    k = sub.add_parser("calibrate", help="fit a cache strategy's knobs on the model's sample() and print them",
+                       description="Run the model file's sample(model, seed) on a few seeds under the plan's cache "
+                                   "strategy: fit TeaCache's rescaling polynomial and, with cache.target_psnr, search "
+                                   "the fastest setting meeting it. Prints the options to put in the plan.")
+    k.add_argument("model", help="model file defining build(), example_inputs() and sample()")
+    k.add_argument("--plan", help="plan.yaml with the cache strategy")
+    k.set_defaults(func=_calibrate)
+    d = sub.add_parser("demo", help="compile the bundled demo model and compare it with eager",
+                       description="Compile the bundled trained demo model, generate every digit class with "
+                                   "eager and with the artifact from the same seeds, write a side-by-side grid "
+                                   "and print time, speedup, PSNR, SSIM and conditional accuracy.")
+    d.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    d.add_argument("--plan", help="plan.yaml (default: the recommended plan)")
+    d.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
+    d.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
     return parser
 
 

@@ -74,8 +74,9 @@ def collect_weights(irs: list[ProgramIR]) -> dict[str, torch.Tensor]:
 
 
 def write_artifact(out: Path, force: bool, manifest: Manifest, irs: list[ProgramIR],
-                   texts: dict[str, str], verify: Callable[[Path], None] | None = None) -> None:
-    """Write everything to a sibling temp dir, verify it, then move it to `out` in one rename."""
+                   texts: dict[str, str], finalize: Callable[[Path], None] | None = None) -> None:
+    """Write everything to a sibling temp dir, let `finalize` verify and calibrate it (it may update
+    `manifest`, which is then written again), then move it to `out` in one rename."""
     check_output_path(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -86,8 +87,11 @@ def write_artifact(out: Path, force: bool, manifest: Manifest, irs: list[Program
             (tmp / name).write_text(text)
         manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(dump_manifest(manifest))
-        if verify is not None:
-            verify(tmp)
+        if finalize is not None:
+            finalize(tmp)
+            (tmp / MANIFEST).write_text(dump_manifest(manifest))
+        for path in [tmp, *tmp.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, trash)

@@ -67,7 +67,7 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
     return ProgramSpec(file=f"program{index}.pt2", inputs=inputs, symbols=ir.symbol_specs(),
                        example_shapes=example, outputs=ir.output_names(), guards=guards, guard_text=guard_text,
                        segments=segment_specs(ir),
-                       attention=attention, linears=linears)
+                       attention=attention, linears=linears, cache=ir.cache_gate)
 
 
 def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
@@ -95,11 +95,15 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
     texts = {PLAN_FILE: plan.to_yaml(),
              GRAPH_FILE: "".join(f"# program {i}\n{print_graph(ir)}" for i, ir in enumerate(irs))}
 
-    def check(tmp: Path) -> None:
+    def finalize(tmp: Path) -> None:
         if verify:
             verify_artifact(tmp, model, examples, log)
+        if any(p.cache is not None for p in manifest.programs):
+            from dacc.compiler.calibrate import calibrate
+            from dacc.runtime.module import load
+            calibrate(manifest, load(tmp), plan, mf.sample, log)
 
-    write_artifact(out, force, manifest, irs, texts, check)
+    write_artifact(out, force, manifest, irs, texts, finalize)
     log(f"wrote {out}")
     return manifest
 
@@ -123,6 +127,7 @@ def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str,
 
     compiled = load(path)
     for i, inputs in enumerate(examples):
+        compiled.reset()  # each example is the first step of a generation: every gate computes
         ref, _ = eager_reference(model, inputs)
         got = compiled(**inputs)
         err = rel_error(list(got.to_tuple()) if hasattr(got, "to_tuple") else

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dacc.compiler.ir import ProgramIR
+import operator
+
 import networkx as nx
+from torch.fx import Node
 
 from dacc.compiler.segments import segment_graph, segment_of
 
@@ -39,6 +42,10 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
             if seg in seen:
                 fail(f"segment '{seg}' is not contiguous")
             seen.append(seg)
+    for node in compute:
+        if node.target is operator.getitem and isinstance(node.args[0], Node) \
+                and segment_of(ir, node) != segment_of(ir, node.args[0]):
+            fail(f"{node.name} reads an item of {node.args[0].name} from another segment")
     graph = segment_graph(ir)
     if not nx.is_directed_acyclic_graph(graph):
         fail(f"segments depend on each other in a cycle: {nx.find_cycle(graph)}")
@@ -46,6 +53,6 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
         if graph.nodes[src]["position"] > graph.nodes[dst]["position"]:
             fail(f"segment {dst} reads {sorted(data['values'])} from later segment {src}")
     for seg in seen:
-        if seg not in ("prologue", "epilogue") and not seg.startswith("transition."):
+        if seg not in ("prologue", "epilogue", "cache_probe") and not seg.startswith("transition."):
             if not any(segment_of(ir, n) == seg and ir.info(n).role == "attention" for n in compute):
                 fail(f"block segment '{seg}' has no attention call")

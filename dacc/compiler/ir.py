@@ -16,7 +16,7 @@ from torch.export import ExportedProgram
 from torch.fx import Node
 
 from dacc.schema.dtypes import dtype_text
-from dacc.schema.manifest import InputSpec, NodeInfo, SymbolSpec
+from dacc.schema.manifest import CacheGate, InputSpec, NodeInfo, SymbolSpec
 from dacc.schema.serial import from_dict, to_dict
 
 _BLOCK_RE = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
@@ -42,6 +42,7 @@ class ProgramIR:
                                          **sig.inputs_to_lifted_tensor_constants}
         self.user_inputs: list[str] = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         self.symbols = self._canonical_symbols()
+        self.cache_gate: CacheGate | None = None  # set by the cache-gate passes
 
     # -- graph access ---------------------------------------------------------------------
     @property

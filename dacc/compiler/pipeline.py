@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dacc.compiler.passes import PassEntry
 from dacc.passes.annotate_structure import annotate_structure
+from dacc.passes.apply_step_mask import apply_step_mask
+from dacc.passes.hoist_cache_probe import hoist_cache_probe
+from dacc.passes.insert_dbcache_gate import insert_dbcache_gate
+from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
+from dacc.passes.insert_teacache_gate import insert_teacache_gate
 from dacc.passes.remove_assertions import remove_assertions
 from dacc.passes.segment_blocks import segment_blocks
 
@@ -13,4 +18,14 @@ PIPELINE: list[PassEntry] = [
               "record every attention site and linear so later passes and the manifest can find them"),
     PassEntry("segment_blocks", segment_blocks,
               "cut the graph at block boundaries so the runtime can choose per step what runs"),
+    PassEntry("hoist_cache_probe", hoist_cache_probe,
+              "teacache: the gate must see block 0's modulated input before deciding whether blocks run"),
+    PassEntry("insert_dbcache_gate", insert_dbcache_gate,
+              "dbcache: skip middle blocks when the front blocks' residual barely changed"),
+    PassEntry("insert_teacache_gate", insert_teacache_gate,
+              "teacache: skip all blocks while the accumulated rescaled input change stays small"),
+    PassEntry("insert_taylorseer_gate", insert_taylorseer_gate,
+              "taylorseer: forecast the blocks' residual between full steps"),
+    PassEntry("apply_step_mask", apply_step_mask,
+              "scm: a static per-step compute mask, alone or on top of another gate"),
 ]

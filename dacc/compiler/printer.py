@@ -49,6 +49,8 @@ def _annotation(ir: ProgramIR, node: Node) -> str:
     parts = []
     if info.segment:
         parts.append(f"seg={info.segment}")
+    if info.gate:
+        parts.append(f"gate={info.gate}")
     if info.role:
         detail = " ".join(f"{k}={v}" for k, v in sorted(info.detail.items()) if k != "weight")
         parts.append(f"{info.role}({detail})" if detail else info.role)

@@ -25,6 +25,8 @@ def segment_of(ir: ProgramIR, node: Node) -> str | None:
 def _kind(name: str) -> str:
     if name in ("prologue", "epilogue"):
         return name
+    if name == "cache_probe":
+        return "probe"
     return "transition" if name.startswith("transition.") else "block"
 
 

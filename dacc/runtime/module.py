@@ -9,13 +9,14 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 
+from dacc.runtime.cache import Action, GateState, decide, record, skipped_residuals
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.program import ProgramRunner
 from dacc.runtime.steps import SegmentStats, StepCounter
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import evaluate
-from dacc.schema.manifest import WEIGHTS_FILE, Manifest
+from dacc.schema.manifest import WEIGHTS_FILE, CacheGate, Manifest
 
 try:  # a diffusers pipeline reads `transformer.config.<key>`; FrozenDict gives it attribute access
     from diffusers.configuration_utils import FrozenDict as _ConfigDict
@@ -36,6 +37,8 @@ class CompiledTransformer(torch.nn.Module):
         self._context = "default"
         self._counters: dict[str, StepCounter] = {}
         self._stats = SegmentStats()
+        self._gate_states: dict[tuple[str, int], GateState] = {}
+        self._recorder: list | None = None  # set by calibration: (context, step, probe stat, outputs) per call
         self._flops_fns = [self._compile_flops(r) for r in runners]
         self._output_cls = self._resolve_output_type()
 
@@ -67,10 +70,20 @@ class CompiledTransformer(torch.nn.Module):
 
     def reset(self) -> None:
         self._counters.clear()
+        self._gate_states.clear()
         self._stats = SegmentStats()
 
-    def stats(self) -> dict:
-        return self._stats.as_dict(self._counters)
+    def stats(self, decision_map: str | Path | None = None) -> dict:
+        """Counters since load or reset(); `decision_map="map.png"` also draws, for the last
+        generation of each context, which segment was computed, reused or forecast at each step."""
+        out = self._stats.as_dict(self._counters)
+        out["decisions"] = {f"{ctx}/program{i}": list(s.decisions) for (ctx, i), s in self._gate_states.items()}
+        if decision_map is not None:
+            from dacc.runtime.decision_map import draw_decision_map
+            maps = {key: (self.manifest.programs[int(key.rsplit("program", 1)[1])], steps)
+                    for key, steps in out["decisions"].items()}
+            draw_decision_map(maps, decision_map)
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -82,7 +95,7 @@ class CompiledTransformer(torch.nn.Module):
         counter = self._counters.setdefault(self._context, StepCounter(self.manifest.num_inference_steps))
         counter.advance(self._timestep(flat))
         with torch.no_grad():
-            outs = self._execute(index, runner, flat)
+            outs = self._execute(index, runner, flat, counter)
         result = pytree.tree_unflatten(outs, self._out_specs[index])
         if return_dict and self._output_cls is not None:
             fields = self.manifest.output_type.fields
@@ -91,17 +104,52 @@ class CompiledTransformer(torch.nn.Module):
         return result
 
     # -- execution ------------------------------------------------------------------------------
-    def _execute(self, index: int, runner: ProgramRunner, flat: list[Any]) -> list[Any]:
+    def _execute(self, index: int, runner: ProgramRunner, flat: list[Any], counter: StepCounter) -> list[Any]:
         env: dict[str, Any] = dict(zip(runner.placeholder_names, flat))
         seg_flops = self._flops_fns[index](flat)
-        for seg, spec, flops in zip(runner.segments, runner.spec.segments, seg_flops):
-            outs = seg(*[env[name] for name in spec.inputs])
-            env.update(zip(spec.outputs, outs))
-            self._stats.segments_computed += 1
-            self._stats.flops_total += flops
-            self._stats.flops_computed += flops
-        self._stats.calls += 1
+        specs, gate = runner.spec.segments, runner.spec.cache
+        stats = self._stats
+
+        def run(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                outs = runner.segments[i](*[env[name] for name in specs[i].inputs])
+                env.update(zip(specs[i].outputs, outs))
+                stats.segments_computed += 1
+                stats.flops_computed += seg_flops[i]
+
+        stats.calls += 1
+        stats.flops_total += sum(seg_flops)
+        if gate is None:
+            run(0, len(specs))
+        else:
+            state = self._gate_states.setdefault((self._context, index), GateState())
+            if counter.fresh:
+                state.new_generation()
+            run(0, gate.skip_first)
+            action = decide(gate, state, counter.step, self.manifest.num_inference_steps, self._probe(gate, env))
+            pairs = list(zip(gate.stream_in, gate.stream_out))
+            if action is Action.COMPUTE:
+                run(gate.skip_first, gate.skip_last + 1)
+                record(gate, state, counter.step, action, [env[o] - env[i] for i, o in pairs])
+            else:
+                residuals = skipped_residuals(gate, state, counter.step, action)
+                for (i, o), r in zip(pairs, residuals):
+                    env[o] = env[i] + r
+                record(gate, state, counter.step, action, None)
+                stats.segments_reused += gate.skip_last + 1 - gate.skip_first
+            run(gate.skip_last + 1, len(specs))
+            if self._recorder is not None:
+                self._recorder.append((self._context, counter.step, state.last_stat, action.value,
+                                       [env[o] for o in runner.output_values if isinstance(o, str)]))
         return [env[name] if isinstance(name, str) else name for name in runner.output_values]
+
+    @staticmethod
+    def _probe(gate: CacheGate, env: dict[str, Any]) -> list[torch.Tensor] | None:
+        if gate.probe == "residual":
+            return [env[v] - env[b] for v, b in zip(gate.probe_values, gate.probe_base)]
+        if gate.probe == "input":
+            return [env[v] for v in gate.probe_values]
+        return None
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:
         given = dict(flatten_with_paths(kwargs))

@@ -18,9 +18,11 @@ class StepCounter:
     last_t: float | None = None
     calls: int = 0
     total_steps: int = 0
+    fresh: bool = False  # this call started a new generation
 
     def advance(self, t: float | None) -> int:
         self.calls += 1
+        self.fresh = False
         if t is not None and self.last_t is not None and t == self.last_t and self.step >= 0:
             return self.step
         new_generation = self.step < 0 or self.step + 1 >= self.num_inference_steps or (
@@ -28,6 +30,7 @@ class StepCounter:
         if new_generation:
             self.generation += self.step >= 0
             self.step = 0
+            self.fresh = True
         else:
             self.step += 1
         self.total_steps += 1

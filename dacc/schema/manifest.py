@@ -19,7 +19,7 @@ PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 GRAPH_FILE = "graph.txt"
 
-SegmentKind = Literal["prologue", "block", "transition", "epilogue"]
+SegmentKind = Literal["prologue", "probe", "block", "transition", "epilogue"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class NodeInfo:
     """dacc's annotation of one graph node, stored as a dict in `node.meta["custom"]["dacc"]`."""
     segment: str | None = None
     role: str | None = None  # "attention" | "linear" | None
+    gate: str | None = None  # "probe" (computes a cache probe) | "skippable" (in a cache gate's range)
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +88,33 @@ class LinearSite:
 
 
 @dataclass
+class CacheGate:
+    """A cache gate over a contiguous range of block segments, decided once per denoising step.
+
+    On a step the gate skips, the range is not run: each stream leaving it is set to the stream
+    entering it plus the range's residual from the last computed step (or a Taylor forecast of it).
+    """
+    strategy: str  # dbcache | teacache | taylorseer | scm
+    skip_first: int  # index (in ProgramSpec.segments) of the first skippable segment
+    skip_last: int  # index of the last skippable segment (inclusive)
+    stream_in: list[str]  # values entering the range, paired with
+    stream_out: list[str]  # the values leaving it
+    probe: str  # none | residual (rel-L1 of probe_values - probe_base) | input (rel-L1 of probe_values)
+    probe_values: list[str]
+    probe_base: list[str]
+    threshold: float  # dbcache: rel-L1 below which to skip; teacache: accumulated rescaled change
+    rescale: list[float]  # teacache polynomial (numpy.polyfit order, highest degree first); [] = identity
+    taylor_order: int  # 0 reuses the cached residual; 1 or 2 forecasts it from the last computed steps
+    interval: int  # taylorseer: compute every `interval` steps (1 = always)
+    mask: list[bool]  # static per-step compute mask (scm); [] = none
+    warmup: int
+    cooldown: int
+    max_cached_steps: int  # per generation; -1 = unlimited
+    max_continuous_cached_steps: int  # -1 = unlimited
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the knobs were chosen, measured results
+
+
+@dataclass
 class ProgramSpec:
     file: str  # the torch.export archive (weights stubbed; real weights in WEIGHTS_FILE)
     inputs: list[InputSpec]
@@ -98,6 +126,7 @@ class ProgramSpec:
     segments: list[SegmentSpec]
     attention: list[AttentionSite]
     linears: list[LinearSite]
+    cache: CacheGate | None = None
 
 
 @dataclass

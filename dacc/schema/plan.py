@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dacc.schema.errors import DaccError
 
-CACHE_STRATEGIES = ("none",)
+CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm")
+SCM_POLICIES = ("slow", "medium", "fast", "ultra")
 QUANTIZE_MODES = ("none",)
 
 
@@ -31,6 +32,51 @@ class CachePlan(_Strict):
     cooldown: int = Field(0, ge=0)
     target_psnr: float | None = Field(None, gt=0.0)
     options: dict[str, Any] = Field(default_factory=dict)
+
+
+class _StepMaskOptions(_Strict):
+    """SCM combines with every strategy: masked steps skip, unmasked steps run the dynamic gate."""
+    scm_policy: Literal[SCM_POLICIES] | None = None  # type: ignore[valid-type]
+    scm_mask: list[bool] | None = None
+
+
+class _StepLimits(_Strict):
+    max_cached_steps: int = Field(-1, ge=-1)
+    max_continuous_cached_steps: int = Field(-1, ge=-1)
+
+
+class DBCacheOptions(_StepMaskOptions, _StepLimits):
+    Fn: int = Field(1, ge=1)
+    Bn: int = Field(0, ge=0)
+    threshold: float | None = Field(None, ge=0.0)
+    taylorseer_order: int = Field(0, ge=0, le=2)
+
+
+class TeaCacheOptions(_StepMaskOptions, _StepLimits):
+    threshold: float | None = Field(None, ge=0.0)
+    rescale: list[float] | None = None  # polynomial coefficients; None = calibrate on sample()
+    calibration_seeds: int = Field(2, ge=1, le=64)
+
+
+class TaylorSeerOptions(_StepMaskOptions, _StepLimits):
+    order: int = Field(1, ge=1, le=2)
+    interval: int | None = Field(None, ge=1)
+
+
+class SCMOptions(_StepLimits):
+    policy: Literal[SCM_POLICIES] | None = None  # type: ignore[valid-type]
+    mask: list[bool] | None = None
+    taylorseer_order: int = Field(0, ge=0, le=2)
+
+
+CACHE_OPTIONS: dict[str, type[BaseModel]] = {"none": _Strict, "dbcache": DBCacheOptions,
+                                             "teacache": TeaCacheOptions, "taylorseer": TaylorSeerOptions,
+                                             "scm": SCMOptions}
+
+
+def cache_options(plan: "Plan") -> BaseModel:
+    """The validated options of the plan's cache strategy."""
+    return CACHE_OPTIONS[plan.cache.strategy].model_validate(plan.cache.options)
 
 
 class ParallelPlan(_Strict):
@@ -68,14 +114,15 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict, source: str) -> str:
-    loc = tuple(err["loc"])
+def _describe(err: dict, source: str, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
+    loc = prefix + tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "<top level>"
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(Plan, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
+        allowed = list(model.model_fields) if model is not None else _allowed_keys(Plan, loc[:-1])
+        lowered = {a.lower(): a for a in allowed}
+        close = difflib.get_close_matches(str(loc[-1]).lower(), list(lowered), n=1)
+        hint = f" (did you mean '{lowered[close[0]]}'?)" if close else ""
+        return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed) or '(none)'}"
     if err["type"] == "literal_error":
         return f"{source}: key '{key}' = {err.get('input')!r} is not allowed; {err['msg'].lower()}"
     return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
@@ -94,6 +141,13 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
         raise DaccError("invalid plan: " + "; ".join(lines), source,
                         "correct the key(s) above; see README.md 'Plan file' for every key") from None
     c = plan.cache
+    try:
+        cache_options(plan)
+    except ValidationError as exc:
+        model = CACHE_OPTIONS[c.strategy]
+        lines = [_describe(e, source, ("cache", "options"), model) for e in exc.errors()]
+        raise DaccError(f"invalid options for cache strategy '{c.strategy}': " + "; ".join(lines), source,
+                        "see README.md 'Cache strategies' for each strategy's options") from None
     if c.warmup + c.cooldown > plan.num_inference_steps:
         raise DaccError(f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
                         f"num_inference_steps ({plan.num_inference_steps})", source,

@@ -50,3 +50,18 @@ def test_malformed_yaml_points_at_the_line(tmp_path):
 def test_missing_plan_file(tmp_path):
     with pytest.raises(DaccError, match="does not exist"):
         load_plan(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("cache, fragments", [
+    ({"strategy": "dbcache", "options": {"threshold": -0.1}}, ["cache.options.threshold", "greater than or equal to 0"]),
+    ({"strategy": "scm", "options": {"policy": "turbo"}}, ["cache.options.policy", "'turbo'", "'slow'"]),
+    ({"strategy": "dbcache", "options": {"fn": 2}}, ["unknown key 'cache.options.fn'", "did you mean 'Fn'"]),
+    ({"strategy": "taylorseer", "options": {"order": 3}}, ["cache.options.order", "less than or equal to 2"]),
+    ({"strategy": "none", "options": {"Fn": 1}}, ["unknown key 'cache.options.Fn'", "(none)"]),
+    ({"strategy": "dbcache", "warmup": 40, "cooldown": 20}, ["exceed num_inference_steps (50)"]),
+])
+def test_bad_cache_knobs(cache, fragments):
+    with pytest.raises(DaccError) as info:
+        parse_plan({"cache": cache}, "plan.yaml")
+    for fragment in fragments:
+        assert fragment in str(info.value)

@@ -1,0 +1,165 @@
+"""Cache strategies on the trained demo model: speed against eager and quality against the
+uncached output, every strategy at several settings, in one run.
+
+    python bench/cache.py [--per-class 2] [--steps 50] [--repeats 3]
+
+Writes bench/results/cache.json and bench/results/cache.md. Transformer wall time is the median
+of `repeats` generations after a warm-up; eager is measured first and again last, and speedups
+use the mean of the two. FLOPs (deterministic) are reported beside wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+import dacc
+from dacc.compiler.compile import compile_model
+from dacc.demo import DEMO_MODEL
+from dacc.metrics import conditional_accuracy, psnr, ssim
+from dacc.models.demo import load_encoder, load_transformer
+from dacc.models.demo.classifier import load_classifier
+from dacc.models.demo.sampler import generate
+
+RESULTS = Path(__file__).parent / "results"
+
+CONFIGS: list[tuple[str, dict | None]] = [
+    ("dacc empty plan", {}),
+    ("FBCache (dbcache F1B0) r=0.2", {"strategy": "dbcache", "cache_ratio": 0.2}),
+    ("FBCache (dbcache F1B0) r=0.4", {"strategy": "dbcache", "cache_ratio": 0.4}),
+    ("FBCache (dbcache F1B0) r=0.6", {"strategy": "dbcache", "cache_ratio": 0.6}),
+    ("dbcache F1B0 +TaylorSeer o1 r=0.4", {"strategy": "dbcache", "cache_ratio": 0.4, "options": {"taylorseer_order": 1}}),
+    ("dbcache F1B0 +TaylorSeer o1 r=0.6", {"strategy": "dbcache", "cache_ratio": 0.6, "options": {"taylorseer_order": 1}}),
+    ("dbcache F1B0 +TaylorSeer o2 r=0.6", {"strategy": "dbcache", "cache_ratio": 0.6, "options": {"taylorseer_order": 2}}),
+    ("dbcache F2B1 r=0.4", {"strategy": "dbcache", "cache_ratio": 0.4, "options": {"Fn": 2, "Bn": 1}}),
+    ("TeaCache (calibrated) r=0.1", {"strategy": "teacache", "cache_ratio": 0.1}),
+    ("TeaCache (calibrated) r=0.3", {"strategy": "teacache", "cache_ratio": 0.3}),
+    ("TeaCache (calibrated) r=0.6", {"strategy": "teacache", "cache_ratio": 0.6}),
+    ("TaylorSeer o1 interval 3", {"strategy": "taylorseer", "options": {"order": 1, "interval": 3}}),
+    ("TaylorSeer o2 interval 4", {"strategy": "taylorseer", "options": {"order": 2, "interval": 4}}),
+    ("TaylorSeer o2 interval 6", {"strategy": "taylorseer", "options": {"order": 2, "interval": 6}}),
+    ("SCM slow", {"strategy": "scm", "options": {"policy": "slow"}}),
+    ("SCM fast", {"strategy": "scm", "options": {"policy": "fast"}}),
+    ("SCM fast +TaylorSeer o1", {"strategy": "scm", "options": {"policy": "fast", "taylorseer_order": 1}}),
+    ("SCM ultra +TaylorSeer o2", {"strategy": "scm", "options": {"policy": "ultra", "taylorseer_order": 2}}),
+    ("target PSNR 30 (dbcache +TaylorSeer o2)", {"strategy": "dbcache", "target_psnr": 30,
+                                                  "options": {"taylorseer_order": 2}}),
+    ("target PSNR 30 (taylorseer o2)", {"strategy": "taylorseer", "target_psnr": 30, "options": {"order": 2}}),
+]
+
+
+def timed_generation(model, encoder, labels, steps, seed, repeats):
+    times, result = [], None
+    for _ in range(repeats):
+        if hasattr(model, "reset"):
+            model.reset()
+        result = generate(model, encoder, labels, steps=steps, seed=seed)
+        times.append(result.transformer_seconds)
+    return result, statistics.median(times)
+
+
+def flops_per_generation(model, encoder, labels, steps, seed) -> float:
+    if hasattr(model, "reset"):
+        model.reset()
+    with FlopCounterMode(display=False) as counter:
+        generate(model, encoder, labels, steps=steps, seed=seed)
+    return float(counter.get_total_flops())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", help="substring: run only configs whose name contains it")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    encoder, classifier, eager = load_encoder(), load_classifier(), load_transformer()
+    generate(eager, encoder, labels[:2], steps=2, seed=args.seed)  # warm-up
+    ref, eager_first = timed_generation(eager, encoder, labels, args.steps, args.seed, args.repeats)
+    eager_flops = flops_per_generation(eager, encoder, labels, args.steps, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cache in CONFIGS:
+            if args.only and args.only not in name:
+                continue
+            plan = Path(tmp) / "plan.yaml"
+            plan.write_text(yaml.safe_dump({"num_inference_steps": args.steps, "cache": cache or {"strategy": "none"}}))
+            start = time.perf_counter()
+            compile_model(DEMO_MODEL, plan, Path(tmp) / "a.dacc", force=True, log=lambda m: None)
+            compile_s = time.perf_counter() - start
+            model = dacc.load(Path(tmp) / "a.dacc")
+            generate(model, encoder, labels[:2], steps=2, seed=args.seed)
+            out, seconds = timed_generation(model, encoder, labels, args.steps, args.seed, args.repeats)
+            stats = model.stats()
+            flops = flops_per_generation(model, encoder, labels, args.steps, args.seed)
+            gate = model.manifest.programs[0].cache
+            rows.append({"name": name, "cache": cache, "seconds": seconds, "flops": flops,
+                         "psnr": psnr(out.images, ref.images), "ssim": ssim(out.images, ref.images),
+                         "accuracy": conditional_accuracy(out.images, labels, classifier),
+                         "reused_fraction": stats["segments_reused"] / max(1, stats["segments_reused"]
+                                                                           + stats["segments_computed"]),
+                         "compile_seconds": compile_s,
+                         "chosen": (gate.calibration.get("search") or {}) if gate else {}})
+            for key in ("decisions",):
+                rows[-1]["chosen"].pop(key, None)
+            print(f"{name:42s} {seconds:6.2f}s  PSNR {rows[-1]['psnr']:6.2f}  acc {rows[-1]['accuracy']:.3f}",
+                  file=sys.stderr)
+    _, eager_last = timed_generation(eager, encoder, labels, args.steps, args.seed, args.repeats)
+    eager_s = (eager_first + eager_last) / 2
+    eager_acc = conditional_accuracy(ref.images, labels, classifier)
+    for r in rows:
+        r["speedup"] = eager_s / r["seconds"]
+        r["flops_speedup"] = eager_flops / r["flops"]
+    report = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "samples": len(labels), "steps": args.steps, "repeats": args.repeats,
+              "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
+                        "accuracy": eager_acc},
+              "configs": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cache.json").write_text(json.dumps(_finite(report), indent=1) + "\n")
+    (RESULTS / "cache.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def _finite(value):
+    """JSON has no Infinity: identical outputs (PSNR = inf) are written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return None
+    return value
+
+
+def markdown(report: dict) -> str:
+    e = report["eager"]
+    lines = [f"Demo model, {report['steps']} steps, {report['samples']} samples (batched CFG), "
+             f"{report['threads']} CPU threads, median of {report['repeats']}; eager "
+             f"{e['seconds_first']:.2f} s first / {e['seconds_last']:.2f} s last, conditional accuracy "
+             f"{100 * e['accuracy']:.1f}%.", "",
+             "| plan | speedup (wall) | speedup (FLOPs) | PSNR dB | SSIM | cond. acc | chosen |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(report["configs"], key=lambda r: -r["speedup"]):
+        chosen = r["chosen"]
+        note = f"ratio {chosen['cache_ratio']:.3f}" if chosen else ""
+        lines.append(f"| {r['name']} | {r['speedup']:.2f}x | {r['flops_speedup']:.2f}x | {r['psnr']:.2f} | "
+                     f"{r['ssim']:.4f} | {100 * r['accuracy']:.1f}% | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

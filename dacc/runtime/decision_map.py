@@ -1,0 +1,57 @@
+"""A picture of what a cache gate did: one row per denoising step, one column per segment."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from dacc.schema.manifest import ProgramSpec
+
+COLORS = {"computed": (31, 78, 121), "reused": (220, 220, 220), "forecast": (242, 142, 43)}
+CELL, ROW = 14, 8
+
+
+def segment_status(program: ProgramSpec, step_actions: list[str]) -> list[list[str]]:
+    """Per step, the status of every segment: gated segments take the step's action."""
+    gate = program.cache
+    rows = []
+    for action in step_actions:
+        rows.append(["computed" if gate is None or not (gate.skip_first <= i <= gate.skip_last) else action
+                     for i in range(len(program.segments))])
+    return rows
+
+
+def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[str]]], path: str | Path) -> None:
+    """`maps`: title -> (program, actions per step). Writes one panel per title, side by side."""
+    panels = []
+    for title, (program, actions) in maps.items():
+        rows = segment_status(program, actions)
+        names = [s.name for s in program.segments]
+        width = max(len(title) * 6 + 8, 40 + CELL * len(names))
+        img = Image.new("RGB", (width, 20 + ROW * max(len(rows), 1) + 12 + 12 * len(names)), "white")
+        draw = ImageDraw.Draw(img)
+        draw.text((4, 4), title, fill="black")
+        for r, row in enumerate(rows):
+            if r % 10 == 0:
+                draw.text((4, 18 + r * ROW), str(r), fill="black")
+            for c, status in enumerate(row):
+                x, y = 40 + c * CELL, 20 + r * ROW
+                draw.rectangle([x, y, x + CELL - 2, y + ROW - 2], fill=COLORS[status])
+        y0 = 24 + ROW * max(len(rows), 1)
+        for c, name in enumerate(names):
+            draw.text((4, y0 + 12 * c), f"{c}: {name}", fill="black")
+        panels.append(img)
+    legend_h = 18
+    total = Image.new("RGB", (sum(p.width for p in panels) + 10 * len(panels) or 200,
+                              max([p.height for p in panels] or [40]) + legend_h), "white")
+    x = 0
+    for p in panels:
+        total.paste(p, (x, legend_h))
+        x += p.width + 10
+    draw = ImageDraw.Draw(total)
+    lx = 4
+    for name, color in COLORS.items():
+        draw.rectangle([lx, 4, lx + 10, 14], fill=color)
+        draw.text((lx + 14, 3), name, fill="black")
+        lx += 14 + 7 * len(name) + 12
+    total.save(path)

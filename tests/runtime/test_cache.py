@@ -1,0 +1,107 @@
+"""Cache gates at run time: the decisions on scripted inputs, the Taylor forecaster, rank agreement."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dacc.runtime.cache import Action, GateState, decide, forecast, record, rel_l1
+from dacc.schema.manifest import CacheGate
+
+
+def gate(strategy="dbcache", **kw) -> CacheGate:
+    base = CacheGate(strategy=strategy, skip_first=1, skip_last=2, stream_in=["a"], stream_out=["b"], probe="residual",
+                     probe_values=["p"], probe_base=["q"], threshold=0.1, rescale=[], taylor_order=0, interval=1,
+                     mask=[], warmup=0, cooldown=0, max_cached_steps=-1, max_continuous_cached_steps=-1)
+    return dataclasses.replace(base, **kw)
+
+
+def run(g: CacheGate, probes: list[float | None], steps: int | None = None) -> str:
+    """Feed probe tensors whose rel-L1 change is scripted; return the decisions as c/r/f letters."""
+    state, out = GateState(), []
+    steps = steps or len(probes)
+    for step, value in enumerate(probes):
+        probe = [torch.full((4,), float(value))] if value is not None else None
+        action = decide(g, state, step, steps, probe)
+        record(g, state, step, action, [torch.zeros(1)] if action is Action.COMPUTE else None)
+        out.append(action.value[0])
+    return "".join(out)
+
+
+def test_dbcache_compares_with_the_last_computed_step():
+    # values 1.0, 1.05 (5% change: skip), 1.08 (8% vs the computed 1.0: skip), 1.12 (12%: compute), 1.13 (skip)
+    assert run(gate(threshold=0.1), [1.0, 1.05, 1.08, 1.12, 1.13]) == "crrcr"
+
+
+def test_warmup_cooldown_and_limits_force_compute():
+    flat = [1.0] * 8
+    assert run(gate(threshold=0.1), flat) == "crrrrrrr"
+    assert run(gate(threshold=0.1, warmup=2, cooldown=2), flat) == "ccrrrrcc"
+    assert run(gate(threshold=0.1, max_cached_steps=3), flat) == "crrrcccc"
+    assert run(gate(threshold=0.1, max_continuous_cached_steps=2), flat) == "crrcrrcr"
+
+
+def test_zero_threshold_never_skips():
+    assert run(gate(threshold=0.0), [1.0] * 6) == "cccccc"
+
+
+def test_teacache_accumulates_rescaled_change_and_resets():
+    # consecutive 10% changes, rescaled by 2x -> 0.2 per step; threshold 0.5: skip, skip, compute(0.6)
+    values = [1.0 * 1.1 ** i for i in range(8)]
+    g = gate("teacache", probe="input", threshold=0.5, rescale=[2.0, 0.0])
+    assert run(g, values) == "crrcrrcc"  # the last step always computes
+    assert run(dataclasses.replace(g, rescale=[], threshold=0.45), values) == "crrrrcrc"
+
+
+def test_taylorseer_interval_and_forecast_after_two_points():
+    g = gate("taylorseer", probe="none", taylor_order=1, interval=3)
+    assert run(g, [None] * 9) == "crrcffcff"
+
+
+def test_static_mask_skips_and_dynamic_gate_runs_elsewhere():
+    mask = [True, False, False, True, True, False, True]
+    assert run(gate("scm", probe="none", mask=mask), [None] * 7) == "crrccrc"
+    # combined with dbcache: masked steps skip, unmasked steps ask the probe (here: big changes)
+    assert run(gate(mask=mask, threshold=0.1), [1, 2, 4, 8, 16, 32, 64]) == "crrccrc"
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_forecast_is_exact_for_polynomials_up_to_its_order(order):
+    torch.manual_seed(0)
+    coeffs = [torch.randn(3, 5, dtype=torch.float64) for _ in range(order + 1)]
+
+    def traj(s):
+        return sum(c * s ** i for i, c in enumerate(coeffs))
+    steps = [0, 3, 4, 7][: order + 1 + 1]
+    history = [(s, [traj(s)]) for s in steps]
+    for target in (8, 9, 12):
+        got = forecast(history, order, target)[0]
+        assert torch.allclose(got, traj(target), atol=1e-9, rtol=1e-9)
+    if order == 1:  # a quadratic is not recovered by a first-order forecast
+        quad = [(s, [traj(s) + s * s * coeffs[0]]) for s in steps]
+        assert not torch.allclose(forecast(quad, 1, 10)[0], traj(10) + 100 * coeffs[0])
+
+
+def _ranks_worker(rank: int, world: int, init: str, results):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        prev = [torch.randn(100, generator=g) + 3]
+        cur = [prev[0] + (0.05 if rank == 0 else 0.3) * torch.randn(100, generator=g)]
+        results[rank] = (rel_l1(cur, prev), float((prev[0] - cur[0]).abs().sum()), float(prev[0].abs().sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_probe_statistic_is_reduced_across_ranks(tmp_path):
+    """Ranks see different shards; the statistic (and so the decision) is the global one on all."""
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(_ranks_worker, args=(world, f"file://{tmp_path}/store", results), nprocs=world)
+    stats = [results[r][0] for r in range(world)]
+    expected = sum(results[r][1] for r in range(world)) / sum(results[r][2] for r in range(world))
+    assert stats[0] == stats[1]
+    assert abs(stats[0] - expected) < 1e-9

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
 import dacc
@@ -21,6 +22,7 @@ from dacc.models.demo.classifier import load_classifier
 from dacc.models.demo.sampler import Generation, generate
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo" / "model.py"
+RECOMMENDED_PLAN = DEMO_MODEL.with_name("plan.yaml")
 SCALE = 6
 
 
@@ -61,7 +63,10 @@ def run_demo(out_dir: str | Path = "demo_out", plan: str | Path | None = None, p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     artifact = out / "demo.dacc"
-    compile_model(DEMO_MODEL, plan, artifact, force=True, log=lambda m: log(f"  {m}"))
+    resolved = yaml.safe_load(Path(plan or RECOMMENDED_PLAN).read_text()) or {}
+    resolved["num_inference_steps"] = steps  # the plan counts steps per generation
+    (out / "plan.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    compile_model(DEMO_MODEL, out / "plan.yaml", artifact, force=True, log=lambda m: log(f"  {m}"))
     eager, compiled, encoder = load_transformer(), dacc.load(artifact), load_encoder()
     labels = torch.arange(10).repeat_interleave(per_class)
     for model in (eager, compiled):  # warm up both (first calls allocate and fill caches)
@@ -82,10 +87,11 @@ def run_demo(out_dir: str | Path = "demo_out", plan: str | Path | None = None, p
 
 
 def _plan_label(plan_yaml: str) -> str:
-    import yaml
     plan = yaml.safe_load(plan_yaml)
     cache = plan["cache"]
-    return "empty plan" if cache["strategy"] == "none" else f"cache {cache['strategy']}"
+    if cache["strategy"] == "none":
+        return "empty plan"
+    return f"{cache['strategy']}, cache_ratio {cache['cache_ratio']}"
 
 
 def format_table(rows: list[dict]) -> str:

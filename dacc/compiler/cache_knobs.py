@@ -15,8 +15,9 @@ SCM_BINS = {
     "ultra": ([4, 1, 1, 1, 1], [2, 5, 6, 7]),
 }
 DBCACHE_THRESHOLD_PER_RATIO = 0.4  # ratio 0.2 -> 0.08 (DBCache default), 0.6 -> 0.24
-TEACACHE_THRESHOLD_PER_RATIO = 1.0  # accumulated rescaled output change
-TAYLORSEER_MAX_INTERVAL = 8
+TEACACHE_THRESHOLD_PER_RATIO = 0.3  # accumulated rescaled output change: ratio 1 -> 30%
+TAYLORSEER_MAX_INTERVAL = 8  # at REFERENCE_STEPS steps
+REFERENCE_STEPS = 50
 
 
 def scm_mask(policy: str, steps: int) -> list[bool]:
@@ -55,7 +56,9 @@ def dynamic_knobs(strategy: str, ratio: float, options: Any, steps: int) -> dict
     elif strategy == "teacache":
         knobs["threshold"] = options.threshold if options.threshold is not None else TEACACHE_THRESHOLD_PER_RATIO * ratio
     elif strategy == "taylorseer":
-        knobs["interval"] = options.interval or 1 + round(ratio * (TAYLORSEER_MAX_INTERVAL - 1))
+        # scaled with the step count: fewer, larger steps leave less to forecast between
+        span = (TAYLORSEER_MAX_INTERVAL - 1) * min(1.0, steps / REFERENCE_STEPS)
+        knobs["interval"] = options.interval or 1 + round(ratio * span)
     elif strategy == "scm":
         policy = options.policy or policy_for_ratio(ratio)
         knobs["mask"] = _mask(options.mask, policy, steps)

@@ -19,18 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 import dacc
-from dacc.compiler.compile import compile_model
-from dacc.demo import DEMO_MODEL
+from common import RESULTS, compile_demo, finite
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
 from dacc.models.demo.sampler import generate
 
-RESULTS = Path(__file__).parent / "results"
 
 CONFIGS: list[tuple[str, dict | None]] = [
     ("dacc empty plan", {}),
@@ -97,12 +94,9 @@ def main(argv=None) -> int:
         for name, cache in CONFIGS:
             if args.only and args.only not in name:
                 continue
-            plan = Path(tmp) / "plan.yaml"
-            plan.write_text(yaml.safe_dump({"num_inference_steps": args.steps, "cache": cache or {"strategy": "none"}}))
             start = time.perf_counter()
-            compile_model(DEMO_MODEL, plan, Path(tmp) / "a.dacc", force=True, log=lambda m: None)
+            model = dacc.load(compile_demo(cache, Path(tmp) / "a.dacc", args.steps))
             compile_s = time.perf_counter() - start
-            model = dacc.load(Path(tmp) / "a.dacc")
             generate(model, encoder, labels[:2], steps=2, seed=args.seed)
             out, seconds = timed_generation(model, encoder, labels, args.steps, args.seed, args.repeats)
             stats = model.stats()
@@ -131,21 +125,10 @@ def main(argv=None) -> int:
                         "accuracy": eager_acc},
               "configs": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache.json").write_text(json.dumps(_finite(report), indent=1) + "\n")
+    (RESULTS / "cache.json").write_text(json.dumps(finite(report), indent=1) + "\n")
     (RESULTS / "cache.md").write_text(markdown(report))
     print(markdown(report))
     return 0
-
-
-def _finite(value):
-    """JSON has no Infinity: identical outputs (PSNR = inf) are written as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and value in (float("inf"), float("-inf")):
-        return None
-    return value
 
 
 def markdown(report: dict) -> str:

@@ -9,11 +9,14 @@ from dacc.passes.insert_dbcache_gate import insert_dbcache_gate
 from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
 from dacc.passes.insert_teacache_gate import insert_teacache_gate
 from dacc.passes.remove_assertions import remove_assertions
+from dacc.passes.remove_identity_ops import remove_identity_ops
 from dacc.passes.segment_blocks import segment_blocks
 
 PIPELINE: list[PassEntry] = [
     PassEntry("remove_assertions", remove_assertions,
               "export's dtype/device asserts cost a call per step and pin the traced device"),
+    PassEntry("remove_identity_ops", remove_identity_ops,
+              "full slices and same-dtype .to() calls cost a dispatch each step and do nothing"),
     PassEntry("annotate_structure", annotate_structure,
               "record every attention site and linear so later passes and the manifest can find them"),
     PassEntry("segment_blocks", segment_blocks,

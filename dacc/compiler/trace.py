@@ -16,7 +16,7 @@ import traceback
 from typing import Any
 
 import torch
-from torch.export import Dim, ExportedProgram
+from torch.export import Dim
 
 from dacc.compiler.ir import Traced
 from dacc.schema.dtypes import dtype_text

@@ -1,0 +1,30 @@
+"""Shared by the benchmarks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from dacc.compiler.compile import compile_model
+from dacc.demo import DEMO_MODEL
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def finite(value):
+    """JSON has no Infinity: identical outputs (PSNR = inf) are written as null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return None
+    return value
+
+
+def compile_demo(cache: dict | None, path: Path, steps: int) -> Path:
+    """Compile the demo model with `cache` as the plan's cache section (None: the empty plan)."""
+    plan = path.with_suffix(".yaml")
+    plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "cache": cache or {"strategy": "none"}}))
+    compile_model(DEMO_MODEL, plan, path, force=True, log=lambda m: None)
+    return path

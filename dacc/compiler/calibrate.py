@@ -119,17 +119,31 @@ def search_ratio(model, plan: Plan, sample: Callable, seeds: list[int], target: 
     return {"target_psnr": target, **best}
 
 
-def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, log) -> None:
-    """Fill in what the gates of `manifest` (and of the loaded `model`) still need."""
+def _needs(manifest: Manifest, plan: Plan) -> tuple[bool, bool]:
     gates = [p.cache for p in manifest.programs if p.cache is not None]
     needs_rescale = any(g.strategy == "teacache" and not g.rescale for g in gates)
-    target = plan.cache.target_psnr
-    if not gates or not (needs_rescale or target is not None):
-        return
-    if sample is None:
+    return needs_rescale, bool(gates) and plan.cache.target_psnr is not None
+
+
+def needs_calibration(manifest: Manifest, plan: Plan) -> bool:
+    return any(_needs(manifest, plan))
+
+
+def check_calibration_inputs(manifest: Manifest, plan: Plan, sample: Callable | None) -> None:
+    needs_rescale, needs_search = _needs(manifest, plan)
+    if (needs_rescale or needs_search) and sample is None:
         what = "teacache calibration" if needs_rescale else "cache.target_psnr"
         raise DaccError(f"{what} needs the model file to define sample(model, seed)", "model file",
                         "add sample(), or give cache.options.rescale / drop target_psnr")
+
+
+def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, log) -> None:
+    """Fill in what the gates of `manifest` (and of the loaded `model`) still need."""
+    needs_rescale, needs_search = _needs(manifest, plan)
+    target = plan.cache.target_psnr
+    if not (needs_rescale or needs_search):
+        return
+    check_calibration_inputs(manifest, plan, sample)
     seeds = list(range(cache_options(plan).calibration_seeds if needs_rescale else 2))
     info: dict[str, Any] = {}
     if needs_rescale:
@@ -138,7 +152,7 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         for runner in model.programs:
             if runner.spec.cache is not None:
                 runner.spec.cache = dataclasses.replace(runner.spec.cache, rescale=rescale)
-    if target is not None:
+    if needs_search:
         info["search"] = search_ratio(model, plan, sample, seeds[:2] or [0], target, log)
     for spec, runner in zip(manifest.programs, model.programs):
         if spec.cache is not None:

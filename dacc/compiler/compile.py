@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 import dacc
+from dacc.compiler.calibrate import check_calibration_inputs
 from dacc.compiler.artifact import check_output_path, model_config, write_artifact
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
@@ -92,14 +93,15 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
             log(f"program {i}: {entry.name}: {'; '.join(res.notes)}")
         irs.append(ir)
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
+    check_calibration_inputs(manifest, plan, mf.sample)  # fail before writing anything
     texts = {PLAN_FILE: plan.to_yaml(),
              GRAPH_FILE: "".join(f"# program {i}\n{print_graph(ir)}" for i, ir in enumerate(irs))}
 
     def finalize(tmp: Path) -> None:
         if verify:
             verify_artifact(tmp, model, examples, log)
-        if any(p.cache is not None for p in manifest.programs):
-            from dacc.compiler.calibrate import calibrate
+        from dacc.compiler.calibrate import calibrate, needs_calibration
+        if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
             calibrate(manifest, load(tmp), plan, mf.sample, log)
 

@@ -19,7 +19,9 @@ from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec
 
 
 def segment_of(ir: ProgramIR, node: Node) -> str | None:
-    return ir.info(node).segment if node.op == "call_function" else None
+    if node.op != "call_function":
+        return None
+    return ((node.meta.get("custom") or {}).get("dacc") or {}).get("segment")  # hot: read the raw annotation
 
 
 def _kind(name: str) -> str:

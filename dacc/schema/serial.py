@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -51,12 +52,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict, dict]:
+    """Type hints and fields of a dataclass, resolved once (get_type_hints is slow)."""
+    return get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass `cls` from JSON data; unknown or missing fields are errors."""
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _schema(cls)
     unknown = set(data) - set(fields)
     if unknown:
         raise ValueError(f"{where or cls.__name__}: unknown field(s) {sorted(unknown)}")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 import dacc
-from dacc.compiler.calibrate import check_calibration_inputs
+from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
 from dacc.compiler.artifact import check_output_path, model_config, write_artifact
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
@@ -100,7 +100,6 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
     def finalize(tmp: Path) -> None:
         if verify:
             verify_artifact(tmp, model, examples, log)
-        from dacc.compiler.calibrate import calibrate, needs_calibration
         if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
             calibrate(manifest, load(tmp), plan, mf.sample, log)

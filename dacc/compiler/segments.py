@@ -63,9 +63,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
                 if inp.name not in inside and not ir.is_param(inp) and inp not in inputs:
                     inputs.append(inp)
         outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
-        params = {inp.name for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
-        param_bytes = sum(t.numel() * t.element_size() for t in (ir.param_tensor(p) for p in
-                          (x for x in ir.graph.nodes if x.name in params)) if t is not None)
+        params = {inp for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
+        param_bytes = sum(t.numel() * t.element_size() for t in map(ir.param_tensor, params) if t is not None)
         flops = sympy.expand(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0)))
         kind = _kind(seg)
         s_in, s_out = [], []

@@ -1,2 +1,5 @@
-"""Kernels (Triton with PyTorch references and dispatch). The runtime executes aten ops directly
-until a pass rewrites a node to one of these."""
+"""Kernels: each op has a PyTorch reference and, where it pays, a Triton kernel; `dispatch`
+picks one per call (Triton for CUDA tensors when Triton is installed)."""
+from dacc.kernels.l1_change import l1_change, l1_change_reference
+
+__all__ = ["l1_change", "l1_change_reference"]

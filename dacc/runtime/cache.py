@@ -12,6 +12,7 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from dacc.kernels import l1_change
 from dacc.schema.manifest import CacheGate
 
 
@@ -22,11 +23,28 @@ class Action(str, Enum):
 
 
 @dataclass
+class Computed:
+    """One computed step of the gated range: its stream values before and after. The residual
+    (after - before) is only formed when a later step skips, so a gate that never fires never
+    pays for it."""
+    step: int
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    _residuals: list[torch.Tensor] | None = None
+
+    def residuals(self) -> list[torch.Tensor]:
+        if self._residuals is None:
+            self._residuals = [o - i for i, o in zip(self.inputs, self.outputs)]
+            self.inputs = self.outputs = []  # the residual is all a skip needs: hold one tensor per stream, not two
+        return self._residuals
+
+
+@dataclass
 class GateState:
     """What one gate remembers within one cache context."""
-    prev_probe: torch.Tensor | None = None
+    prev_probe: list[torch.Tensor] | None = None
     accumulated: float = 0.0
-    history: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)  # (step, residuals), newest last
+    history: list[Computed] = field(default_factory=list)  # newest last
     cached_steps: int = 0
     continuous: int = 0
     last_stat: float | None = None
@@ -36,14 +54,37 @@ class GateState:
         self.__init__()
 
 
+def _ratio(stats: list[torch.Tensor]) -> float:
+    """Σ|cur - prev| / Σ|prev| from per-tensor [num, den] pairs, summed across ranks first;
+    the one host sync of a gated step."""
+    total = stats[0]
+    for s in stats[1:]:
+        total = total + s
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = total.clone() if len(stats) == 1 else total  # all_reduce writes in place
+        dist.all_reduce(total)
+    num, den = total.tolist()
+    return num / max(den, 1e-12)
+
+
 def rel_l1(current: list[torch.Tensor], previous: list[torch.Tensor]) -> float:
     """mean|prev - cur| / mean|prev| over all tensors, summed across ranks before dividing."""
-    num = sum((p.float() - c.float()).abs().sum() for p, c in zip(previous, current))
-    den = sum(p.float().abs().sum() for p in previous)
-    stats = torch.stack([torch.as_tensor(num, dtype=torch.float64), torch.as_tensor(den, dtype=torch.float64)])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats)
-    return float(stats[0] / stats[1].clamp_min(1e-12))
+    return _ratio([l1_change(c, p)[1] for c, p in zip(current, previous)])
+
+
+def measure(gate: CacheGate, state: GateState, env: dict) -> tuple[list[torch.Tensor] | None, float | None]:
+    """The gate's probe value for this step and its change against the remembered one (None on
+    the first step), in one fused pass per probed tensor."""
+    if gate.probe == "none":
+        return None, None
+    prev = state.prev_probe
+    values, stats = [], []
+    for k, name in enumerate(gate.probe_values):
+        base = env[gate.probe_base[k]] if gate.probe == "residual" else None
+        value, s = l1_change(env[name], prev[k] if prev is not None else None, base)
+        values.append(value)
+        stats.append(s)
+    return values, (_ratio(stats) if prev is not None else None)
 
 
 def polyval(coefficients: list[float], x: float) -> float:
@@ -74,12 +115,11 @@ def forecast(history: list[tuple[int, list[torch.Tensor]]], order: int, step: in
     return out
 
 
-def decide(gate: CacheGate, state: GateState, step: int, num_steps: int, probe: list[torch.Tensor] | None) -> Action:
-    """The gate's decision for `step`; updates the probe memory (not the residual history)."""
-    stat = None
+def decide(gate: CacheGate, state: GateState, step: int, num_steps: int,
+           probe: list[torch.Tensor] | None, stat: float | None) -> Action:
+    """The gate's decision for `step` from the probe and its measured change (see `measure`);
+    updates the probe memory (not the residual history)."""
     if probe is not None:
-        ref = state.prev_probe
-        stat = rel_l1(probe, ref) if ref is not None else None
         state.last_stat = stat
     skip_action = Action.FORECAST if gate.taylor_order > 0 and len(state.history) > 1 else Action.REUSE
 
@@ -97,7 +137,7 @@ def decide(gate: CacheGate, state: GateState, step: int, num_steps: int, probe: 
         state.accumulated += polyval(gate.rescale, stat) if gate.rescale else stat
         action = skip_action if state.accumulated < gate.threshold else Action.COMPUTE
     elif gate.strategy == "taylorseer":
-        last = state.history[-1][0]
+        last = state.history[-1].step
         action = skip_action if step - last < gate.interval else Action.COMPUTE
     else:  # scm alone: unmasked steps compute
         action = Action.COMPUTE
@@ -110,13 +150,12 @@ def decide(gate: CacheGate, state: GateState, step: int, num_steps: int, probe: 
     return action
 
 
-def record(gate: CacheGate, state: GateState, step: int, action: Action,
-           residuals: list[torch.Tensor] | None) -> None:
+def record(gate: CacheGate, state: GateState, step: int, action: Action, computed: Computed | None) -> None:
     state.decisions.append(action.value)
     if action is Action.COMPUTE:
         state.continuous = 0
         keep = max(gate.taylor_order, 0) + 1
-        state.history = (state.history + [(step, residuals)])[-keep:]
+        state.history = (state.history + [computed])[-keep:]
     else:
         state.cached_steps += 1
         state.continuous += 1
@@ -124,5 +163,6 @@ def record(gate: CacheGate, state: GateState, step: int, action: Action,
 
 def skipped_residuals(gate: CacheGate, state: GateState, step: int, action: Action) -> list[torch.Tensor]:
     if action is Action.FORECAST:
-        return forecast(state.history, min(gate.taylor_order, len(state.history) - 1), step)
-    return state.history[-1][1]
+        points = [(c.step, c.residuals()) for c in state.history]
+        return forecast(points, min(gate.taylor_order, len(state.history) - 1), step)
+    return state.history[-1].residuals()

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-from dacc.runtime.cache import Action, GateState, decide, record, skipped_residuals
+from dacc.runtime.cache import Action, Computed, GateState, decide, measure, record, skipped_residuals
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.program import ProgramRunner
@@ -57,6 +57,8 @@ class CompiledTransformer(torch.nn.Module):
         if params:
             for runner in self.programs:
                 runner.retarget(params[0].device)
+        for runner in self.programs:
+            runner.refresh_weights()
         return result
 
     @contextlib.contextmanager
@@ -112,7 +114,7 @@ class CompiledTransformer(torch.nn.Module):
 
         def run(lo: int, hi: int) -> None:
             for i in range(lo, hi):
-                outs = runner.segments[i](*[env[name] for name in specs[i].inputs])
+                outs = runner.run_segment(i, [env[name] for name in specs[i].inputs])
                 env.update(zip(specs[i].outputs, outs))
                 stats.segments_computed += 1
                 stats.flops_computed += seg_flops[i]
@@ -126,14 +128,15 @@ class CompiledTransformer(torch.nn.Module):
             if counter.fresh:
                 state.new_generation()
             run(0, gate.skip_first)
-            action = decide(gate, state, counter.step, self.manifest.num_inference_steps, self._probe(gate, env))
-            pairs = list(zip(gate.stream_in, gate.stream_out))
+            probe, stat = measure(gate, state, env)
+            action = decide(gate, state, counter.step, self.manifest.num_inference_steps, probe, stat)
             if action is Action.COMPUTE:
+                inputs = [env[i] for i in gate.stream_in]
                 run(gate.skip_first, gate.skip_last + 1)
-                record(gate, state, counter.step, action, [env[o] - env[i] for i, o in pairs])
+                record(gate, state, counter.step, action, Computed(counter.step, inputs, [env[o] for o in gate.stream_out]))
             else:
                 residuals = skipped_residuals(gate, state, counter.step, action)
-                for (i, o), r in zip(pairs, residuals):
+                for i, o, r in zip(gate.stream_in, gate.stream_out, residuals):
                     env[o] = env[i] + r
                 record(gate, state, counter.step, action, None)
                 stats.segments_reused += gate.skip_last + 1 - gate.skip_first
@@ -142,14 +145,6 @@ class CompiledTransformer(torch.nn.Module):
                 self._recorder.append((self._context, counter.step, state.last_stat, action.value,
                                        [env[o] for o in runner.output_values if isinstance(o, str)]))
         return [env[name] if isinstance(name, str) else name for name in runner.output_values]
-
-    @staticmethod
-    def _probe(gate: CacheGate, env: dict[str, Any]) -> list[torch.Tensor] | None:
-        if gate.probe == "residual":
-            return [env[v] - env[b] for v, b in zip(gate.probe_values, gate.probe_base)]
-        if gate.probe == "input":
-            return [env[v] for v in gate.probe_values]
-        return None
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:
         given = dict(flatten_with_paths(kwargs))
@@ -191,7 +186,12 @@ class CompiledTransformer(torch.nn.Module):
         if name is None or name not in self._input_paths:
             return None
         t = flat[self._input_paths.index(name)]
-        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) and t.numel() else None
+        if not isinstance(t, torch.Tensor) or not t.numel():
+            return None
+        first = t.tolist()  # one dispatch (indexing first would cost three)
+        while isinstance(first, list):
+            first = first[0]
+        return float(first)
 
     def _compile_flops(self, runner: ProgramRunner):
         """Per-segment FLOPs for the current input sizes (evaluated once per shape)."""

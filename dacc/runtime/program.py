@@ -21,19 +21,30 @@ def _segment_label(node: fx.Node) -> str | None:
     return (node.meta.get("custom") or {}).get("dacc", {}).get("segment")
 
 
-def _cut(gm: fx.GraphModule, spec: SegmentSpec, nodes: list[fx.Node]) -> fx.GraphModule:
+def _cut(gm: fx.GraphModule, spec: SegmentSpec, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[str]]:
+    """The segment as a GraphModule taking its inputs, then its weights, as arguments: weights
+    read as attributes cost several nn.Module.__getattr__ calls each, on every call."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     by_name = {n.name: n for n in gm.graph.nodes}
     for name in spec.inputs:
         env[by_name[name]] = graph.placeholder(name)
+    weights: list[str] = []
     for node in nodes:
         for inp in node.all_input_nodes:
             if inp not in env and inp.op == "get_attr":
-                env[inp] = graph.get_attr(inp.target)
+                weights.append(inp.target)
+                env[inp] = graph.placeholder(f"w_{inp.name}")
+    for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[by_name[o]] for o in spec.outputs))
-    return fx.GraphModule(gm, graph, class_name=f"Segment_{spec.name.replace('.', '_')}")
+    return fx.GraphModule(torch.nn.Module(), graph, class_name=f"Segment_{spec.name.replace('.', '_')}"), weights
+
+
+def _fetch(root: torch.nn.Module, target: str) -> torch.Tensor:
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
 
 
 def _boundaries(nodes: list[fx.Node]) -> tuple[list[str], list[str]]:
@@ -63,17 +74,28 @@ class ProgramRunner(torch.nn.Module):
                 if label not in members:
                     raise DaccError(f"graph node {node.name} has segment {label!r} unknown to the manifest", where)
                 members[label].append(node)
-        segments = []
+        segments, self._weight_targets = [], []
         for seg in spec.segments:
             found = _boundaries(members[seg.name])
             if found != (seg.inputs, seg.outputs):
                 raise DaccError(f"segment {seg.name}: graph boundaries {found} differ from the manifest", where)
-            segments.append(_cut(gm, seg, members[seg.name]))
+            module, targets = _cut(gm, seg, members[seg.name])
+            segments.append(module)
+            self._weight_targets.append(targets)
         self.segments = torch.nn.ModuleList(segments)
+        self.weights = gm  # owns the parameters and buffers (moved by .to()); segments get theirs as arguments
+        self.refresh_weights()
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self.output_values = [a.name if isinstance(a, fx.Node) else a for a in out.args[0]]
         self._symbols = {s.name: s for s in spec.symbols}
         self._accepted: set[tuple] = set()
+
+    def refresh_weights(self) -> None:
+        """Re-read each segment's weight tensors (after .to() and friends replaced them)."""
+        self._weights = [[_fetch(self.weights, t) for t in targets] for targets in self._weight_targets]
+
+    def run_segment(self, i: int, inputs: list[Any]) -> tuple:
+        return self.segments[i].forward(*inputs, *self._weights[i])
 
     def retarget(self, device: torch.device) -> None:
         """Point the graph's tensor factories (arange, to, ...) at `device`: torch.export records

@@ -136,8 +136,7 @@ def test_moving_the_artifact_moves_the_graph_constants(compiled):
         for seg in r.segments:
             for n in seg.graph.nodes:
                 assert torch.device("cpu") not in list(n.kwargs.values()) + list(n.args), n.format_node()
-    prologue = model.programs[0].segments[0]
     spec = model.programs[0].spec.segments[0]
     inputs = {k: v.to("meta") for k, v in c.file.example_inputs().items()}
-    outs = prologue(*[inputs[name] for name in spec.inputs])
+    outs = model.programs[0].run_segment(0, [inputs[name] for name in spec.inputs])
     assert all(o.device.type == "meta" for o in outs if isinstance(o, torch.Tensor))

@@ -16,9 +16,11 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from dacc.report import inspect_artifact
+    from dacc.report import inspect_artifact, write_decision_map
 
     sys.stdout.write(inspect_artifact(args.artifact))
+    if args.decision_map:
+        print(write_decision_map(args.artifact, args.decision_map))
     return 0
 
 
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the plan, programs, symbolic shapes and guards, and per-segment FLOPs "
                                    "and parameter bytes (symbolic and at the example shape).")
     i.add_argument("artifact", help="artifact directory written by `dacc compile`")
+    i.add_argument("--decision-map", metavar="PNG",
+                   help="draw step x segment: what the target_psnr search measured, else the planned schedule")
     i.set_defaults(func=_inspect)
     k = sub.add_parser("calibrate", help="fit a cache strategy's knobs on the model's sample() and print them",
                        description="Run the model file's sample(model, seed) on a few seeds under the plan's cache "

@@ -4,8 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dacc.runtime.artifact import read_manifest
+from dacc.runtime.cache import planned_actions
 from dacc.schema.expr import evaluate
-from dacc.schema.manifest import PLAN_FILE, ProgramSpec
+from dacc.schema.manifest import PLAN_FILE, CacheGate, Manifest, ProgramSpec
+
+LETTERS = {"computed": "c", "reused": "r", "forecast": "f", "dynamic": "?"}
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -51,4 +54,57 @@ def inspect_artifact(path: str | Path) -> str:
         attn = ", ".join(f"{a.node}@{a.segment}{' (cross)' if a.cross else ''}" for a in prog.attention)
         out.append(f"  attention sites ({len(prog.attention)}): {attn}")
         out.append(f"  linears: {len(prog.linears)}")
+        if prog.cache is not None:
+            out += _gate_lines(prog, m.num_inference_steps)
     return "\n".join(out) + "\n"
+
+
+def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
+    g: CacheGate = prog.cache
+    names = [s.name for s in prog.segments]
+    knobs = {"dbcache": f"threshold {g.threshold:g}", "teacache": f"threshold {g.threshold:g}",
+             "taylorseer": f"interval {g.interval}", "scm": ""}[g.strategy]
+    out = [f"  cache gate: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
+           f"({g.skip_last - g.skip_first + 1} segments), streams {', '.join(g.stream_out)}",
+           f"    probe {g.probe}{' of ' + ', '.join(g.probe_values) if g.probe != 'none' else ''}"
+           f"{'; ' + knobs if knobs else ''}; skipped steps {'forecast (order %d)' % g.taylor_order if g.taylor_order else 'reuse'}"
+           f"; warmup {g.warmup}, cooldown {g.cooldown}"
+           + (f"; at most {g.max_cached_steps} cached" if g.max_cached_steps >= 0 else "")
+           + (f", {g.max_continuous_cached_steps} in a row" if g.max_continuous_cached_steps >= 0 else "")]
+    if g.rescale:
+        out.append("    rescale polynomial " + ", ".join(f"{c:.4g}" for c in g.rescale))
+    if g.mask:
+        out.append(f"    static mask: computes {sum(g.mask)} of {len(g.mask)} steps")
+    fit = g.calibration.get("rescale_fit")
+    if fit:
+        out.append(f"    rescale fitted (degree {fit['degree']}) on {fit['points']} steps, seeds {fit['seeds']}")
+    search = g.calibration.get("search")
+    if search:
+        out.append(f"    target PSNR {search['target_psnr']:g} dB: chose cache_ratio {search['cache_ratio']:.3f}, "
+                   f"measured {search['psnr']:.2f} dB, {search['flops_speedup']:.2f}x fewer FLOPs on sample()")
+    plan = "".join(LETTERS[a] for a in planned_actions(g, steps))
+    out.append(f"    planned steps ({LETTERS['computed']} computed, {LETTERS['reused']} reused, "
+               f"{LETTERS['forecast']} forecast, ? decided by the probe): {plan}")
+    return out
+
+
+def write_decision_map(path: str | Path, out: str | Path) -> str:
+    """The artifact's step x segment map: what the compile-time search measured on sample() when
+    there was one, otherwise the planned schedule (probe-decided steps drawn as 'dynamic')."""
+    from dacc.runtime.decision_map import draw_decision_map
+
+    m: Manifest = read_manifest(Path(path))
+    maps = {}
+    for i, prog in enumerate(m.programs):
+        if prog.cache is None:
+            continue
+        measured = (prog.cache.calibration.get("search") or {}).get("decisions") or {}
+        for key, actions in measured.items():
+            if key.endswith(f"program{i}"):
+                maps[f"program{i}, {key.split('/')[0]}: measured on sample()"] = (prog, actions)
+        if not any(k.startswith(f"program{i},") for k in maps):
+            maps[f"program{i}: planned"] = (prog, planned_actions(prog.cache, m.num_inference_steps))
+    if not maps:
+        return "no cache gate in this artifact: every step computes every segment; no map written"
+    draw_decision_map(maps, out)
+    return f"decision map written to {out}"

@@ -115,22 +115,56 @@ def forecast(history: list[tuple[int, list[torch.Tensor]]], order: int, step: in
     return out
 
 
+def _skip_action(gate: CacheGate, state: GateState) -> Action:
+    return Action.FORECAST if gate.taylor_order > 0 and len(state.history) > 1 else Action.REUSE
+
+
+def _static_action(gate: CacheGate, state: GateState, step: int, num_steps: int) -> Action | None:
+    """COMPUTE when the step must compute whatever the probe says, the skip action when the static
+    mask skips it, None when the gate's own rule decides."""
+    forced = (step < gate.warmup or step >= num_steps - gate.cooldown or not state.history
+              or (gate.strategy == "teacache" and step == num_steps - 1)  # TeaCache keeps the last step
+              or (0 <= gate.max_cached_steps <= state.cached_steps)
+              or (0 <= gate.max_continuous_cached_steps <= state.continuous))
+    if forced:
+        return Action.COMPUTE
+    if gate.mask and step < len(gate.mask) and not gate.mask[step]:
+        return _skip_action(gate, state)
+    return None
+
+
+PROBE_DRIVEN = ("dbcache", "teacache")
+DYNAMIC = "dynamic"  # a planned step that the probe decides at run time
+
+
+def planned_actions(gate: CacheGate, num_steps: int) -> list[str]:
+    """Each step's action as far as it is known before running: exact for taylorseer and scm,
+    which depend on the step alone; for dbcache and teacache the steps the probe decides are
+    DYNAMIC (and planned as computed for what follows)."""
+    state = GateState()
+    for step in range(num_steps):
+        action = _static_action(gate, state, step, num_steps)
+        probed = action is None and gate.strategy in PROBE_DRIVEN
+        if action is None:
+            action = Action.COMPUTE if probed else decide(gate, state, step, num_steps, None, None)
+        record(gate, state, step, action, Computed(step, [], []) if action is Action.COMPUTE else None)
+        if probed:
+            state.decisions[-1] = DYNAMIC
+    return state.decisions
+
+
 def decide(gate: CacheGate, state: GateState, step: int, num_steps: int,
            probe: list[torch.Tensor] | None, stat: float | None) -> Action:
     """The gate's decision for `step` from the probe and its measured change (see `measure`);
     updates the probe memory (not the residual history)."""
     if probe is not None:
         state.last_stat = stat
-    skip_action = Action.FORECAST if gate.taylor_order > 0 and len(state.history) > 1 else Action.REUSE
-
-    forced = (step < gate.warmup or step >= num_steps - gate.cooldown or not state.history
-              or (gate.strategy == "teacache" and step == num_steps - 1)  # TeaCache keeps the last step
-              or (0 <= gate.max_cached_steps <= state.cached_steps)
-              or (0 <= gate.max_continuous_cached_steps <= state.continuous))
-    if gate.mask and step < len(gate.mask) and not gate.mask[step] and not forced:
-        return skip_action  # a statically masked step
-    if forced:
-        action = Action.COMPUTE
+    static = _static_action(gate, state, step, num_steps)
+    if static is not None and static is not Action.COMPUTE:
+        return static  # a statically masked step
+    skip_action = _skip_action(gate, state)
+    if static is Action.COMPUTE:
+        action = static
     elif gate.strategy == "dbcache":
         action = skip_action if stat is not None and stat < gate.threshold else Action.COMPUTE
     elif gate.strategy == "teacache":

@@ -7,7 +7,8 @@ from PIL import Image, ImageDraw
 
 from dacc.schema.manifest import ProgramSpec
 
-COLORS = {"computed": (31, 78, 121), "reused": (220, 220, 220), "forecast": (242, 142, 43)}
+COLORS = {"computed": (31, 78, 121), "reused": (220, 220, 220), "forecast": (242, 142, 43),
+          "dynamic": (150, 200, 150)}  # dynamic: a planned step the probe decides at run time
 CELL, ROW = 14, 8
 
 
@@ -23,9 +24,10 @@ def segment_status(program: ProgramSpec, step_actions: list[str]) -> list[list[s
 
 def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[str]]], path: str | Path) -> None:
     """`maps`: title -> (program, actions per step). Writes one panel per title, side by side."""
-    panels = []
+    panels, used = [], set()
     for title, (program, actions) in maps.items():
         rows = segment_status(program, actions)
+        used.update(status for row in rows for status in row)
         names = [s.name for s in program.segments]
         width = max(len(title) * 6 + 8, 40 + CELL * len(names))
         img = Image.new("RGB", (width, 20 + ROW * max(len(rows), 1) + 12 + 12 * len(names)), "white")
@@ -51,6 +53,8 @@ def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[str]]], path: str 
     draw = ImageDraw.Draw(total)
     lx = 4
     for name, color in COLORS.items():
+        if name not in used:
+            continue
         draw.rectangle([lx, 4, lx + 10, 14], fill=color)
         draw.text((lx + 14, 3), name, fill="black")
         lx += 14 + 7 * len(name) + 12

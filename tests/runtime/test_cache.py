@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dacc.runtime.cache import Action, Computed, GateState, decide, forecast, measure, record, rel_l1
+from dacc.runtime.cache import (Action, Computed, GateState, decide, forecast, measure, planned_actions, record,
+                                rel_l1)
 from dacc.schema.manifest import CacheGate
 
 
@@ -131,3 +132,19 @@ def test_probe_statistic_is_reduced_across_ranks(tmp_path):
     expected = sum(results[r][1] for r in range(world)) / sum(results[r][2] for r in range(world))
     assert stats[0] == stats[1]
     assert abs(stats[0] - expected) < 1e-6 * expected  # statistics are summed in fp32
+
+
+def test_planned_actions_are_exact_for_step_driven_gates():
+    """taylorseer and scm decide from the step alone: the plan equals what running decides."""
+    for g in (gate("taylorseer", probe="none", taylor_order=1, interval=3),
+              gate("scm", probe="none", mask=[True, False, False, True, True, False, True]),
+              gate("taylorseer", probe="none", taylor_order=2, interval=4, warmup=2, cooldown=1)):
+        letters = "".join(a[0] for a in planned_actions(g, 9))
+        assert letters == run(g, [None] * 9)
+
+
+def test_planned_actions_mark_probe_decided_steps_dynamic():
+    g = gate(threshold=0.1, warmup=2, cooldown=1, mask=[True, True, True, False, True, True, True, True])
+    assert planned_actions(g, 8) == ["computed", "computed", "dynamic", "reused"] + ["dynamic"] * 3 + ["computed"]
+    t = gate("teacache", probe="input", threshold=0.5)
+    assert planned_actions(t, 5) == ["computed", "dynamic", "dynamic", "dynamic", "computed"]

@@ -1,0 +1,74 @@
+"""Calibration on the trained demo model's own sample(): the target_psnr search records a result
+that a rerun of the artifact reproduces, and the fitted TeaCache polynomial predicts the output
+change of a seed it never saw better than the identity does."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dacc
+from dacc.cli import main
+from dacc.compiler.compile import compile_model
+from dacc.demo import DEMO_MODEL
+from dacc.metrics import psnr
+from dacc.models.demo import load_transformer
+from dacc.models.demo.model import sample
+from dacc.runtime.cache import polyval, rel_l1
+from dacc.runtime.decision_map import COLORS
+
+
+def _compile_demo(root, cache: str):
+    (root / "plan.yaml").write_text(f"num_inference_steps: 50\ncache: {cache}\n")
+    compile_model(DEMO_MODEL, root / "plan.yaml", root / "a.dacc", verify=False, log=lambda m: None)
+    return root / "a.dacc"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    return _compile_demo(tmp_path_factory.mktemp("search"), "{strategy: taylorseer, target_psnr: 30, options: {order: 2}}")
+
+
+def test_target_psnr_search_is_reproduced_by_the_artifact(searched):
+    model = dacc.load(searched)
+    gate = model.manifest.programs[0].cache
+    search = gate.calibration["search"]
+    assert search["psnr"] >= 30 and search["flops_speedup"] > 2 and gate.interval == search["interval"] > 1
+    eager = load_transformer()
+    measured = min(psnr(sample(model, seed), sample(eager, seed)) for seed in (0, 1))  # the search's seeds
+    assert measured >= 30
+    assert abs(measured - search["psnr"]) < 1e-3
+
+
+def test_inspect_shows_the_gate_and_draws_what_the_search_measured(searched, tmp_path, capsys):
+    png = tmp_path / "map.png"
+    assert main(["inspect", str(searched), "--decision-map", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "cache gate: taylorseer" in text and "target PSNR 30 dB: chose cache_ratio" in text
+    planned = text.split("decided by the probe): ")[1].split()[0]
+    assert len(planned) == 50 and planned[0] == "c" and "f" in planned and "?" not in planned
+    colors = set(Image.open(png).convert("RGB").getdata())
+    assert COLORS["computed"] in colors and COLORS["forecast"] in colors
+
+
+def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, capsys):
+    artifact = _compile_demo(tmp_path, "{strategy: teacache, cache_ratio: 0.3, options: {calibration_seeds: 1}}")
+    model = dacc.load(artifact)
+    gate = model.programs[0].spec.cache
+    assert gate.calibration["rescale_fit"]["seeds"] == [0] and len(gate.rescale) >= 2
+    model.programs[0].spec.cache = dataclasses.replace(gate, threshold=0.0)  # every step computes
+    model._recorder = []
+    sample(model, seed=5)
+    xs, ys, prev = [], [], None
+    for _, step, stat, _, outputs in model._recorder:
+        if stat is not None and prev is not None:
+            xs.append(stat)
+            ys.append(rel_l1(outputs, prev))
+        prev = outputs
+    xs, ys = np.array(xs), np.array(ys)
+    fitted = np.abs([polyval(gate.rescale, x) for x in xs] - ys).mean()
+    assert len(xs) == 49 and fitted < 0.5 * np.abs(xs - ys).mean()
+    assert main(["inspect", str(artifact)]) == 0
+    assert "rescale fitted" in capsys.readouterr().out

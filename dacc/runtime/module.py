@@ -61,6 +61,12 @@ class CompiledTransformer(torch.nn.Module):
             runner.refresh_weights()
         return result
 
+    def load_state_dict(self, *args: Any, **kwargs: Any):
+        result = super().load_state_dict(*args, **kwargs)
+        for runner in self.programs:  # assign=True swaps the tensors the segments were handed
+            runner.refresh_weights()
+        return result
+
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
         """Keep steps and cache state per named context (one per CFG branch)."""

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import dacc
-from common import RESULTS, compile_demo, finite
+from common import RESULTS, compile_demo, finite, generation_flops
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
@@ -67,14 +66,6 @@ def timed_generation(model, encoder, labels, steps, seed, repeats):
     return result, statistics.median(times)
 
 
-def flops_per_generation(model, encoder, labels, steps, seed) -> float:
-    if hasattr(model, "reset"):
-        model.reset()
-    with FlopCounterMode(display=False) as counter:
-        generate(model, encoder, labels, steps=steps, seed=seed)
-    return float(counter.get_total_flops())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--per-class", type=int, default=2)
@@ -88,7 +79,7 @@ def main(argv=None) -> int:
     encoder, classifier, eager = load_encoder(), load_classifier(), load_transformer()
     generate(eager, encoder, labels[:2], steps=2, seed=args.seed)  # warm-up
     ref, eager_first = timed_generation(eager, encoder, labels, args.steps, args.seed, args.repeats)
-    eager_flops = flops_per_generation(eager, encoder, labels, args.steps, args.seed)
+    eager_flops = generation_flops(eager, encoder, labels, args.steps, args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, cache in CONFIGS:
@@ -100,7 +91,7 @@ def main(argv=None) -> int:
             generate(model, encoder, labels[:2], steps=2, seed=args.seed)
             out, seconds = timed_generation(model, encoder, labels, args.steps, args.seed, args.repeats)
             stats = model.stats()
-            flops = flops_per_generation(model, encoder, labels, args.steps, args.seed)
+            flops = generation_flops(model, encoder, labels, args.steps, args.seed)
             gate = model.manifest.programs[0].cache
             rows.append({"name": name, "cache": cache, "seconds": seconds, "flops": flops,
                          "psnr": psnr(out.images, ref.images), "ssim": ssim(out.images, ref.images),

@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from dacc.compiler.compile import compile_model
 from dacc.demo import DEMO_MODEL
+from dacc.models.demo.sampler import generate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -28,3 +30,12 @@ def compile_demo(cache: dict | None, path: Path, steps: int) -> Path:
     plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "cache": cache or {"strategy": "none"}}))
     compile_model(DEMO_MODEL, plan, path, force=True, log=lambda m: None)
     return path
+
+
+def generation_flops(model, encoder, labels, steps: int, seed: int, on_step=None) -> float:
+    """Matmul FLOPs of one generation (deterministic), from a fresh cache state."""
+    if hasattr(model, "reset"):
+        model.reset()
+    with FlopCounterMode(display=False) as counter:
+        generate(model, encoder, labels, steps=steps, seed=seed, on_step=on_step)
+    return float(counter.get_total_flops())

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import dacc
-from common import RESULTS, compile_demo, finite
+from common import RESULTS, compile_demo, finite, generation_flops
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
@@ -134,13 +133,9 @@ def run(make: Callable, encoder, labels, repeats: int, seed: int):
         model = make()
         result = generate(model, encoder, labels, steps=STEPS, seed=seed, on_step=Clock())
         times.append(result.transformer_seconds)
-    if hasattr(model, "reset"):
-        model.reset()
-    else:
+    if not hasattr(model, "reset"):  # a peer's cache state is cleared by building it afresh
         model = make()
-    with FlopCounterMode(display=False) as counter:
-        generate(model, encoder, labels, steps=STEPS, seed=seed, on_step=Clock())
-    return result, statistics.median(times), float(counter.get_total_flops())
+    return result, statistics.median(times), generation_flops(model, encoder, labels, STEPS, seed, on_step=Clock())
 
 
 def main(argv=None) -> int:

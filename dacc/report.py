@@ -91,18 +91,16 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
 def write_decision_map(path: str | Path, out: str | Path) -> str:
     """The artifact's step x segment map: what the compile-time search measured on sample() when
     there was one, otherwise the planned schedule (probe-decided steps drawn as 'dynamic')."""
-    from dacc.runtime.decision_map import draw_decision_map
+    from dacc.runtime.decision_map import draw_decision_map, maps_from_decisions
 
     m: Manifest = read_manifest(Path(path))
     maps = {}
+    for prog in m.programs:  # calibration records one search for the whole artifact, on every gate
+        if prog.cache is not None:
+            measured = (prog.cache.calibration.get("search") or {}).get("decisions") or {}
+            maps.update(maps_from_decisions(m.programs, measured, ": measured on sample()"))
     for i, prog in enumerate(m.programs):
-        if prog.cache is None:
-            continue
-        measured = (prog.cache.calibration.get("search") or {}).get("decisions") or {}
-        for key, actions in measured.items():
-            if key.endswith(f"program{i}"):
-                maps[f"program{i}, {key.split('/')[0]}: measured on sample()"] = (prog, actions)
-        if not any(k.startswith(f"program{i},") for k in maps):
+        if prog.cache is not None and not any(prog is p for p, _ in maps.values()):
             maps[f"program{i}: planned"] = (prog, planned_actions(prog.cache, m.num_inference_steps))
     if not maps:
         return "no cache gate in this artifact: every step computes every segment; no map written"

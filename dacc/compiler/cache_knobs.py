@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dacc.schema.errors import DaccError
+
 # Compute/cache bins for 28 steps (compute, cache, compute, ..., compute); first and last compute.
 SCM_BINS = {
     "slow": ([8, 3, 3, 2, 1, 1], [1, 2, 2, 2, 3]),
@@ -14,8 +16,11 @@ SCM_BINS = {
     "fast": ([6, 1, 1, 1, 1, 1], [1, 3, 4, 5, 4]),
     "ultra": ([4, 1, 1, 1, 1], [2, 5, 6, 7]),
 }
-DBCACHE_THRESHOLD_PER_RATIO = 0.4  # ratio 0.2 -> 0.08 (DBCache default), 0.6 -> 0.24
-TEACACHE_THRESHOLD_PER_RATIO = 0.3  # accumulated rescaled output change: ratio 1 -> 30%
+SCM_POLICIES_BY_RATIO = ("slow", "medium", "fast", "ultra")
+THRESHOLD_PER_RATIO = {
+    "dbcache": 0.4,  # ratio 0.2 -> 0.08 (DBCache default), 0.6 -> 0.24
+    "teacache": 0.3,  # accumulated rescaled output change: ratio 1 -> 30%
+}
 TAYLORSEER_MAX_INTERVAL = 8  # at REFERENCE_STEPS steps
 REFERENCE_STEPS = 50
 
@@ -45,16 +50,11 @@ def policy_for_ratio(ratio: float) -> str | None:
     return SCM_POLICIES_BY_RATIO[min(3, int(ratio * 4 - 1e-9))]
 
 
-SCM_POLICIES_BY_RATIO = ("slow", "medium", "fast", "ultra")
-
-
 def dynamic_knobs(strategy: str, ratio: float, options: Any, steps: int) -> dict[str, Any]:
     """threshold / interval / mask for `strategy` at `ratio`, unless the options fix them."""
     knobs: dict[str, Any] = {"threshold": 0.0, "interval": 1, "mask": []}
-    if strategy == "dbcache":
-        knobs["threshold"] = options.threshold if options.threshold is not None else DBCACHE_THRESHOLD_PER_RATIO * ratio
-    elif strategy == "teacache":
-        knobs["threshold"] = options.threshold if options.threshold is not None else TEACACHE_THRESHOLD_PER_RATIO * ratio
+    if strategy in THRESHOLD_PER_RATIO:
+        knobs["threshold"] = options.threshold if options.threshold is not None else THRESHOLD_PER_RATIO[strategy] * ratio
     elif strategy == "taylorseer":
         # scaled with the step count: fewer, larger steps leave less to forecast between
         span = (TAYLORSEER_MAX_INTERVAL - 1) * min(1.0, steps / REFERENCE_STEPS)
@@ -70,7 +70,6 @@ def dynamic_knobs(strategy: str, ratio: float, options: Any, steps: int) -> dict
 def _mask(explicit: list[bool] | None, policy: str | None, steps: int) -> list[bool]:
     if explicit is not None:
         if len(explicit) != steps:
-            from dacc.schema.errors import DaccError
             raise DaccError(f"the step mask has {len(explicit)} entries for {steps} steps", "plan cache.options",
                             "give one true/false per step, or use a policy")
         mask = list(explicit)

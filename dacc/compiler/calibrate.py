@@ -77,15 +77,13 @@ def search_ratio(model, plan: Plan, sample: Callable, seeds: list[int], target: 
         raise DaccError("cache.target_psnr searches cache_ratio, but the options fix the knob it maps to",
                         "plan cache.options", "remove threshold/interval/policy from the options, or drop target_psnr")
     steps = plan.num_inference_steps
-    base = {id(r): r.spec.cache for r in model.programs if r.spec.cache is not None}
     _set_gates(model, _never_skip)
     reference, _ = run_samples(model, sample, seeds)
 
     def evaluate(ratio: float) -> dict[str, Any]:
+        # the knobs are exactly the fields _never_skip overrode, so they replace those on every call
         knobs = dynamic_knobs(plan.cache.strategy, ratio, options, steps)
-        for runner in model.programs:
-            if runner.spec.cache is not None:
-                runner.spec.cache = dataclasses.replace(base[id(runner)], **knobs)
+        _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
         start = time.perf_counter()
         outs, stats = run_samples(model, sample, seeds)
         quality = min(psnr(o, r) for o, r in zip(outs, reference))
@@ -111,9 +109,7 @@ def search_ratio(model, plan: Plan, sample: Callable, seeds: list[int], target: 
             else:
                 hi = mid
     knobs = {k: best[k] for k in ("threshold", "interval", "mask")}
-    for runner in model.programs:
-        if runner.spec.cache is not None:
-            runner.spec.cache = dataclasses.replace(base[id(runner)], **knobs)
+    _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
     log(f"chose cache_ratio {best['cache_ratio']:.3f}: PSNR {best['psnr']:.2f} dB, "
         f"{best['flops_speedup']:.2f}x fewer FLOPs")
     return {"target_psnr": target, **best}
@@ -149,9 +145,7 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
     if needs_rescale:
         rescale, fit = fit_rescale(model, sample, seeds, log)
         info["rescale_fit"] = fit
-        for runner in model.programs:
-            if runner.spec.cache is not None:
-                runner.spec.cache = dataclasses.replace(runner.spec.cache, rescale=rescale)
+        _set_gates(model, lambda gate: dataclasses.replace(gate, rescale=rescale))
     if needs_search:
         info["search"] = search_ratio(model, plan, sample, seeds[:2] or [0], target, log)
     for spec, runner in zip(manifest.programs, model.programs):

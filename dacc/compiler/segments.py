@@ -15,13 +15,13 @@ from torch.fx import Node
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec
+from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec, node_segment
 
 
 def segment_of(ir: ProgramIR, node: Node) -> str | None:
     if node.op != "call_function":
         return None
-    return ((node.meta.get("custom") or {}).get("dacc") or {}).get("segment")  # hot: read the raw annotation
+    return node_segment(node.meta)
 
 
 def _kind(name: str) -> str:

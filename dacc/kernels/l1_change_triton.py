@@ -31,12 +31,12 @@ def _l1_change_kernel(cur_ptr, base_ptr, prev_ptr, out_ptr, partial_ptr, n,
 def l1_change_triton(current: torch.Tensor, previous: torch.Tensor | None,
                      base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     cur = current.contiguous()
+    if base is None and previous is None:
+        return cur, None
     n = cur.numel()
     blocks = triton.cdiv(n, BLOCK)
     value = torch.empty_like(cur) if base is not None else cur
     partial = torch.empty((blocks, 2), dtype=torch.float32, device=cur.device) if previous is not None else cur
-    if base is None and previous is None:
-        return cur, None
     _l1_change_kernel[(blocks,)](
         cur, base.contiguous() if base is not None else cur, previous.contiguous() if previous is not None else cur,
         value, partial, n, HAS_BASE=base is not None, HAS_PREV=previous is not None, BLOCK=BLOCK)

@@ -61,8 +61,7 @@ def _ratio(stats: list[torch.Tensor]) -> float:
     for s in stats[1:]:
         total = total + s
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        total = total.clone() if len(stats) == 1 else total  # all_reduce writes in place
-        dist.all_reduce(total)
+        dist.all_reduce(total)  # in place: every stats tensor is fresh from l1_change, owned here
     num, den = total.tolist()
     return num / max(den, 1e-12)
 

@@ -22,6 +22,17 @@ def segment_status(program: ProgramSpec, step_actions: list[str]) -> list[list[s
     return rows
 
 
+def decision_key(context: str, program: int) -> str:
+    return f"{context}/program{program}"
+
+
+def maps_from_decisions(programs: list[ProgramSpec], decisions: dict[str, list[str]],
+                        note: str = "") -> dict[str, tuple[ProgramSpec, list[str]]]:
+    """`decisions` as `stats()` reports them (decision_key -> action per step) -> the `maps` of
+    draw_decision_map, titled by their key and `note`."""
+    return {key + note: (programs[int(key.rsplit("program", 1)[1])], actions) for key, actions in decisions.items()}
+
+
 def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[str]]], path: str | Path) -> None:
     """`maps`: title -> (program, actions per step). Writes one panel per title, side by side."""
     panels, used = [], set()

@@ -16,7 +16,7 @@ from dacc.runtime.program import ProgramRunner
 from dacc.runtime.steps import SegmentStats, StepCounter
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import evaluate
-from dacc.schema.manifest import WEIGHTS_FILE, CacheGate, Manifest
+from dacc.schema.manifest import WEIGHTS_FILE, Manifest
 
 try:  # a diffusers pipeline reads `transformer.config.<key>`; FrozenDict gives it attribute access
     from diffusers.configuration_utils import FrozenDict as _ConfigDict
@@ -84,13 +84,12 @@ class CompiledTransformer(torch.nn.Module):
     def stats(self, decision_map: str | Path | None = None) -> dict:
         """Counters since load or reset(); `decision_map="map.png"` also draws, for the last
         generation of each context, which segment was computed, reused or forecast at each step."""
+        from dacc.runtime.decision_map import decision_key, draw_decision_map, maps_from_decisions  # PIL: on demand
+
         out = self._stats.as_dict(self._counters)
-        out["decisions"] = {f"{ctx}/program{i}": list(s.decisions) for (ctx, i), s in self._gate_states.items()}
+        out["decisions"] = {decision_key(ctx, i): list(s.decisions) for (ctx, i), s in self._gate_states.items()}
         if decision_map is not None:
-            from dacc.runtime.decision_map import draw_decision_map
-            maps = {key: (self.manifest.programs[int(key.rsplit("program", 1)[1])], steps)
-                    for key, steps in out["decisions"].items()}
-            draw_decision_map(maps, decision_map)
+            draw_decision_map(maps_from_decisions(self.manifest.programs, out["decisions"]), decision_map)
         return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

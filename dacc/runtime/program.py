@@ -14,11 +14,7 @@ from torch.export import ExportedProgram
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import evaluate
-from dacc.schema.manifest import ProgramSpec, SegmentSpec
-
-
-def _segment_label(node: fx.Node) -> str | None:
-    return (node.meta.get("custom") or {}).get("dacc", {}).get("segment")
+from dacc.schema.manifest import ProgramSpec, SegmentSpec, node_segment
 
 
 def _cut(gm: fx.GraphModule, spec: SegmentSpec, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[str]]:
@@ -70,7 +66,7 @@ class ProgramRunner(torch.nn.Module):
         members: dict[str, list[fx.Node]] = {s.name: [] for s in spec.segments}
         for node in gm.graph.nodes:
             if node.op == "call_function":
-                label = _segment_label(node)
+                label = node_segment(node.meta)
                 if label not in members:
                     raise DaccError(f"graph node {node.name} has segment {label!r} unknown to the manifest", where)
                 members[label].append(node)

@@ -31,6 +31,12 @@ class NodeInfo:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def node_segment(meta: dict[str, Any]) -> str | None:
+    """The `segment` of a node's dacc annotation, read from `node.meta` without building a NodeInfo
+    (both the compiler's segment walks and the runtime's cut read it for every node)."""
+    return ((meta.get("custom") or {}).get("dacc") or {}).get("segment")
+
+
 @dataclass
 class InputSpec:
     """One leaf of the flattened forward kwargs."""

@@ -33,8 +33,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest set TRI
 
 @pytest.fixture
 def triton_interpreted(monkeypatch):
+    """Route l1_change to the Triton kernel and count its launches, so a test that compares it with
+    the reference cannot pass by running the reference twice."""
     pytest.importorskip("triton", reason="the test extra installs triton")
+    import dacc.kernels.l1_change_triton as kernel_module
     monkeypatch.setenv("DACC_KERNELS", "triton")
+    launches, kernel = [], kernel_module.l1_change_triton
+
+    def counted(*args, **kwargs):
+        launches.append(1)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(kernel_module, "l1_change_triton", counted)
+    return launches
 
 
 # sizes below, at, and across the kernel's block, and one that leaves a ragged last block
@@ -53,6 +63,7 @@ def test_triton_kernel_matches_the_reference(triton_interpreted, shape, dtype):
             assert stats is None
         else:
             assert torch.allclose(stats, want_stats, rtol=tol)
+    assert len(triton_interpreted) == 3
 
 
 def test_triton_kernel_reads_non_contiguous_inputs(triton_interpreted):
@@ -61,6 +72,7 @@ def test_triton_kernel_reads_non_contiguous_inputs(triton_interpreted):
     value, stats = l1_change(cur, prev, base)
     want_value, want_stats = l1_change_reference(cur, prev, base)
     assert torch.allclose(value, want_value) and torch.allclose(stats, want_stats, rtol=1e-5)
+    assert triton_interpreted == [1]
 
 
 def test_bad_shapes_and_choice_are_clear_errors(monkeypatch):

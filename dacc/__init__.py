@@ -4,11 +4,14 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load a compiled artifact as a drop-in replacement for the original transformer."""
+def load(path, trusted_keys=None):
+    """Load a compiled artifact as a drop-in replacement for the original transformer.
+
+    `trusted_keys`: public keys (hex, 32 raw bytes, or `.pub` files from `dacc keygen`); when
+    given, an artifact that is unsigned or signed by another key is refused before it is read."""
     from dacc.runtime.module import load as _load
 
-    return _load(path)
+    return _load(path, trusted_keys)
 
 
 __all__ = ["load", "__version__"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from dacc.schema.errors import DaccError
 
@@ -11,7 +13,33 @@ def _compile(args: argparse.Namespace) -> int:
     from dacc.compiler.compile import compile_model
 
     compile_model(args.model, args.plan, args.output, force=args.force, verify=not args.no_verify,
-                  log=lambda msg: print(msg, file=sys.stderr))
+                  sign_key=args.sign_key, log=lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from dacc.schema.signature import generate_keypair
+
+    private, public = generate_keypair(args.name)
+    print(f"wrote {private} (private: keep it secret, sign with --sign-key) and {public} "
+          f"(public: give it to users, load with trusted_keys=[{str(public)!r}])")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from dacc.runtime.artifact import read_manifest
+    from dacc.schema.manifest import MANIFEST, SIGNATURE
+    from dacc.schema.signature import sign_manifest
+
+    root = Path(args.artifact)
+    read_manifest(root)  # sign only an intact artifact
+    tmp = root / f".{SIGNATURE}.{os.getpid()}"
+    tmp.write_bytes(sign_manifest((root / MANIFEST).read_bytes(), args.key))
+    os.replace(tmp, root / SIGNATURE)
+    print(f"signed {root}")
     return 0
 
 
@@ -73,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (e.g. model.dacc)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact at --output")
     c.add_argument("--no-verify", action="store_true", help="skip the check of the written artifact against eager")
+    c.add_argument("--sign-key", metavar="KEY", help="sign the artifact with this ed25519 key (from `dacc keygen`)")
     c.set_defaults(func=_compile)
     i = sub.add_parser("inspect", help="show an artifact's plan, programs and segments",
                        description="Print the plan, programs, symbolic shapes and guards, and per-segment FLOPs "
@@ -81,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--decision-map", metavar="PNG",
                    help="draw step x segment: what the target_psnr search measured, else the planned schedule")
     i.set_defaults(func=_inspect)
+    g = sub.add_parser("keygen", help="write an ed25519 key pair for signing artifacts",
+                       description="Write NAME (private key, PEM, mode 0600) and NAME.pub (public key, hex). "
+                                   "Sign with `dacc compile --sign-key NAME` or `dacc sign`; users load with "
+                                   "dacc.load(path, trusted_keys=['NAME.pub']).")
+    g.add_argument("name", help="path of the private key to write; the public key goes to NAME.pub")
+    g.set_defaults(func=_keygen)
+    s = sub.add_parser("sign", help="sign an existing artifact",
+                       description="Verify ARTIFACT's hashes, then write its manifest.sig with KEY.")
+    s.add_argument("artifact", help="artifact directory written by `dacc compile`")
+    s.add_argument("--key", required=True, help="ed25519 private key from `dacc keygen`")
+    s.set_defaults(func=_sign)
     k = sub.add_parser("calibrate", help="fit a cache strategy's knobs on the model's sample() and print them",
                        description="Run the model file's sample(model, seed) on a few seeds under the plan's cache "
                                    "strategy: fit TeaCache's rescaling polynomial and, with cache.target_psnr, search "
@@ -101,8 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds through the compile's cleanup: nothing half-written is left
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return args.func(args)
     except DaccError as exc:
@@ -111,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dacc {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Writing an artifact: a directory written under a temporary name and renamed into place.
+"""Writing an artifact into the temporary directory `output.reserve` made, then into place.
 
 An interrupted or failed compile leaves nothing at the output path. Programs are saved with
 `torch.export.save` with their weights stubbed out (one element, zero strides): the real
@@ -7,9 +7,6 @@ weights live once in `weights.safetensors`, shared by every program.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,18 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from dacc.compiler.ir import ProgramIR
+from dacc.compiler.output import commit, discard, write_error
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import MANIFEST, WEIGHTS_FILE, Manifest, dump_manifest, file_sha256
-
-
-def check_output_path(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise DaccError(f"output path '{out}' already exists", str(out), "choose another -o path or pass --force")
-    if out.exists() and not (out / MANIFEST).is_file():
-        raise DaccError(f"output path '{out}' exists and is not a dacc artifact; refusing to replace it",
-                        str(out), "remove it yourself or choose another -o path")
-    if not out.parent.exists():
-        raise DaccError(f"parent directory '{out.parent}' does not exist", str(out), "create it first")
+from dacc.schema.manifest import INCOMPLETE, MANIFEST, SIGNATURE, WEIGHTS_FILE, Manifest, dump_manifest, file_sha256
+from dacc.schema.signature import sign_manifest
 
 
 def _stub(t: torch.Tensor) -> torch.Tensor:
@@ -40,18 +29,24 @@ def _stub(t: torch.Tensor) -> torch.Tensor:
 def save_program(ir: ProgramIR, path: Path) -> None:
     ep = ir.ep
     stores = (ep.state_dict, ep.constants)
-    saved = [dict(s) for s in stores]
     for store in stores:
-        for fqn, t in list(store.items()):
+        for fqn, t in store.items():
             if not isinstance(t, torch.Tensor):
                 raise DaccError(f"model constant '{fqn}' is a {type(t).__name__}, not a tensor", fqn,
                                 "keep only tensors as module attributes used in forward")
-            store[fqn] = _stub(t)
+    saved = [dict(s) for s in stores]
+    # guards code is Python source torch would exec at load; dacc checks shapes with the manifest's
+    # expression trees, and its reader refuses programs that carry any
+    guards_code, ep._guards_code = ep._guards_code, []
     try:
+        for store in stores:
+            for fqn, t in list(store.items()):
+                store[fqn] = _stub(t)
         with warnings.catch_warnings():  # the stubs are meant to share one element
             warnings.filterwarnings("ignore", message="No complete tensor found")
             torch.export.save(ep, str(path))
     finally:
+        ep._guards_code = guards_code
         for store, original in zip(stores, saved):
             store.clear()
             store.update(original)
@@ -73,34 +68,30 @@ def collect_weights(irs: list[ProgramIR]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def write_artifact(out: Path, force: bool, manifest: Manifest, irs: list[ProgramIR],
-                   texts: dict[str, str], finalize: Callable[[Path], None] | None = None) -> None:
-    """Write everything to a sibling temp dir, let `finalize` verify and calibrate it (it may update
-    `manifest`, which is then written again), then move it to `out` in one rename."""
-    check_output_path(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+def write_artifact(tmp: Path, out: Path, manifest: Manifest, irs: list[ProgramIR], texts: dict[str, str],
+                   finalize: Callable[[Path], None] | None = None, sign_key: Path | None = None) -> None:
+    """Fill the reserved temp dir `tmp`, let `finalize` verify and calibrate it (it may update
+    `manifest`, which is then written again), sign it if asked, then swap it into place at `out`.
+    Any failure or interruption removes `tmp`: nothing half-written is left or loadable."""
     try:
-        for spec, ir in zip(manifest.programs, irs):
-            save_program(ir, tmp / spec.file)
-        save_file(collect_weights(irs), str(tmp / WEIGHTS_FILE))
-        for name, text in texts.items():
-            (tmp / name).write_text(text)
-        manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(dump_manifest(manifest))
+        try:
+            for spec, ir in zip(manifest.programs, irs):
+                save_program(ir, tmp / spec.file)
+            save_file(collect_weights(irs), str(tmp / WEIGHTS_FILE))
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
+            manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.name != INCOMPLETE}
+            (tmp / MANIFEST).write_text(dump_manifest(manifest))
+        except (OSError, RuntimeError) as exc:
+            raise write_error(exc, tmp.parent) from None
         if finalize is not None:
             finalize(tmp)
             (tmp / MANIFEST).write_text(dump_manifest(manifest))
-        for path in [tmp, *tmp.iterdir()]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        if sign_key is not None:
+            (tmp / SIGNATURE).write_bytes(sign_manifest((tmp / MANIFEST).read_bytes(), sign_key))
+        commit(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 

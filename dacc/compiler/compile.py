@@ -10,7 +10,8 @@ import torch
 
 import dacc
 from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
-from dacc.compiler.artifact import check_output_path, model_config, write_artifact
+from dacc.compiler.artifact import model_config, write_artifact
+from dacc.compiler.output import check_output_path, discard, reserve
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.model_file import load_model_file
@@ -72,14 +73,30 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
 
 
 def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
-                  verify: bool = True, log: Callable[[str], None] = print,
+                  verify: bool = True, log: Callable[[str], None] = print, sign_key: str | Path | None = None,
                   on_graph: Callable[[int, int, str, str], None] | None = None) -> Manifest:
     """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass."""
     out = Path(out)
     plan = load_plan(plan_path)
     check_output_path(out, force)  # fail before minutes of tracing, not after
+    if sign_key is not None and not Path(sign_key).is_file():
+        raise DaccError(f"signing key '{sign_key}' does not exist", str(sign_key), "create one with `dacc keygen NAME`")
     mf = load_model_file(model_path)
     model = mf.build()
+    tmp = reserve(out, force, _state_bytes(model))  # a read-only or full disk fails here, before the trace
+    try:
+        return _compile_into(tmp, out, model, mf, plan, model_path, verify, log, sign_key, on_graph)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _compile_into(tmp: Path, out: Path, model: torch.nn.Module, mf, plan: Plan, model_path, verify: bool,
+                  log: Callable[[str], None], sign_key, on_graph) -> Manifest:
     examples = [mf.example_inputs()] + mf.more_example_inputs()
     log(f"tracing {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(examples)} example shape(s))")
@@ -102,10 +119,10 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
             verify_artifact(tmp, model, examples, log)
         if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
-            calibrate(manifest, load(tmp), plan, mf.sample, log)
+            calibrate(manifest, load(tmp, _allow_incomplete=True), plan, mf.sample, log)
 
-    write_artifact(out, force, manifest, irs, texts, finalize)
-    log(f"wrote {out}")
+    write_artifact(tmp, out, manifest, irs, texts, finalize, Path(sign_key) if sign_key else None)
+    log(f"wrote {out}" + (" (signed)" if sign_key else ""))
     return manifest
 
 
@@ -126,7 +143,7 @@ def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str,
     """Load what was just written with the runtime and compare it with eager on every example."""
     from dacc.runtime.module import load
 
-    compiled = load(path)
+    compiled = load(path, _allow_incomplete=True)
     for i, inputs in enumerate(examples):
         compiled.reset()  # each example is the first step of a generation: every gate computes
         ref, _ = eager_reference(model, inputs)

@@ -1,71 +1,74 @@
-"""Reading an artifact safely: schema version, manifest digest, file hashes, no pickles."""
+"""Reading an artifact safely: signature, schema version, manifest digest, plain listed files and their
+hashes; programs through the allow-listed reader in program_archive (no pickle, no code)."""
 from __future__ import annotations
 
-import json
-import zipfile
+import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file
 from torch.export import ExportedProgram
 
+from dacc.runtime.program_archive import check_program_json, deserialize_program, read_program_json
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import MANIFEST, SCHEMA_VERSION, Manifest, file_sha256, manifest_digest
-from dacc.schema.serial import from_dict
+from dacc.schema.manifest import (INCOMPLETE, MANIFEST, MAX_MANIFEST_BYTES, RECOMPILE, SIGNATURE, Manifest,
+                                  file_sha256, parse_manifest)
+from dacc.schema.signature import KeyLike, trusted_hex, verify_signature
 
-_RECOMPILE = "recompile it with `dacc compile model.py --plan plan.yaml -o OUT --force`"
+_MAX_SIG_BYTES = 4096
 
 
-def read_manifest(path: str | Path) -> Manifest:
+def read_manifest(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *,
+                  allow_incomplete: bool = False) -> Manifest:
+    """The verified manifest: signature (when keys are given) before anything is parsed, then
+    schema, digest and file names, then every file's presence, kind and sha256."""
     root = Path(path)
+    if (root / INCOMPLETE).exists() and not allow_incomplete:
+        raise DaccError(f"'{root}' is an unfinished compile (it still holds {INCOMPLETE})", str(root),
+                        "wait for the compile to finish, or compile again: the next compile removes it")
     if not root.is_dir() or not (root / MANIFEST).is_file():
         raise DaccError(f"'{root}' is not a dacc artifact (no {MANIFEST})", str(root),
                         "pass the directory written by `dacc compile`")
-    try:
-        data = json.loads((root / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DaccError(f"{MANIFEST} is not valid JSON ({exc})", str(root / MANIFEST), _RECOMPILE) from None
-    version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
-        raise DaccError(f"artifact schema version {version!r} is not supported by this dacc "
-                        f"(it reads version {SCHEMA_VERSION})", str(root / MANIFEST), _RECOMPILE)
-    if data.get("digest") != manifest_digest(data):
-        raise DaccError("the manifest was edited after compilation (its digest does not match)",
-                        str(root / MANIFEST), _RECOMPILE)
-    try:
-        manifest = from_dict(Manifest, data)
-    except ValueError as exc:
-        raise DaccError(f"malformed manifest: {exc}", str(root / MANIFEST), _RECOMPILE) from None
-    _verify_files(root, manifest)
+    raw = _read_bounded(root / MANIFEST, MAX_MANIFEST_BYTES)
+    if trusted_keys is not None:
+        sig_path = root / SIGNATURE
+        signature = _read_bounded(sig_path, _MAX_SIG_BYTES) if sig_path.is_file() else None
+        verify_signature(raw, signature, trusted_hex(trusted_keys), str(root))
+    manifest = parse_manifest(raw, str(root / MANIFEST))
+    _verify_files(root, manifest, allow_incomplete)
     return manifest
 
 
-def _verify_files(root: Path, manifest: Manifest) -> None:
-    present = {p.name for p in root.iterdir()} - {MANIFEST}
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise DaccError(f"{path.name} is larger than {limit} bytes", str(path), RECOMPILE)
+    return raw
+
+
+def _verify_files(root: Path, manifest: Manifest, allow_incomplete: bool) -> None:
+    extra = {MANIFEST, SIGNATURE} | ({INCOMPLETE} if allow_incomplete else set())
+    present = set()
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name in extra and entry.is_file(follow_symlinks=False):
+                continue
+            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                raise DaccError(f"artifact entry '{entry.name}' is a {'symlink' if entry.is_symlink() else 'directory'}; "
+                                "an artifact holds only plain files", str(root / entry.name), RECOMPILE)
+            present.add(entry.name)
     unknown = sorted(present - set(manifest.files))
     if unknown:
         raise DaccError(f"artifact contains files the manifest does not list: {', '.join(unknown)}", str(root),
-                        f"remove them or {_RECOMPILE}")
+                        f"remove them or {RECOMPILE}")
     for name, digest in sorted(manifest.files.items()):
         if name not in present:
-            raise DaccError(f"artifact file '{name}' is missing", str(root / name), _RECOMPILE)
+            raise DaccError(f"artifact file '{name}' is missing", str(root / name), RECOMPILE)
         if file_sha256(root / name) != digest:
             raise DaccError(f"artifact file '{name}' was modified or corrupted (sha256 mismatch)",
-                            str(root / name), _RECOMPILE)
-
-
-def _refuse_pickles(pt2: Path) -> None:
-    """torch.export archives may carry pickled payloads; dacc writes none and loads none."""
-    with zipfile.ZipFile(pt2) as zf:
-        for name in zf.namelist():
-            if name.endswith(("_config.json",)) and "/data/" in name:
-                config = json.loads(zf.read(name)).get("config", {})
-                if any(entry.get("use_pickle") for entry in config.values()):
-                    raise DaccError(f"'{pt2.name}' contains pickled tensors ({name})", str(pt2), _RECOMPILE)
-            elif "/sample_inputs/" in name and zf.getinfo(name).file_size > 0:
-                raise DaccError(f"'{pt2.name}' contains pickled sample inputs", str(pt2), _RECOMPILE)
-            elif "custom_obj" in name or "opaque_obj" in name:
-                raise DaccError(f"'{pt2.name}' contains custom objects", str(pt2), _RECOMPILE)
+                            str(root / name), RECOMPILE)
 
 
 def load_weights(root: Path, name: str) -> dict[str, torch.Tensor]:
@@ -74,18 +77,13 @@ def load_weights(root: Path, name: str) -> dict[str, torch.Tensor]:
 
 def load_program(root: Path, file: str, weights: dict[str, torch.Tensor],
                  shared: dict[str, torch.nn.Parameter]) -> ExportedProgram:
-    """Load one program and bind the artifact's weights; parameters are shared between programs."""
+    """Load one program by dacc's own allow-listed reader (never `torch.export.load`, which can
+    unpickle and run code) and bind the artifact's weights; parameters are shared between programs."""
     path = root / file
-    _refuse_pickles(path)
-    ep = torch.export.load(str(path))
+    data = check_program_json(read_program_json(path), str(path))
+    ep = deserialize_program(data, weights, str(path))
     for store in (ep.state_dict, ep.constants):
-        for fqn, stub in list(store.items()):
-            if fqn not in weights:
-                raise DaccError(f"weight '{fqn}' of {file} is missing from the weights file", str(root), _RECOMPILE)
-            if isinstance(stub, torch.nn.Parameter):
-                if fqn not in shared:
-                    shared[fqn] = torch.nn.Parameter(weights[fqn], requires_grad=False)
-                store[fqn] = shared[fqn]
-            else:
-                store[fqn] = weights[fqn]
+        for fqn, t in list(store.items()):
+            if isinstance(t, torch.nn.Parameter):
+                store[fqn] = shared.setdefault(fqn, t)
     return ep

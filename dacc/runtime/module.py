@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
@@ -14,9 +14,11 @@ from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.program import ProgramRunner
 from dacc.runtime.steps import SegmentStats, StepCounter
+from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import evaluate
 from dacc.schema.manifest import WEIGHTS_FILE, Manifest
+from dacc.schema.signature import KeyLike
 
 try:  # a diffusers pipeline reads `transformer.config.<key>`; FrozenDict gives it attribute access
     from diffusers.configuration_utils import FrozenDict as _ConfigDict
@@ -50,6 +52,35 @@ class CompiledTransformer(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def to(self, *args: Any, **kwargs: Any):
+        _, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        self._refuse_dtype(dtype)
+        return super().to(*args, **kwargs)
+
+    def half(self):
+        self._refuse_dtype(torch.float16)
+        return super().half()
+
+    def bfloat16(self):
+        self._refuse_dtype(torch.bfloat16)
+        return super().bfloat16()
+
+    def float(self):
+        self._refuse_dtype(torch.float32)
+        return super().float()
+
+    def double(self):
+        self._refuse_dtype(torch.float64)
+        return super().double()
+
+    def _refuse_dtype(self, dtype: torch.dtype | None) -> None:
+        """The programs were traced in one dtype (their graphs cast with it): converting the weights
+        would make every call fail inside torch, so say so now."""
+        if dtype is not None and dtype.is_floating_point and dtype != self.dtype:
+            raise DaccError(f"cannot convert a compiled transformer to {dtype}: it was compiled for "
+                            f"{self.dtype} and serves only that dtype", self.source,
+                            f"build the model in {dtype} in the model file and recompile")
 
     def _apply(self, fn, recurse: bool = True):
         result = super()._apply(fn, recurse)
@@ -100,7 +131,10 @@ class CompiledTransformer(torch.nn.Module):
         flat = self._flatten(kwargs)
         index, runner = self._select(flat)
         counter = self._counters.setdefault(self._context, StepCounter(self.manifest.num_inference_steps))
-        counter.advance(self._timestep(flat))
+        shapes = (index, *(tuple(v.shape) for v in flat if isinstance(v, torch.Tensor)))
+        # new sizes mid-generation (another resolution or batch): cached residuals no longer fit, so
+        # this call starts a new generation instead of mixing the two
+        counter.advance(self._timestep(flat), shapes)
         with torch.no_grad():
             outs = self._execute(index, runner, flat, counter)
         result = pytree.tree_unflatten(outs, self._out_specs[index])
@@ -176,15 +210,27 @@ class CompiledTransformer(torch.nn.Module):
         return flat
 
     def _select(self, flat: list[Any]) -> tuple[int, ProgramRunner]:
-        reasons = []
+        found = []
         for i, runner in enumerate(self.programs):
             why = runner.mismatch(flat)
             if why is None:
                 return i, runner
-            reasons.append(f"program {i} ({runner.describe()}): {why}")
-        shapes = ", ".join(f"{p}={tuple(v.shape)}" for p, v in zip(self._input_paths, flat) if isinstance(v, torch.Tensor))
-        raise DaccError(f"no compiled program accepts these inputs ({shapes}); " + "; ".join(reasons), self.source,
-                        "add this shape to more_example_inputs() in the model file and recompile")
+            found.append((i, runner, *why))
+        shapes = ", ".join(f"{p}={tuple(v.shape)} {dtype_text(v.dtype)}" for p, v in zip(self._input_paths, flat)
+                           if isinstance(v, torch.Tensor))
+        kinds = {kind for _, _, kind, _ in found}
+        reasons = "; ".join(f"program {i} ({r.describe()}): {why}" for i, r, _, why in found)
+        if kinds == {"dtype"}:
+            fix = (f"cast the inputs to the dtype the artifact was compiled for ({self._traced_dtypes()}); "
+                   "to run in another dtype, build the model in that dtype in the model file and recompile")
+        elif kinds & {"type", "rank"} == kinds:
+            fix = "pass the inputs with the structure of example_inputs() in the model file"
+        else:
+            fix = "add this shape to more_example_inputs() in the model file and recompile"
+        raise DaccError(f"no compiled program accepts these inputs ({shapes}); {reasons}", self.source, fix)
+
+    def _traced_dtypes(self) -> str:
+        return ", ".join(sorted({i.dtype for i in self.manifest.programs[0].inputs if i.kind == "tensor"}))
 
     def _timestep(self, flat: list[Any]) -> float | None:
         name = self.manifest.timestep_input
@@ -230,10 +276,12 @@ def _is_empty(v: Any) -> bool:
     return isinstance(v, (dict, list, tuple)) and not v
 
 
-def load(path: str | Path) -> CompiledTransformer:
-    """Load an artifact written by `dacc compile`; verifies hashes, never unpickles."""
+def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *,
+         _allow_incomplete: bool = False) -> CompiledTransformer:
+    """Load an artifact written by `dacc compile`: verifies the signature (with `trusted_keys`) and
+    hashes, reads programs by allow-list, never unpickles or runs code from the artifact."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, trusted_keys, allow_incomplete=_allow_incomplete)
     weights = load_weights(root, WEIGHTS_FILE)
     shared: dict[str, torch.nn.Parameter] = {}
     runners, out_specs = [], []

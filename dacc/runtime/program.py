@@ -83,7 +83,7 @@ class ProgramRunner(torch.nn.Module):
         self.refresh_weights()
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self.output_values = [a.name if isinstance(a, fx.Node) else a for a in out.args[0]]
-        self._symbols = {s.name: s for s in spec.symbols}
+        self._input_index = {i.path: k for k, i in enumerate(spec.inputs)}
         self._accepted: set[tuple] = set()
 
     def refresh_weights(self) -> None:
@@ -108,34 +108,41 @@ class ProgramRunner(torch.nn.Module):
                 seg.recompile()
 
     # -- input checks -----------------------------------------------------------------------
-    def mismatch(self, flat: list[Any]) -> str | None:
-        """Why this program cannot run `flat`, or None when it can."""
+    def mismatch(self, flat: list[Any]) -> tuple[str, str] | None:
+        """Why this program cannot run `flat` as (kind, reason), kind one of "type", "dtype",
+        "rank", "shape"; None when it can. Kinds and ranks are checked before sizes, so a wrong
+        rank is reported as one, not as a size out of range."""
         key = tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for v in flat)
         if key in self._accepted:
             return None
-        values: dict[str, int] = {}
-        for sym in self.spec.symbols:
-            idx = [i.path for i in self.spec.inputs].index(sym.input)
-            size = int(flat[idx].shape[sym.dim])
-            if size < sym.min or (sym.max is not None and size > sym.max):
-                return f"{sym.input} dim {sym.dim} = {size} outside [{sym.min}, {sym.max}]"
-            values[sym.name] = size
         for spec, v in zip(self.spec.inputs, flat):
             if spec.kind != "tensor":
                 continue
             if not isinstance(v, torch.Tensor):
-                return f"{spec.path} must be a tensor, got {type(v).__name__}"
+                return "type", f"{spec.path} must be a tensor, got {type(v).__name__}"
             if dtype_text(v.dtype) != spec.dtype:
-                return f"{spec.path} has dtype {v.dtype}, the artifact was compiled for {spec.dtype}"
-            if len(v.shape) != len(spec.shape):
-                return f"{spec.path} has rank {v.dim()}, expected {len(spec.shape)}"
+                return "dtype", f"{spec.path} has dtype {v.dtype}, the artifact was compiled for {spec.dtype}"
+            if v.dim() != len(spec.shape):
+                return "rank", (f"{spec.path} has {v.dim()} dims {tuple(v.shape)}, expected {len(spec.shape)} "
+                                f"[{', '.join(spec.shape)}]")
+        values: dict[str, int] = {}
+        for sym in self.spec.symbols:
+            idx = self._input_index[sym.input]
+            size = int(flat[idx].shape[sym.dim])
+            if size < sym.min or (sym.max is not None and size > sym.max):
+                bound = f"at least {sym.min}" if sym.max is None else f"in [{sym.min}, {sym.max}]"
+                return "shape", f"{sym.input} dim {sym.dim} is {size}; this program needs it {bound}"
+            values[sym.name] = size
+        for spec, v in zip(self.spec.inputs, flat):
+            if spec.kind != "tensor":
+                continue
             for d, (size, dim) in enumerate(zip(v.shape, spec.shape)):
                 want = int(dim) if dim.isdigit() else values[dim]
                 if int(size) != want:
-                    return f"{spec.path} dim {d} = {int(size)}, expected {dim} = {want}"
+                    return "shape", f"{spec.path} dim {d} = {int(size)}, expected {dim} = {want}"
         for tree, text in zip(self.spec.guards, self.spec.guard_text):
             if not evaluate(tree, values):
-                return f"shape condition {text} does not hold"
+                return "shape", f"shape condition {text} does not hold"
         self._accepted.add(key)
         return None
 

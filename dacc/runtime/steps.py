@@ -3,7 +3,8 @@
 A generation is `num_inference_steps` calls. A call whose timestep is higher than the previous
 one starts a new generation (samplers walk the timesteps downwards); a call with the same
 timestep as the previous one is another call of the same step (e.g. a second CFG branch in one
-context). Each `cache_context(name)` keeps its own count.
+context). A call with other input sizes than the generation's starts a new one: what was cached
+for the old sizes cannot serve the new. Each `cache_context(name)` keeps its own count.
 """
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ class StepCounter:
     calls: int = 0
     total_steps: int = 0
     fresh: bool = False  # this call started a new generation
+    shapes: tuple | None = None  # the program and input sizes of the current generation
 
-    def advance(self, t: float | None) -> int:
+    def advance(self, t: float | None, shapes: tuple | None = None) -> int:
         self.calls += 1
         self.fresh = False
-        if t is not None and self.last_t is not None and t == self.last_t and self.step >= 0:
+        reshaped = shapes != self.shapes
+        self.shapes = shapes
+        if not reshaped and t is not None and self.last_t is not None and t == self.last_t and self.step >= 0:
             return self.step
-        new_generation = self.step < 0 or self.step + 1 >= self.num_inference_steps or (
+        new_generation = reshaped or self.step < 0 or self.step + 1 >= self.num_inference_steps or (
             t is not None and self.last_t is not None and t > self.last_t)
         if new_generation:
             self.generation += self.step >= 0

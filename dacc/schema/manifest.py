@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dacc.schema.serial import to_dict
+from dacc.schema.errors import DaccError
+from dacc.schema.serial import from_dict, to_dict
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
 GRAPH_FILE = "graph.txt"
+SIGNATURE = "manifest.sig"  # optional ed25519 signature of manifest.json's bytes; not listed in `files`
+INCOMPLETE = "INCOMPLETE"  # present while a compile is writing: such a directory never loads
+RECOMPILE = "recompile it with `dacc compile model.py --plan plan.yaml -o OUT --force`"
+MAX_MANIFEST_BYTES = 256 << 20
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 SegmentKind = Literal["prologue", "probe", "block", "transition", "epilogue"]
 
@@ -187,3 +194,45 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def parse_manifest(raw: bytes, where: str) -> Manifest:
+    """Schema version, digest, typed fields, and file names that cannot leave the artifact."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise DaccError(f"{MANIFEST} is not valid JSON ({type(exc).__name__})", where, RECOMPILE) from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise DaccError(f"artifact schema version {repr(version)[:40]} is not supported by this dacc "
+                        f"(it reads version {SCHEMA_VERSION})", where, RECOMPILE)
+    try:
+        same = data.get("digest") == manifest_digest(data)
+    except (TypeError, ValueError, RecursionError):
+        same = False
+    if not same:
+        raise DaccError("the manifest was edited after compilation (its digest does not match)", where, RECOMPILE)
+    try:
+        manifest = from_dict(Manifest, data)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise DaccError(f"malformed manifest: {str(exc)[:300]}", where, RECOMPILE) from None
+    bad = [n for n in manifest.files if not _FILE_NAME.fullmatch(n) or n in (MANIFEST, SIGNATURE, INCOMPLETE)]
+    if bad:
+        raise DaccError(f"the manifest lists file names that are not plain names inside the artifact: "
+                        f"{', '.join(repr(b[:60]) for b in bad[:3])}", where, RECOMPILE)
+    unlisted = [p.file for p in manifest.programs if p.file not in manifest.files]
+    unlisted += [WEIGHTS_FILE] if WEIGHTS_FILE not in manifest.files else []
+    if unlisted:
+        raise DaccError(f"the manifest names files it does not list with a hash: "
+                        f"{', '.join(repr(u[:60]) for u in unlisted[:3])}", where, RECOMPILE)
+    return manifest
+
+
+def parse_manifest_file(path) -> Manifest:
+    try:
+        raw = open(path, "rb").read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise DaccError(f"cannot read {MANIFEST} ({exc.strerror})", str(path), RECOMPILE) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise DaccError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB", str(path), RECOMPILE)
+    return parse_manifest(raw, str(path))

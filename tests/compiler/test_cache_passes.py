@@ -219,3 +219,23 @@ def test_teacache_without_rescale_needs_sample(tmp_path):
     with pytest.raises(DaccError, match="teacache calibration needs the model file to define sample"):
         compile_model(model_file("flux"), plan, tmp_path / "x.dacc", log=lambda m: None)
     assert list(tmp_path.iterdir()) == [plan]
+
+
+def test_new_sizes_mid_generation_start_a_new_generation(compiled, tmp_path):
+    """A gate that skips every step it may: after two steps at one size, a call at another size
+    cannot reuse the old residual; it starts a new generation and computes, matching eager."""
+    c = compiled("flux")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"num_inference_steps: {STEPS}\ncache: {{strategy: dbcache, options: {{threshold: 100.0}}}}\n")
+    compile_model(model_file("flux"), plan, tmp_path / "a.dacc", verify=False, log=lambda m: None)
+    model = dacc.load(tmp_path / "a.dacc")
+    first, second = _steps(c.file.example_inputs(), n=3)[:2]
+    model(**first)
+    model(**second)
+    assert model.stats()["segments_reused"] > 0  # the second step did skip
+    other = c.file.more_example_inputs()[0]  # another batch and token count
+    other = {**other, "timestep": torch.full_like(other["timestep"], 0.3)}  # lower t: no new generation by time
+    with torch.no_grad():
+        ref = c.model(**other, return_dict=False)[0]
+    assert rel_err(model(**other, return_dict=False)[0], ref) < 1e-5
+    assert model.stats()["generations"] == 2

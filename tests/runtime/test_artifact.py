@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import zipfile
 
 import pytest
 import torch
@@ -83,29 +82,6 @@ def test_not_an_artifact(tmp_path):
         dacc.load(tmp_path)
 
 
-def test_pickled_payloads_are_refused_before_loading(artifact):
-    """Even with hashes recomputed, an archive that carries pickles is not loaded."""
-    pt2 = artifact / "program0.pt2"
-    rewritten = artifact / "tmp.pt2"
-    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(rewritten, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename.endswith("model_weights_config.json"):
-                config = json.loads(data)
-                first = next(iter(config["config"]))
-                config["config"][first]["use_pickle"] = True
-                data = json.dumps(config).encode()
-            dst.writestr(item, data)
-    rewritten.replace(pt2)
-    from dacc.schema.manifest import file_sha256
-    data = json.loads((artifact / "manifest.json").read_text())
-    data["files"]["program0.pt2"] = file_sha256(pt2)
-    data["digest"] = manifest_digest(data)
-    (artifact / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(DaccError, match="contains pickled tensors"):
-        dacc.load(artifact)
-
-
 def test_failed_compile_leaves_nothing(tmp_path, monkeypatch):
     """A failure after files were written (here: in verification) removes the temporary directory."""
     import dacc.compiler.compile as compile_mod
@@ -136,6 +112,6 @@ def test_force_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
     out = tmp_path / "important"
     out.mkdir()
     (out / "data.txt").write_text("keep me")
-    with pytest.raises(DaccError, match="not a dacc artifact; refusing"):
+    with pytest.raises(DaccError, match="not a dacc artifact .*; refusing"):
         compile_model(model_file("dit"), None, out, force=True, log=lambda m: None)
     assert (out / "data.txt").read_text() == "keep me"

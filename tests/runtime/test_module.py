@@ -162,3 +162,30 @@ def test_moving_the_artifact_moves_the_graph_constants(compiled):
     inputs = {k: v.to("meta") for k, v in c.file.example_inputs().items()}
     outs = model.programs[0].run_segment(0, [inputs[name] for name in spec.inputs])
     assert all(o.device.type == "meta" for o in outs if isinstance(o, torch.Tensor))
+
+
+def test_a_wrong_rank_is_reported_as_one(flux):
+    c, model = flux
+    inputs = fresh_like(c.file.example_inputs(), seed=14)
+    inputs["hidden_states"] = inputs["hidden_states"][0]  # batch dim dropped
+    with pytest.raises(DaccError, match=r"hidden_states has 2 dims .* expected 3 \[s0, s1, 16\].*"
+                                        r"Fix: pass the inputs with the structure of example_inputs"):
+        model(**inputs)
+
+
+def test_a_wrong_dtype_gets_a_dtype_fix(flux):
+    c, model = flux
+    inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in fresh_like(c.file.example_inputs(), 15).items()}
+    with pytest.raises(DaccError, match=r"compiled for f32.*Fix: cast the inputs to the dtype the artifact was "
+                                        r"compiled for \(f32"):
+        model(**inputs)
+
+
+@pytest.mark.parametrize("convert", [lambda m: m.to(torch.float64), lambda m: m.to("cpu", torch.float16),
+                                     lambda m: m.half(), lambda m: m.double(), lambda m: m.bfloat16()])
+def test_converting_the_dtype_is_refused_and_changes_nothing(compiled, convert):
+    model = dacc.load(compiled("flux").path)
+    with pytest.raises(DaccError, match="compiled for torch.float32 and serves only that dtype"):
+        convert(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.to(torch.float32) is model and model.to("cpu") is model  # same dtype or device only: fine

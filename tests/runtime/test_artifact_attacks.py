@@ -1,0 +1,190 @@
+"""A hostile artifact never runs code: each attack is built here, with the manifest's hashes and
+digest recomputed (anyone can), and loading must refuse it without the payload ever running.
+
+The payloads would create a marker file; every test checks that the file never appears."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import dacc
+from dacc.schema.errors import DaccError
+from dacc.schema.manifest import file_sha256, manifest_digest
+
+
+class _Payload:
+    """Unpickling this creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.fixture
+def artifact(compiled, tmp_path):
+    dst = tmp_path / "copy.dacc"
+    shutil.copytree(compiled("flux").path, dst)
+    return dst
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "MARKER"
+    yield path
+    assert not path.exists(), "the artifact ran code"
+
+
+def _rehash(artifact: Path, edit=None) -> None:
+    """Recompute every hash and the digest, as an attacker would; `edit(data)` changes the manifest."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    if edit:
+        edit(data)
+    data["files"] = {p.name: file_sha256(p) for p in sorted(artifact.iterdir()) if p.name != "manifest.json"}
+    data["digest"] = manifest_digest(data)
+    (artifact / "manifest.json").write_text(json.dumps(data))
+
+
+def _rewrite_archive(artifact: Path, change) -> None:
+    """Copy program0.pt2 entry by entry through `change(name, data) -> [(name, data), ...]`."""
+    pt2 = artifact / "program0.pt2"
+    out = artifact / "rewritten"
+    with zipfile.ZipFile(pt2) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            for name, data in change(item.filename, src.read(item.filename)):
+                dst.writestr(name, data)
+    out.replace(pt2)
+    _rehash(artifact)
+
+
+def _program_json(change):
+    def edit(name, data):
+        if name.endswith("models/model.json"):
+            doc = json.loads(data)
+            change(doc)
+            data = json.dumps(doc).encode()
+        return [(name, data)]
+    return edit
+
+
+def _refused(artifact, pattern):
+    with pytest.raises(DaccError, match=pattern):
+        dacc.load(artifact)
+
+
+def test_the_untouched_copy_loads(artifact):
+    assert dacc.load(artifact).manifest.programs  # the attacks below differ from it only by the payload
+
+
+@pytest.mark.parametrize("entry", ["data/weights/model.pt", "data/constants/model.pt", "extra/payload.pkl"])
+def test_a_legacy_pickle_entry_is_refused(artifact, marker, entry):
+    def add(name, data):
+        out = [(name, data)]
+        if name.endswith("archive_format"):
+            out.append((name.split("/")[0] + "/" + entry, pickle.dumps({"w": _Payload(marker)})))
+        return out
+    _rewrite_archive(artifact, add)
+    _refused(artifact, "entry of unknown kind")
+
+
+def test_pickled_sample_inputs_are_refused(artifact, marker):
+    _rewrite_archive(artifact, lambda n, d: [(n, pickle.dumps(_Payload(marker)) if n.endswith("sample_inputs/model.pt")
+                                              else d)])
+    _refused(artifact, "more than the 0 its kind allows")
+
+
+def test_a_pickle_declared_in_the_weights_config_is_refused(artifact, marker):
+    def edit(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            first = next(iter(config["config"]))
+            config["config"][first]["use_pickle"] = True
+            data = json.dumps(config).encode()
+        return [(name, data)]
+    _rewrite_archive(artifact, edit)
+    _refused(artifact, "declares pickled tensors")
+
+
+def test_the_old_archive_format_is_refused(artifact, marker):
+    pt2 = artifact / "program0.pt2"
+    with zipfile.ZipFile(pt2, "w") as zf:
+        zf.writestr("serialized_exported_program.json", b"{}")
+        zf.writestr("serialized_state_dict.pt", pickle.dumps(_Payload(marker)))
+        zf.writestr("serialized_constants.pt", pickle.dumps(_Payload(marker)))
+    _rehash(artifact)
+    _refused(artifact, "must hold one program folder|entry of unknown kind")
+
+
+def test_a_compiled_library_entry_is_refused(artifact, marker):
+    _rewrite_archive(artifact, lambda n, d: [(n, d)] + ([(n.split("/")[0] + "/data/aotinductor/model/x.so", b"\x7fELF")]
+                                                        if n.endswith("archive_format") else []))
+    _refused(artifact, "entry of unknown kind")
+
+
+def test_guards_code_is_refused(artifact, marker):
+    """torch would exec these lines when the program's module is built."""
+    _rewrite_archive(artifact, _program_json(
+        lambda doc: doc.__setitem__("guards_code", [f"open({str(marker)!r}, 'w').write('pwned') or True"])))
+    _refused(artifact, "carries guards code")
+
+
+def test_a_node_calling_python_is_refused(artifact, marker):
+    """torch resolves node targets by getattr on the torch module: torch.os.system is reachable."""
+    def change(doc):
+        node = next(n for n in doc["graph_module"]["graph"]["nodes"] if n["target"] == "torch.ops.aten.add.Tensor")
+        node["target"] = "torch.os.system"
+    _rewrite_archive(artifact, _program_json(change))
+    _refused(artifact, "calls 'torch.os.system', which is not an operator dacc loads")
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os').system('touch MARKER')",
+    "Symbol('s0').__class__",
+    "Pow(Integer(10), Pow(Integer(10), Integer(12)))",  # a power that would never finish
+    "Integer(" + "9" * 200 + ")",
+])
+def test_symbolic_text_outside_the_grammar_is_refused(artifact, marker, expr):
+    """torch parses symbolic sizes with sympify, which evaluates its text."""
+    def change(doc):
+        stack = [doc]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                if "expr_str" in item:
+                    item["expr_str"] = expr.replace("MARKER", str(marker))
+                    return
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        raise AssertionError("no symbolic size in the program")
+    _rewrite_archive(artifact, _program_json(change))
+    _refused(artifact, "symbolic size .* (has an unexpected character|is not allowed)")
+
+
+@pytest.mark.parametrize("name", ["../../elsewhere/x.pt2", "/etc/passwd", "sub/program0.pt2", ".."])
+def test_program_paths_cannot_leave_the_artifact(artifact, tmp_path, name):
+    def edit(data):
+        data["programs"][0]["file"] = name
+    _rehash(artifact, edit)
+    _refused(artifact, "does not list with a hash")
+    # listing the outside file as well does not help: names in `files` are plain names
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["files"][name] = "0" * 64
+    data["digest"] = manifest_digest(data)
+    (artifact / "manifest.json").write_text(json.dumps(data))
+    _refused(artifact, "not plain names inside the artifact")
+
+
+def test_a_symlink_inside_the_artifact_is_refused(artifact, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    (artifact / "graph.txt").unlink()
+    (artifact / "graph.txt").symlink_to(outside)
+    _rehash(artifact)
+    _refused(artifact, "'graph.txt' is a symlink")

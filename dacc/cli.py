@@ -46,7 +46,7 @@ def _sign(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from dacc.report import inspect_artifact, write_decision_map
 
-    sys.stdout.write(inspect_artifact(args.artifact))
+    sys.stdout.write(inspect_artifact(args.artifact, args.trusted_key))
     if args.decision_map:
         print(write_decision_map(args.artifact, args.decision_map))
     return 0
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print the plan, programs, symbolic shapes and guards, and per-segment FLOPs "
                                    "and parameter bytes (symbolic and at the example shape).")
     i.add_argument("artifact", help="artifact directory written by `dacc compile`")
+    i.add_argument("--trusted-key", action="append", metavar="KEY.pub",
+                   help="refuse the artifact unless signed by this public key (repeatable)")
     i.add_argument("--decision-map", metavar="PNG",
                    help="draw step x segment: what the target_psnr search measured, else the planned schedule")
     i.set_defaults(func=_inspect)

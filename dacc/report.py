@@ -1,12 +1,14 @@
 """`dacc inspect`: what an artifact holds, readable by a person or diffable by CI."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
 from dacc.schema.expr import evaluate
-from dacc.schema.manifest import PLAN_FILE, CacheGate, Manifest, ProgramSpec
+from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, Manifest, ProgramSpec
+from dacc.schema.signature import fingerprint
 
 LETTERS = {"computed": "c", "reused": "r", "forecast": "f", "dynamic": "?"}
 
@@ -22,10 +24,22 @@ def example_symbols(program: ProgramSpec) -> dict[str, int]:
     return {s.name: program.example_shapes[s.input][s.dim] for s in program.symbols}
 
 
-def inspect_artifact(path: str | Path) -> str:
+def _signature_line(root: Path, trusted_keys) -> str:
+    if not (root / SIGNATURE).is_file():
+        return "signature none (sign with `dacc sign` or `dacc compile --sign-key`)"
+    try:
+        signer = fingerprint(json.loads((root / SIGNATURE).read_text())["public_key"])
+    except (ValueError, KeyError, TypeError):
+        return "signature malformed"
+    if trusted_keys:  # read_manifest has verified it
+        return f"signature {signer}, verified against the trusted key(s)"
+    return f"signature {signer}, not verified (pass --trusted-key KEY.pub)"
+
+
+def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     root = Path(path)
-    m = read_manifest(root)
-    out = [f"artifact  {root}",
+    m = read_manifest(root, trusted_keys or None)
+    out = [f"artifact  {root}", _signature_line(root, trusted_keys),
            f"versions  dacc {m.dacc_version}, torch {m.torch_version}, diffusers {m.diffusers_version}",
            f"model     {m.model_class} (config sha256 {m.config_hash[:12]})",
            f"steps     {m.num_inference_steps} per generation, timestep input: {m.timestep_input}",

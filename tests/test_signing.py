@@ -77,3 +77,14 @@ def test_compile_signs_with_sign_key(keys, tmp_path):
 def test_a_bad_trusted_key_is_a_clear_error(signed):
     with pytest.raises(DaccError, match="neither a 64-digit hex key nor a readable .pub file"):
         dacc.load(signed, trusted_keys=["not-a-key"])
+
+
+def test_inspect_shows_and_verifies_the_signature(signed, compiled, keys, capsys):
+    assert main(["inspect", str(signed)]) == 0
+    assert "not verified (pass --trusted-key" in capsys.readouterr().out
+    assert main(["inspect", str(signed), "--trusted-key", str(keys / "alice.pub")]) == 0
+    assert "verified against the trusted key" in capsys.readouterr().out
+    assert main(["inspect", str(signed), "--trusted-key", str(keys / "mallory.pub")]) == 2
+    assert "not a trusted key" in capsys.readouterr().err
+    assert main(["inspect", str(compiled("dit").path)]) == 0
+    assert "signature none" in capsys.readouterr().out

@@ -188,3 +188,38 @@ def test_a_symlink_inside_the_artifact_is_refused(artifact, tmp_path):
     (artifact / "graph.txt").symlink_to(outside)
     _rehash(artifact)
     _refused(artifact, "'graph.txt' is a symlink")
+
+
+def test_the_attacks_are_real_under_torch_export_load(artifact, compiled, tmp_path):
+    """The same crafted archives run their payload when read the way dacc no longer reads them."""
+    import io
+
+    import torch
+
+    marker = tmp_path / "RAN"
+    inputs = {**compiled("flux").file.example_inputs(), "return_dict": False}
+    samples = io.BytesIO()
+    torch.save(((), inputs), samples)  # plain tensors: torch reads them with weights_only=True
+
+    def guards_and_samples(name, data):
+        if name.endswith("sample_inputs/model.pt"):
+            data = samples.getvalue()
+        return _program_json(lambda doc: doc.__setitem__(
+            "guards_code", [f"open({str(marker)!r}, 'w').write('x') > 0"]))(name, data)
+    _rewrite_archive(artifact, guards_and_samples)
+    module = torch.export.load(artifact / "program0.pt2").module()  # builds the guards function
+    try:
+        module(**inputs)
+    except Exception:
+        pass  # the stubbed weights may fail the call; the guards ran first
+    assert marker.exists()
+    marker.unlink()
+    _rewrite_archive(artifact, lambda n, d: [(n, pickle.dumps(_Payload(marker)) if n.endswith("sample_inputs/model.pt")
+                                              else d)])
+    try:
+        torch.export.load(artifact / "program0.pt2")
+    except Exception:
+        pass  # the payload runs while unpickling; what torch does with its result does not matter
+    assert marker.exists()
+    with pytest.raises(DaccError):
+        dacc.load(artifact)

@@ -7,7 +7,6 @@ Values read by several blocks (timestep embedding, rotary tables) are context, n
 """
 from __future__ import annotations
 
-import networkx as nx
 import sympy
 import torch
 from torch.fx import Node
@@ -86,23 +85,6 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes)))
         block_index += kind == "block"
     return specs
-
-
-def segment_graph(ir: ProgramIR) -> nx.DiGraph:
-    """Segments as nodes (in execution order), an edge u -> v for every value v reads from u."""
-    g = nx.DiGraph()
-    order = []
-    for node in ir.compute_nodes():
-        seg = segment_of(ir, node)
-        if seg not in g:
-            g.add_node(seg, position=len(order))
-            order.append(seg)
-        for inp in node.all_input_nodes:
-            src = segment_of(ir, inp)
-            if src is not None and src != seg:
-                g.add_edge(src, seg)
-                g.edges[src, seg].setdefault("values", set()).add(inp.name)
-    return g
 
 
 def sites(ir: ProgramIR) -> tuple[list[AttentionSite], list[LinearSite]]:

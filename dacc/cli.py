@@ -36,9 +36,13 @@ def _sign(args: argparse.Namespace) -> int:
 
     root = Path(args.artifact)
     read_manifest(root)  # sign only an intact artifact
-    tmp = root / f".{SIGNATURE}.{os.getpid()}"
-    tmp.write_bytes(sign_manifest((root / MANIFEST).read_bytes(), args.key))
-    os.replace(tmp, root / SIGNATURE)
+    signature = sign_manifest((root / MANIFEST).read_bytes(), args.key)
+    tmp = root / f".{SIGNATURE}.{os.getpid()}"  # written whole, then renamed: never a torn signature
+    try:
+        tmp.write_bytes(signature)
+        os.replace(tmp, root / SIGNATURE)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"signed {root}")
     return 0
 

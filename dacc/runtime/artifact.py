@@ -11,6 +11,7 @@ from torch.export import ExportedProgram
 
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import MANIFEST, SCHEMA_VERSION, Manifest, file_sha256, manifest_digest
+from dacc.schema.manifest import validate_manifest_trees
 from dacc.schema.serial import from_dict
 
 _RECOMPILE = "recompile it with `dacc compile model.py --plan plan.yaml -o OUT --force`"
@@ -23,7 +24,7 @@ def read_manifest(path: str | Path) -> Manifest:
                         "pass the directory written by `dacc compile`")
     try:
         data = json.loads((root / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise DaccError(f"{MANIFEST} is not valid JSON ({exc})", str(root / MANIFEST), _RECOMPILE) from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
@@ -36,6 +37,7 @@ def read_manifest(path: str | Path) -> Manifest:
         manifest = from_dict(Manifest, data)
     except ValueError as exc:
         raise DaccError(f"malformed manifest: {exc}", str(root / MANIFEST), _RECOMPILE) from None
+    validate_manifest_trees(manifest, str(root / MANIFEST))  # untrusted expression trees: checked once, here
     _verify_files(root, manifest)
     return manifest
 

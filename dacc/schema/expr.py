@@ -96,8 +96,8 @@ OPS: dict[str, Op] = {
     "pow": Op(2, 2, NUMBER, NUMBER, _pow),
     "floordiv": Op(2, 2, NUMBER, NUMBER, lambda a, b: a // _nonzero(b)),
     "mod": Op(2, 2, NUMBER, NUMBER, lambda a, b: a % _nonzero(b)),
-    "max": Op(1, None, NUMBER, NUMBER, max),
-    "min": Op(1, None, NUMBER, NUMBER, min),
+    "max": Op(1, None, NUMBER, NUMBER, lambda *a: max(a)),  # max(a) not max(*a): one argument is valid
+    "min": Op(1, None, NUMBER, NUMBER, lambda *a: min(a)),
     "eq": Op(2, 2, "same", BOOL, lambda a, b: a == b),
     "ne": Op(2, 2, "same", BOOL, lambda a, b: a != b),
     "lt": Op(2, 2, NUMBER, BOOL, lambda a, b: a < b),

@@ -47,12 +47,6 @@ def _num(x: Any) -> Any:
     return x
 
 
-def _bool(x: Any) -> bool:
-    if not isinstance(x, bool):
-        raise _Bad(f"expected a bool, got {_short(x)}")
-    return x
-
-
 def _nonzero(b: Any) -> Any:
     if b == 0:
         raise _Bad("division by zero")
@@ -146,6 +140,8 @@ class _Walk:
             return value if self.env is not None else NUMBER
         if not isinstance(tree, (list, tuple)) or not tree or not isinstance(tree[0], str):
             raise _Bad(f"expected a number, a bool or [op, ...], got {_short(tree)}", path)
+        if len(tree) > MAX_NODES:  # before slicing a hostile million-element list
+            raise _Bad(f"more than {MAX_NODES} nodes", path)
         op, args = tree[0], tree[1:]
         if op == "sym":
             return self._symbol(args, path)
@@ -155,8 +151,6 @@ class _Walk:
         if len(args) < spec.min_args or (spec.max_args is not None and len(args) > spec.max_args):
             want = spec.min_args if spec.max_args == spec.min_args else f"at least {spec.min_args}"
             raise _Bad(f"'{op}' takes {want} argument(s), got {len(args)}", path)
-        if len(args) > MAX_NODES:
-            raise _Bad(f"more than {MAX_NODES} nodes", path)
         if self.env is None and op in ("pow", "floatpow"):
             self._literal_exponent(op, args[1], f"{path}[2]")
         values = [self.visit(a, depth + 1, f"{path}[{i + 1}]") for i, a in enumerate(args)]
@@ -193,7 +187,7 @@ class _Walk:
         ok = (isinstance(e, int) and not isinstance(e, bool) and 0 <= e <= MAX_EXPONENT) if op == "pow" else (
             isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and abs(e) <= MAX_EXPONENT)
         if not ok:
-            kind = "a literal integer in [0," if op == "pow" else "a literal number in [-64,"
+            kind = "a literal integer in [0," if op == "pow" else f"a literal number in [-{MAX_EXPONENT},"
             raise _Bad(f"the exponent of '{op}' must be {kind} {MAX_EXPONENT}], got {_short(e)}", path)
 
 

@@ -20,6 +20,8 @@ from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
 from dacc.models.demo.sampler import Generation, generate
+from dacc.schema.plan import parse_plan
+from dacc.schema.plan_yaml import read_plan_data
 
 DEMO_MODEL = Path(__file__).parent / "models" / "demo" / "model.py"
 RECOMMENDED_PLAN = DEMO_MODEL.with_name("plan.yaml")
@@ -63,8 +65,11 @@ def run_demo(out_dir: str | Path = "demo_out", plan: str | Path | None = None, p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     artifact = out / "demo.dacc"
-    resolved = yaml.safe_load(Path(plan or RECOMMENDED_PLAN).read_text()) or {}
-    resolved["num_inference_steps"] = steps  # the plan counts steps per generation
+    plan_path = Path(plan or RECOMMENDED_PLAN)
+    data, _ = read_plan_data(plan_path)  # the safe reader: a user's plan file is untrusted input
+    if not isinstance(data, (dict, type(None))):
+        parse_plan(data, str(plan_path))  # raises the plan reader's error for a non-mapping plan
+    resolved = {**(data or {}), "num_inference_steps": steps}  # the plan counts steps per generation
     (out / "plan.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     compile_model(DEMO_MODEL, out / "plan.yaml", artifact, force=True, log=lambda m: log(f"  {m}"))
     eager, compiled, encoder = load_transformer(), dacc.load(artifact), load_encoder()

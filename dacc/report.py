@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
-from dacc.schema.expr import evaluate
+from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, Manifest, ProgramSpec
 from dacc.schema.signature import fingerprint
 
@@ -56,7 +56,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
         rows = [("segment", "kind", "nodes", "streams", "FLOPs (symbolic)", "FLOPs @ example", "params")]
         total_flops = total_bytes = 0
         for seg in prog.segments:
-            flops = float(evaluate(seg.flops_tree, env))
+            flops = float(evaluate(seg.flops_tree, env, f"FLOPs of {seg.name}", NUMBER))
             total_flops += flops
             total_bytes += seg.param_bytes
             rows.append((seg.name, seg.kind, str(seg.num_nodes), str(len(seg.stream_outputs)), seg.flops,

@@ -16,7 +16,7 @@ from dacc.runtime.program import ProgramRunner
 from dacc.runtime.steps import SegmentStats, StepCounter
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
-from dacc.schema.expr import evaluate
+from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import WEIGHTS_FILE, Manifest
 from dacc.schema.signature import KeyLike
 
@@ -254,7 +254,7 @@ class CompiledTransformer(torch.nn.Module):
             key = tuple(int(flat[i].shape[d]) for i, d in where)
             if key not in cache:
                 env = dict(zip(names, key))
-                cache[key] = [float(evaluate(s.flops_tree, env)) for s in runner.spec.segments]
+                cache[key] = [float(evaluate(s.flops_tree, env, f"FLOPs of {s.name}", NUMBER)) for s in runner.spec.segments]
             return cache[key]
         return evaluate_flops
 

@@ -13,7 +13,7 @@ from torch.export import ExportedProgram
 
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
-from dacc.schema.expr import evaluate
+from dacc.schema.expr import BOOL, evaluate
 from dacc.schema.manifest import ProgramSpec, SegmentSpec, node_segment
 
 
@@ -141,7 +141,11 @@ class ProgramRunner(torch.nn.Module):
                 if int(size) != want:
                     return "shape", f"{spec.path} dim {d} = {int(size)}, expected {dim} = {want}"
         for tree, text in zip(self.spec.guards, self.spec.guard_text):
-            if not evaluate(tree, values):
+            try:
+                holds = evaluate(tree, values, f"shape condition {text}", BOOL)
+            except DaccError as exc:  # e.g. a division by a size that is 0 here: not this program's shapes
+                return "shape", exc.what
+            if not holds:
                 return "shape", f"shape condition {text} does not hold"
         self._accepted.add(key)
         return None

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dacc.schema.errors import DaccError
+from dacc.schema.errors import DaccError, short_repr
+from dacc.schema.expr import BOOL, NUMBER, validate
 from dacc.schema.serial import from_dict, to_dict
 
 SCHEMA_VERSION = 1
@@ -225,6 +226,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     if unlisted:
         raise DaccError(f"the manifest names files it does not list with a hash: "
                         f"{', '.join(repr(u[:60]) for u in unlisted[:3])}", where, RECOMPILE)
+    validate_manifest_trees(manifest, where)  # untrusted expression trees: checked once, here
     return manifest
 
 
@@ -236,3 +238,40 @@ def parse_manifest_file(path) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise DaccError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB", str(path), RECOMPILE)
     return parse_manifest(raw, str(path))
+
+
+def validate_manifest_trees(manifest: Manifest, where: str) -> None:
+    """Refuse, at load, a manifest whose expressions the runtime could not evaluate safely: every
+    guard must be a bool tree and every segment's FLOPs a number tree over the program's own
+    symbols, and every symbol must name a dimension the runtime can read it from. After this,
+    evaluating them (ProgramRunner.mismatch, FLOPs counting, `dacc inspect`) is bounded and
+    fails, if at all, only with a DaccError about the input sizes."""
+    fix = RECOMPILE
+    for i, prog in enumerate(manifest.programs):
+        _check_symbols(prog, f"programs[{i}]", where, fix)
+        names = {s.name for s in prog.symbols}
+        if len(prog.guards) != len(prog.guard_text):  # the runtime zips them: a guard without text would go unchecked
+            raise DaccError(f"programs[{i}] has {len(prog.guards)} guards but {len(prog.guard_text)} guard texts",
+                            where, fix)
+        for j, tree in enumerate(prog.guards):
+            validate(tree, names, f"programs[{i}].guards[{j}]", BOOL, where)
+        for k, seg in enumerate(prog.segments):
+            validate(seg.flops_tree, names, f"programs[{i}].segments[{k}].flops_tree", NUMBER, where)
+
+
+def _check_symbols(prog: ProgramSpec, what: str, where: str, fix: str) -> None:
+    """Symbols are bound from input dimensions (runtime) and example shapes (`dacc inspect`)."""
+    tensors = {i.path: i for i in prog.inputs if i.kind == "tensor"}
+    names = [s.name for s in prog.symbols]
+    if len(set(names)) != len(names):
+        raise DaccError(f"{what} declares a symbol twice: {short_repr(names)}", where, fix)
+    for s in prog.symbols:
+        spec, example = tensors.get(s.input), prog.example_shapes.get(s.input)
+        if spec is None or example is None or not 0 <= s.dim < min(len(spec.shape), len(example)):
+            raise DaccError(f"{what}: symbol {short_repr(s.name)} reads dimension {s.dim} of "
+                            f"{short_repr(s.input)}, which is not a tensor input of that rank", where, fix)
+    for spec in tensors.values():
+        for dim in spec.shape:
+            if not (dim.isascii() and dim.isdigit() and len(dim) < 19) and dim not in names:
+                raise DaccError(f"{what}: input {short_repr(spec.path)} has dimension {short_repr(dim)}, "
+                                "neither a size nor a declared symbol", where, fix)

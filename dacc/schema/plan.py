@@ -1,13 +1,15 @@
 """The plan file (`plan.yaml`): what the user asks the compiler to do.
 
-The schema is strict (unknown keys are errors) and every error names the file, the key
-and the allowed values. Later capabilities extend these sections; they never rename them.
+The schema is strict (unknown keys are errors, a bool is not a number, a number is not a string;
+an integer is accepted where a number is) and every error names the file, the key (with its line
+when read from a file) and the allowed values. Settings that cannot both take effect are
+conflicts (plan_checks.py); the YAML itself is read with size, depth, alias and duplicate-key
+limits (plan_yaml.py). Later capabilities extend these sections; they never rename them.
 Values that are spelled here but not yet implemented are rejected by validation with the
 list of what is available, so a plan never silently means less than it says.
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dacc.schema.errors import DaccError
+from dacc.schema.plan_checks import Lines, conflicts, describe_all, where
+from dacc.schema.plan_yaml import read_plan_data
 
 CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
@@ -22,7 +26,8 @@ QUANTIZE_MODES = ("none",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no coercion (True is not 1, "5" is not 5; an int is still a valid float); finite numbers only
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class CachePlan(_Strict):
@@ -54,7 +59,8 @@ class DBCacheOptions(_StepMaskOptions, _StepLimits):
 
 class TeaCacheOptions(_StepMaskOptions, _StepLimits):
     threshold: float | None = Field(None, ge=0.0)
-    rescale: list[float] | None = None  # polynomial coefficients; None = calibrate on sample()
+    # polynomial coefficients, highest degree first; None = calibrate on sample()
+    rescale: list[float] | None = Field(None, min_length=1, max_length=16)
     calibration_seeds: int = Field(2, ge=1, le=64)
 
 
@@ -75,7 +81,7 @@ CACHE_OPTIONS: dict[str, type[BaseModel]] = {"none": _Strict, "dbcache": DBCache
 
 
 def cache_options(plan: "Plan") -> BaseModel:
-    """The validated options of the plan's cache strategy."""
+    """The validated options of the plan's cache strategy (parse_plan has checked them)."""
     return CACHE_OPTIONS[plan.cache.strategy].model_validate(plan.cache.options)
 
 
@@ -103,32 +109,14 @@ class Plan(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names valid at `loc` (the parent of the offending key)."""
-    for key in loc:
-        field = model.model_fields.get(str(key))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+def _invalid(errors: list[dict], what: str, root: type[BaseModel], prefix: tuple, lines: Lines | None,
+             source: str, fix: str) -> DaccError:
+    text, at = describe_all(errors, root, prefix, lines, source)
+    return DaccError(f"{what}: {text}", at, fix)
 
 
-def _describe(err: dict, source: str, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
-    loc = prefix + tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "<top level>"
-    if err["type"] == "extra_forbidden":
-        allowed = list(model.model_fields) if model is not None else _allowed_keys(Plan, loc[:-1])
-        lowered = {a.lower(): a for a in allowed}
-        close = difflib.get_close_matches(str(loc[-1]).lower(), list(lowered), n=1)
-        hint = f" (did you mean '{lowered[close[0]]}'?)" if close else ""
-        return f"{source}: unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed) or '(none)'}"
-    if err["type"] == "literal_error":
-        return f"{source}: key '{key}' = {err.get('input')!r} is not allowed; {err['msg'].lower()}"
-    return f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})"
-
-
-def parse_plan(data: Any, source: str = "<plan>") -> Plan:
+def parse_plan(data: Any, source: str = "<plan>", lines: Lines | None = None) -> Plan:
+    """Validate plan data (from `plan_yaml` or built in Python); `lines` maps key paths to lines."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -137,21 +125,21 @@ def parse_plan(data: Any, source: str = "<plan>") -> Plan:
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e, source) for e in exc.errors()]
-        raise DaccError("invalid plan: " + "; ".join(lines), source,
-                        "correct the key(s) above; see README.md 'Plan file' for every key") from None
+        raise _invalid(exc.errors(), "invalid plan", Plan, (), lines, source,
+                       "correct the key(s) above; see README.md 'Plan file' for every key") from None
     c = plan.cache
+    model = CACHE_OPTIONS[c.strategy]
     try:
-        cache_options(plan)
+        options = model.model_validate(c.options)
     except ValidationError as exc:
-        model = CACHE_OPTIONS[c.strategy]
-        lines = [_describe(e, source, ("cache", "options"), model) for e in exc.errors()]
-        raise DaccError(f"invalid options for cache strategy '{c.strategy}': " + "; ".join(lines), source,
-                        "see README.md 'Cache strategies' for each strategy's options") from None
-    if c.warmup + c.cooldown > plan.num_inference_steps:
-        raise DaccError(f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
-                        f"num_inference_steps ({plan.num_inference_steps})", source,
-                        "lower warmup/cooldown or raise num_inference_steps")
+        raise _invalid(exc.errors(), f"invalid options for cache strategy '{c.strategy}'", model,
+                       ("cache", "options"), lines, source,
+                       "see README.md 'Cache strategies' for each strategy's options") from None
+    found = conflicts(plan, options)
+    if found:
+        raise DaccError("conflicting plan settings: " + "; ".join(why for _, why in found),
+                        where(source, lines, found[0][0]),
+                        "change the settings as each item above says; see README.md 'Plan file'")
     return plan
 
 
@@ -159,14 +147,5 @@ def load_plan(path: str | Path | None) -> Plan:
     """Read and validate a plan file; `None` gives the empty (default) plan."""
     if path is None:
         return Plan()
-    path = Path(path)
-    if not path.is_file():
-        raise DaccError(f"plan file '{path}' does not exist", str(path), "pass an existing YAML file to --plan")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise DaccError(f"plan file is not valid YAML ({getattr(exc, 'problem', exc)})", where,
-                        "fix the YAML syntax at that line") from None
-    return parse_plan(data, str(path))
+    data, lines = read_plan_data(path)
+    return parse_plan(data, str(path), lines)

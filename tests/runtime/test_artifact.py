@@ -77,6 +77,17 @@ def test_incompatible_schema_version_is_refused(artifact):
         dacc.load(artifact)
 
 
+def test_a_hostile_expression_tree_is_refused_at_load(artifact):
+    """A guard that would take hours to evaluate (10 ** 10**12), digest recomputed to match."""
+    data = json.loads((artifact / "manifest.json").read_text())
+    data["programs"][0]["guards"].append(["pow", 10, ["pow", 10, 12]])
+    data["programs"][0]["guard_text"].append("10**(10**12)")
+    data["digest"] = manifest_digest(data)
+    (artifact / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DaccError, match=r"invalid expression tree in programs\[0\]\.guards\[\d+\]: the exponent"):
+        dacc.load(artifact)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(DaccError, match="not a dacc artifact"):
         dacc.load(tmp_path)

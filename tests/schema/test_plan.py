@@ -14,7 +14,7 @@ def test_defaults_are_the_empty_plan():
 
 def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "plan.yaml"
-    path.write_text("num_inference_steps: 28\ncache: {strategy: none, warmup: 2, cooldown: 1}\n")
+    path.write_text("num_inference_steps: 28\ncache: {strategy: dbcache, warmup: 2, cooldown: 1}\n")
     plan = load_plan(path)
     assert plan.num_inference_steps == 28 and plan.cache.warmup == 2
     (tmp_path / "again.yaml").write_text(plan.to_yaml())
@@ -28,7 +28,7 @@ def test_round_trip_through_yaml(tmp_path):
     ({"cache": {"cache_ratio": 1.5}}, ["cache.cache_ratio", "less than or equal to 1"]),
     ({"num_inference_steps": "many"}, ["num_inference_steps", "valid integer"]),
     ({"parallel": {"ulysses": 3}}, ["parallel.ulysses", "1"]),
-    ({"cache": {"warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
+    ({"cache": {"strategy": "scm", "warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
     ([1, 2], ["must be a mapping"]),
 ])
 def test_bad_plans_name_file_key_and_allowed_values(data, fragments):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import dacc.kernels.ops  # noqa: E402,F401  registers the dacc:: operators, so saved programs that use them load
+
 
 def load(path, trusted_keys=None):
     """Load a compiled artifact as a drop-in replacement for the original transformer.

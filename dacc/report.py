@@ -36,6 +36,21 @@ def _signature_line(root: Path, trusted_keys) -> str:
     return f"signature {signer}, not verified (pass --trusted-key KEY.pub)"
 
 
+def _linear_lines(prog: ProgramSpec) -> list[str]:
+    done = [s for s in prog.linears if s.quant != "none"]
+    if not done:
+        return [f"  linears: {len(prog.linears)}"]
+    before, after = sum(s.bytes_before for s in done), sum(s.bytes_after for s in done)
+    out = [f"  linears: {len(prog.linears)}, {len(done)} quantized ({_human(before, 'B')} -> {_human(after, 'B')}, "
+           f"{after / before:.2f}x)"]
+    rows = [("linear", "mode", "in x out", "bytes", "weight error")]
+    rows += [(s.weight.removesuffix(".weight"), s.quant, f"{s.in_features} x {s.out_features}",
+              f"{_human(s.bytes_before, 'B')} -> {_human(s.bytes_after, 'B')}" if s.quant != "none"
+              else "full precision", f"{s.weight_error:.2e}" if s.quant != "none" else "-") for s in prog.linears]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return out + ["    " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
@@ -67,7 +82,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
             out.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         attn = ", ".join(f"{a.node}@{a.segment}{' (cross)' if a.cross else ''}" for a in prog.attention)
         out.append(f"  attention sites ({len(prog.attention)}): {attn}")
-        out.append(f"  linears: {len(prog.linears)}")
+        out += _linear_lines(prog)
         if prog.cache is not None:
             out += _gate_lines(prog, m.num_inference_steps)
     return "\n".join(out) + "\n"

@@ -116,7 +116,7 @@ def _compile_into(tmp: Path, out: Path, model: torch.nn.Module, mf, plan: Plan, 
 
     def finalize(tmp: Path) -> None:
         if verify:
-            verify_artifact(tmp, model, examples, log)
+            verify_artifact(tmp, model, examples, log, quantized=plan.quantize.mode != "none")
         if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
             calibrate(manifest, load(tmp, _allow_incomplete=True), plan, mf.sample, log)
@@ -139,8 +139,14 @@ def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], out
         programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={})
 
 
-def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str, Any]], log) -> None:
-    """Load what was just written with the runtime and compare it with eager on every example."""
+QUANTIZED_TOL = 0.05  # a quantized artifact differs from eager by design; past this it is broken
+
+
+def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str, Any]], log,
+                    quantized: bool = False) -> None:
+    """Load what was just written with the runtime and compare it with eager on every example
+    (a quantized artifact within QUANTIZED_TOL: its exact numerics are tested against the
+    quantization reference, not here)."""
     from dacc.runtime.module import load
 
     compiled = load(path, _allow_incomplete=True)
@@ -150,7 +156,10 @@ def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str,
         got = compiled(**inputs)
         err = rel_error(list(got.to_tuple()) if hasattr(got, "to_tuple") else
                         [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)], ref)
-        if err > tolerance(ref):
-            raise DaccError(f"compiled artifact differs from eager on example {i} (relative error {err:.3g})",
-                            str(path), "this is a compiler bug; please report it with the model file")
-        log(f"verified example {i}: relative error {err:.2e}")
+        tol = max(tolerance(ref), QUANTIZED_TOL) if quantized else tolerance(ref)
+        if err > tol:
+            raise DaccError(f"compiled artifact differs from eager on example {i} (relative error {err:.3g}, "
+                            f"tolerance {tol:g})", str(path),
+                            "exclude the most sensitive linears with quantize.exclude" if quantized else
+                            "this is a compiler bug; please report it with the model file")
+        log(f"verified example {i}: relative error {err:.2e}" + (" (quantized)" if quantized else ""))

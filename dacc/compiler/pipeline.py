@@ -8,11 +8,13 @@ from dacc.passes.hoist_cache_probe import hoist_cache_probe
 from dacc.passes.insert_dbcache_gate import insert_dbcache_gate
 from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
 from dacc.passes.insert_teacache_gate import insert_teacache_gate
+from dacc.passes.quantize_linears import quantize_linears
 from dacc.passes.remove_assertions import remove_assertions
 from dacc.passes.remove_identity_ops import remove_identity_ops
 from dacc.passes.segment_blocks import segment_blocks
 
 PIPELINE: list[PassEntry] = [
+    # analysis
     PassEntry("remove_assertions", remove_assertions,
               "export's dtype/device asserts cost a call per step and pin the traced device"),
     PassEntry("remove_identity_ops", remove_identity_ops,
@@ -21,6 +23,7 @@ PIPELINE: list[PassEntry] = [
               "record every attention site and linear so later passes and the manifest can find them"),
     PassEntry("segment_blocks", segment_blocks,
               "cut the graph at block boundaries so the runtime can choose per step what runs"),
+    # cache
     PassEntry("hoist_cache_probe", hoist_cache_probe,
               "teacache: the gate must see block 0's modulated input before deciding whether blocks run"),
     PassEntry("insert_dbcache_gate", insert_dbcache_gate,
@@ -31,4 +34,7 @@ PIPELINE: list[PassEntry] = [
               "taylorseer: forecast the blocks' residual between full steps"),
     PassEntry("apply_step_mask", apply_step_mask,
               "scm: a static per-step compute mask, alone or on top of another gate"),
+    # quantize
+    PassEntry("quantize_linears", quantize_linears,
+              "int8 weights (and activations) make each computed step's matmuls cheaper and the artifact smaller"),
 ]

@@ -96,5 +96,7 @@ def sites(ir: ProgramIR) -> tuple[list[AttentionSite], list[LinearSite]]:
             attention.append(AttentionSite(node.name, info.segment or "", d["heads"], d["head_dim"],
                                            d["q_len"], d["kv_len"], d["cross"]))
         elif info.role == "linear":
-            linears.append(LinearSite(node.name, info.segment or "", d["weight"], d["in"], d["out"], d["bias"]))
+            linears.append(LinearSite(node.name, info.segment or "", d["weight"], d["in"], d["out"], d["bias"],
+                                      d.get("quant", "none"), d.get("bytes_before", 0), d.get("bytes_after", 0),
+                                      d.get("weight_error", 0.0)))
     return attention, linears

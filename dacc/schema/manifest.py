@@ -99,6 +99,10 @@ class LinearSite:
     in_features: int
     out_features: int
     bias: bool
+    quant: str = "none"  # the quantize mode applied to it (quantize_linears)
+    bytes_before: int = 0  # weight bytes before and after quantization (0: not quantized)
+    bytes_after: int = 0
+    weight_error: float = 0.0  # ||W - dequant(Q)|| / ||W||
 
 
 @dataclass

@@ -22,7 +22,7 @@ from dacc.schema.plan_yaml import read_plan_data
 
 CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
-QUANTIZE_MODES = ("none",)
+QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic")
 
 
 class _Strict(BaseModel):
@@ -96,7 +96,8 @@ class ParallelPlan(_Strict):
 
 class QuantizePlan(_Strict):
     mode: Literal[QUANTIZE_MODES] = "none"  # type: ignore[valid-type]
-    exclude: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)  # glob patterns on linear module paths
+    keep_fragile: bool = True  # embedders, the final projection and adaptive-norm modulation stay full precision
 
 
 class Plan(_Strict):

@@ -168,6 +168,9 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     if plan.quantize.mode == "none" and plan.quantize.exclude:
         out.append((("quantize", "exclude"), "quantize.exclude has no effect with quantize.mode 'none' "
                     "(remove it)"))
+    if plan.quantize.mode == "none" and not plan.quantize.keep_fragile:
+        out.append((("quantize", "keep_fragile"), "quantize.keep_fragile has no effect with quantize.mode 'none' "
+                    "(remove it)"))
     if c.warmup + c.cooldown > plan.num_inference_steps:
         out.append((("cache", "warmup"), f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
                     f"num_inference_steps ({plan.num_inference_steps}) (lower warmup/cooldown or raise "

@@ -59,8 +59,10 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
         shape = [str(d) for d in ir.shape(placeholders[name])] if spec.kind == "tensor" else []
         for dim in shape:
             if not (dim.isdigit() or dim in symbols):
-                raise DaccError(f"input '{spec.path}' has a derived dynamic size {dim}", where,
-                                "use torch.export.Dim.AUTO or plain Dims for input sizes in dynamic_shapes()")
+                # the frontend retraces such dims as static (dynamic_dims.py); reaching this is a bug
+                raise DaccError(f"input '{spec.path}' has size {dim}, derived from other inputs' sizes", where,
+                                f"declare that dim of '{spec.path}' static (None) in dynamic_shapes(), and report "
+                                "this model")
         inputs.append(type(spec)(**{**spec.__dict__, "shape": shape}))
     guards, guard_text = _guards(ir)
     attention, linears = sites(ir)

@@ -7,7 +7,7 @@ import operator
 import networkx as nx
 from torch.fx import Node
 
-from dacc.compiler.segments import segment_graph, segment_of
+from dacc.compiler.segments import segment_graph, segment_kind, segment_of
 
 
 class InvariantError(AssertionError):
@@ -53,6 +53,6 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
         if graph.nodes[src]["position"] > graph.nodes[dst]["position"]:
             fail(f"segment {dst} reads {sorted(data['values'])} from later segment {src}")
     for seg in seen:
-        if seg not in ("prologue", "epilogue", "cache_probe") and not seg.startswith("transition."):
+        if segment_kind(seg) == "block":
             if not any(segment_of(ir, n) == seg and ir.info(n).role == "attention" for n in compute):
                 fail(f"block segment '{seg}' has no attention call")

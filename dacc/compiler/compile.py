@@ -1,8 +1,10 @@
 """`dacc compile`: model file + plan -> artifact. Trace, run the pipeline, write, verify."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,8 +14,8 @@ import dacc
 from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
 from dacc.compiler.artifact import check_output_path, model_config, write_artifact
 from dacc.compiler.invariants import check_invariants
-from dacc.compiler.ir import ProgramIR
-from dacc.compiler.model_file import load_model_file
+from dacc.compiler.ir import ProgramIR, Traced
+from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.pipeline import PIPELINE
 from dacc.compiler.printer import print_graph
@@ -21,7 +23,8 @@ from dacc.compiler.segments import segment_specs, sites
 from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, PassRecord, ProgramSpec)
+from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, OutputType, PassRecord,
+                                  ProgramSpec)
 from dacc.schema.plan import Plan, load_plan
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -73,21 +76,45 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
                        attention=attention, linears=linears, cache=ir.cache_gate)
 
 
-def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
-                  verify: bool = True, log: Callable[[str], None] = print,
-                  on_graph: Callable[[int, int, str, str], None] | None = None) -> Manifest:
-    """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass."""
-    out = Path(out)
-    plan = load_plan(plan_path)
-    check_output_path(out, force)  # fail before minutes of tracing, not after
+@dataclass
+class TracedModel:
+    """A model file after tracing: what every plan compiled from it starts from."""
+    path: Path
+    file: ModelFile
+    model: torch.nn.Module
+    examples: list[dict[str, Any]]
+    programs: list[Traced]
+    output_type: OutputType | None
+
+
+def trace_model(model_path: str | Path, log: Callable[[str], None] = print) -> TracedModel:
     mf = load_model_file(model_path)
     model = mf.build()
     examples = [mf.example_inputs()] + mf.more_example_inputs()
     log(f"tracing {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(examples)} example shape(s))")
-    traced, output_type = trace(model, examples, mf.dynamic_shapes(), str(model_path), log)
+    programs, output_type = trace(model, examples, mf.dynamic_shapes(), str(model_path), log)
+    return TracedModel(Path(model_path), mf, model, examples, programs, output_type)
+
+
+def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
+                  verify: bool = True, log: Callable[[str], None] = print,
+                  on_graph: Callable[[int, int, str, str], None] | None = None,
+                  traced: TracedModel | None = None) -> Manifest:
+    """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass.
+    `traced` (from `trace_model` on the same file) skips tracing: several plans share one trace,
+    each on its own copy of the programs, since the passes rewrite them in place."""
+    out = Path(out)
+    plan = load_plan(plan_path)
+    check_output_path(out, force)  # fail before minutes of tracing, not after
+    if traced is None:
+        traced = trace_model(model_path, log)
+        programs = traced.programs
+    else:
+        programs = [Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes) for t in traced.programs]
+    mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
     irs = []
-    for i, t in enumerate(traced):
+    for i, t in enumerate(programs):
         ir = ProgramIR(t)
         hook = (lambda k, name, text, i=i: on_graph(i, k, name, text)) if on_graph else None
         results = run_pipeline(ir, plan, PIPELINE, check_invariants, tag=f"program{i}", on_graph=hook)

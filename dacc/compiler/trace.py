@@ -76,11 +76,13 @@ def _quiet_torch():
 def _export(model: torch.nn.Module, kwargs: dict[str, Any], dyn: Any, user_dynamic_shapes: bool):
     if "return_dict" in kwargs and isinstance(dyn, dict):
         dyn = {**dyn, "return_dict": None}
-    try:
+    def export():
         with torch.no_grad(), _quiet_torch():
             return torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+    try:
+        return export()
     except Exception as exc:  # any tracing failure becomes one readable paragraph
-        raise export_failure(model, exc, user_dynamic_shapes) from exc
+        raise export_failure(model, exc, user_dynamic_shapes, retry=export) from exc
 
 
 def export_program(model: torch.nn.Module, inputs: dict[str, Any], dynamic_shapes: Any, where: str) -> Traced:

@@ -3,8 +3,8 @@ that works for that kind of failure.
 
 - A data-dependent size or branch (`.tolist()`, `.item()`, `torch.nonzero` feeding Python
   control flow): no dynamic_shapes() setting helps, so the error says where the value was read
-  from the tensor (torch records the allocation stack of every data-dependent symbol) and what to
-  change in the model instead.
+  from a tensor (found by tracing once more under a TorchFunctionMode that watches for such
+  reads) and what to change in the model instead.
 - Dynamic-shape constraints the user's dynamic_shapes() cannot satisfy: torch's suggested fixes.
 - Anything else: the innermost model line, with the generic advice.
 """
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
+from torch.overrides import TorchFunctionMode
 
 from dacc.schema.errors import DaccError
 
@@ -39,40 +40,55 @@ def describe_failure(model: torch.nn.Module, exc: BaseException) -> tuple[str, s
     return module, line
 
 
-def _symbols_in(value: Any, depth: int = 0) -> list[Any]:
-    if isinstance(value, _SYM_TYPES):
-        return [value]
-    if depth < 2 and isinstance(value, (list, tuple, set)):
-        return [s for v in value for s in _symbols_in(v, depth + 1)]
-    if depth < 2 and isinstance(value, dict):
-        return [s for v in value.values() for s in _symbols_in(v, depth + 1)]
-    return []
+def _unbacked(value: Any) -> bool:
+    """Whether `value` (a size, a list of them, a tensor) holds a data-dependent symbol."""
+    items = list(value.shape) if isinstance(value, torch.Tensor) else list(value) if isinstance(
+        value, (list, tuple)) else [value]
+    for v in items:
+        if isinstance(v, (list, tuple, torch.Tensor)):
+            if _unbacked(v):
+                return True
+        elif isinstance(v, _SYM_TYPES) and free_unbacked_symbols(v):
+            return True
+    return False
 
 
-def data_dependent_origin(exc: BaseException) -> str | None:
-    """`file:line: code` where a data-dependent value seen by the failing frames was read from a
-    tensor, from the allocation stack torch keeps per unbacked symbol; None if there is none."""
-    tb = exc.__traceback__
-    origins: list[str] = []
-    while tb is not None:
-        for value in list(tb.tb_frame.f_locals.values()):
-            for sym in _symbols_in(value):
-                env = sym.node.shape_env
-                for u in free_unbacked_symbols(sym):
-                    stack = env.var_to_stack.get(u) if env is not None else None
-                    frames = [f for f in (stack.summary() if stack is not None else [])
-                              if not f.filename.startswith(_TORCH_DIR)]
-                    if frames:
-                        f = frames[-1]
-                        origins.append(f"{f.filename}:{f.lineno}: {(f.line or '').strip()}")
-        tb = tb.tb_next
-    return origins[0] if origins else None
+class _ValueReads(TorchFunctionMode):
+    """Records the first model line whose torch call returns a data-dependent size or number
+    (`.tolist()`, `.item()`, `nonzero`). torch keeps the allocation stack of such symbols only
+    while tracing, so the trace is replayed under this mode once it has failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.site: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.site is None and _unbacked(out):
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
+            if frames:
+                f = frames[-1]
+                self.site = f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+        return out
 
 
-def _is_data_dependent(exc: BaseException, origin: str | None) -> bool:
+def data_dependent_origin(export: Callable[[], Any]) -> str | None:
+    """`file:line: code` where the model first read a size or number from tensor values, found by
+    running `export` (which is expected to fail again) under `_ValueReads`."""
+    reads = _ValueReads()
+    try:
+        with reads:
+            export()
+    except Exception:  # the failure being explained
+        pass
+    return reads.site
+
+
+def _is_data_dependent(exc: BaseException) -> bool:
     text = str(exc)
-    return (isinstance(exc, GuardOnDataDependentSymNode) or origin is not None
-            or "data-dependent" in text or "data dependent" in text or "non-nested SymInt" in text)
+    return (isinstance(exc, GuardOnDataDependentSymNode) or "data-dependent" in text or "data dependent" in text
+            or "non-nested SymInt" in text or "unbacked" in text)
 
 
 def _suggested_fixes(text: str) -> str | None:
@@ -83,21 +99,23 @@ def _suggested_fixes(text: str) -> str | None:
     return "; ".join(fixes) if fixes else None
 
 
-def export_failure(model: torch.nn.Module, exc: BaseException, user_dynamic_shapes: bool) -> DaccError:
+def export_failure(model: torch.nn.Module, exc: BaseException, user_dynamic_shapes: bool,
+                   retry: Callable[[], Any]) -> DaccError:
+    """The DaccError for `exc`; `retry` runs the failed export again (to locate a data-dependent read)."""
     module, line = describe_failure(model, exc)
     name = type(model).__name__
     first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     what = f"torch.export could not trace {name}: {type(exc).__name__}: {first}"
     where = f"module {module}, at {line}"
-    origin = data_dependent_origin(exc)
-    if _is_data_dependent(exc, origin):
-        source = f" (the value is read from a tensor at {origin})" if origin else ""
+    if _is_data_dependent(exc):
+        origin = data_dependent_origin(retry)
+        source = f", read from tensor data at {origin}" if origin else ""
         return DaccError(
-            f"{what}; the model takes a Python size or branch from tensor values{source}, which a traced "
-            "graph cannot express", where,
-            "no dynamic_shapes() setting helps: change the model so that this size comes from input shapes or "
-            "is passed in as a plain Python int (build() may return a subclass or wrapper whose forward does so), "
-            "or keep this model eager")
+            f"{what}; the model takes a Python decision (a branch, set, max or size) on a value{source}: "
+            "torch.export traces shapes, not tensor values", where,
+            "no dynamic_shapes() setting helps: change the model so that this value comes from input shapes or "
+            "is passed in as a plain Python int, or keep the data-dependent part a tensor operation (build() may "
+            "return a subclass or wrapper whose forward does so); otherwise keep this model eager")
     fixes = _suggested_fixes(str(exc))
     if user_dynamic_shapes and fixes:
         return DaccError(what, where, f"apply torch's suggested fixes to dynamic_shapes() ({fixes}), or delete "

@@ -82,6 +82,8 @@ def load_program(root: Path, file: str, weights: dict[str, torch.Tensor],
         for fqn, stub in list(store.items()):
             if fqn not in weights:
                 raise DaccError(f"weight '{fqn}' of {file} is missing from the weights file", str(root), _RECOMPILE)
+            if stub.is_complex() and not weights[fqn].is_complex():  # stored as (real, imag) pairs
+                weights[fqn] = torch.view_as_complex(weights[fqn])
             if isinstance(stub, torch.nn.Parameter):
                 if fqn not in shared:
                     shared[fqn] = torch.nn.Parameter(weights[fqn], requires_grad=False)

@@ -49,6 +49,7 @@ class GateState:
     continuous: int = 0
     last_stat: float | None = None
     decisions: list[str] = field(default_factory=list)  # this generation, one per step
+    shapes: list[torch.Size] | None = None  # of the streams entering the range, when this state began
 
     def new_generation(self) -> None:
         self.__init__()

@@ -130,9 +130,13 @@ class CompiledTransformer(torch.nn.Module):
             run(0, len(specs))
         else:
             state = self._gate_states.setdefault((self._context, index), GateState())
-            if counter.fresh:
-                state.new_generation()
             run(0, gate.skip_first)
+            # a new generation, or new sizes within one (a dynamic program serving another
+            # resolution): nothing remembered is comparable any more
+            shapes = [env[i].shape for i in gate.stream_in]
+            if counter.fresh or shapes != state.shapes:
+                state.new_generation()
+                state.shapes = shapes
             probe, stat = measure(gate, state, env)
             action = decide(gate, state, counter.step, self.manifest.num_inference_steps, probe, stat)
             if action is Action.COMPUTE:

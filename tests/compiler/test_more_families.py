@@ -210,3 +210,17 @@ def test_chroma_taylorseer_reuses_then_forecasts_across_the_text_image_concatena
             with torch.no_grad():
                 ref = t.model(**kw, return_dict=False)[0]
         assert rel_err(got[i], ref) <= 1e-5, f"step {i}"
+
+
+def test_a_new_resolution_mid_generation_computes_instead_of_comparing_across_sizes(traced, artifact):
+    """The dynamic program serves both example resolutions; a step at the other one cannot reuse
+    (or compare with) what was cached at the first, so the gate starts over and computes."""
+    t = traced("chroma")
+    model = dacc.load(artifact("chroma", "{strategy: dbcache, options: {threshold: 1.0e9}}"))
+    first, other = t.examples[0], dict(t.examples[1])
+    other["timestep"] = first["timestep"] * 0.9  # the next step of the same generation
+    model(**first)
+    got = model(**other, return_dict=False)[0]
+    with torch.no_grad():
+        ref = t.model(**other, return_dict=False)[0]
+    assert rel_err(got, ref) <= 1e-6 and model.stats()["segments_reused"] == 0

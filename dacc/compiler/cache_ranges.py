@@ -25,16 +25,20 @@ from dacc.schema.plan import Plan, cache_options
 
 BASE_SEGMENT = "cache_base"
 
-# what a user can change when a range cannot be cached, per strategy (the knobs it has)
+# what a user can change when a range cannot be cached, per strategy: the knobs it has
 RANGE_FIX = {
-    "dbcache": "choose other Fn/Bn in cache.options so the range starts and ends elsewhere",
-    "teacache": "teacache skips every block at once; use dbcache with Fn/Bn that keep this segment outside "
-                "the range",
-    "taylorseer": "taylorseer forecasts every block at once; use dbcache with Fn/Bn that keep this segment "
-                  "outside the range (it takes taylorseer_order too)",
-    "scm": "scm masks every block at once; use dbcache with Fn/Bn that keep this segment outside the range "
-           "(it takes scm_policy/scm_mask too)",
+    "dbcache": "choose Fn/Bn in cache.options so that {seg} falls outside the skipped range",
+    "teacache": "teacache skips every block at once and has no knob that moves its range: use strategy "
+                "dbcache with Fn/Bn that leave {seg} outside the skipped range",
+    "taylorseer": "taylorseer forecasts every block at once and has no knob that moves its range: use strategy "
+                  "dbcache with taylorseer_order for the forecast and Fn/Bn that leave {seg} outside the range",
+    "scm": "scm masks every block at once and has no knob that moves its range: use strategy dbcache with "
+           "scm_policy/scm_mask and Fn/Bn that leave {seg} outside the range",
 }
+
+
+def range_fix(strategy: str, segment: str) -> str:
+    return RANGE_FIX.get(strategy, RANGE_FIX["dbcache"]).format(seg=segment)
 
 
 def block_positions(specs: list[SegmentSpec]) -> list[int]:
@@ -58,9 +62,9 @@ class _Bases:
         return self.first <= self.producer.get(name, -1) <= self.last
 
     def fail(self, value: str, seg: SegmentSpec) -> DaccError:
-        return DaccError(f"cannot cache {self.where}: value {value} of {seg.name} leaves a block there but is not "
-                         "a residual stream", self.where, f"{RANGE_FIX.get(self.strategy, RANGE_FIX['dbcache'])}, "
-                         "or report this model")
+        return DaccError(f"{self.strategy} cannot cache {self.where}: value {value} of {seg.name} is read after "
+                         "the range but is not a residual stream", self.where,
+                         f"{range_fix(self.strategy, seg.name)}, or report this model")
 
     def base(self, name: str) -> Node:
         if name in self.memo:
@@ -115,9 +119,10 @@ def range_streams(ir: ProgramIR, first: int, last: int, strategy: str,
     for value in leaving:
         base = bases.base(value)
         if ir.type_text(base) != ir.type_text(bases.nodes[value]):
-            raise DaccError(f"cannot cache {bases.where}: {value} ({ir.type_text(bases.nodes[value])}) has no "
-                            f"value of its shape to add a residual to (nearest: {base.name}, "
-                            f"{ir.type_text(base)})", bases.where, RANGE_FIX.get(strategy, RANGE_FIX["dbcache"]))
+            seg = specs[bases.producer[value]].name
+            raise DaccError(f"{strategy} cannot cache {bases.where}: {value} ({ir.type_text(bases.nodes[value])}) "
+                            f"has no value of its shape to add a residual to (nearest: {base.name}, "
+                            f"{ir.type_text(base)})", bases.where, range_fix(strategy, seg))
         entering.append(base.name)
     return entering, leaving
 

@@ -60,6 +60,8 @@ def collect_weights(irs: list[ProgramIR]) -> dict[str, torch.Tensor]:
             if fqn in weights:
                 continue
             t = t.detach().cpu().contiguous()
+            if t.is_complex():  # safetensors has no complex dtypes: stored as (real, imag) pairs,
+                t = torch.view_as_real(t).clone()  # the program's stub keeps the complex dtype
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen_storage:  # tied weights: safetensors stores each storage once
                 t = t.clone()

@@ -1,8 +1,10 @@
 """`dacc compile`: model file + plan -> artifact. Trace, run the pipeline, write, verify."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,8 +15,8 @@ from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_c
 from dacc.compiler.artifact import model_config, write_artifact
 from dacc.compiler.output import check_output_path, discard, reserve
 from dacc.compiler.invariants import check_invariants
-from dacc.compiler.ir import ProgramIR
-from dacc.compiler.model_file import load_model_file
+from dacc.compiler.ir import ProgramIR, Traced
+from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.pipeline import PIPELINE
 from dacc.compiler.printer import print_graph
@@ -22,7 +24,8 @@ from dacc.compiler.segments import segment_specs, sites
 from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, PassRecord, ProgramSpec)
+from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, OutputType, PassRecord,
+                                  ProgramSpec)
 from dacc.schema.plan import Plan, load_plan
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -60,8 +63,10 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
         shape = [str(d) for d in ir.shape(placeholders[name])] if spec.kind == "tensor" else []
         for dim in shape:
             if not (dim.isdigit() or dim in symbols):
-                raise DaccError(f"input '{spec.path}' has a derived dynamic size {dim}", where,
-                                "use torch.export.Dim.AUTO or plain Dims for input sizes in dynamic_shapes()")
+                # the frontend retraces such dims as static (dynamic_dims.py); reaching this is a bug
+                raise DaccError(f"input '{spec.path}' has size {dim}, derived from other inputs' sizes", where,
+                                f"declare that dim of '{spec.path}' static (None) in dynamic_shapes(), and report "
+                                "this model")
         inputs.append(type(spec)(**{**spec.__dict__, "shape": shape}))
     guards, guard_text = _guards(ir)
     attention, linears = sites(ir)
@@ -72,20 +77,53 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
                        attention=attention, linears=linears, cache=ir.cache_gate)
 
 
+@dataclass
+class TracedModel:
+    """A model file after tracing: what every plan compiled from it starts from."""
+    path: Path
+    file: ModelFile
+    model: torch.nn.Module
+    examples: list[dict[str, Any]]
+    programs: list[Traced]
+    output_type: OutputType | None
+
+
+def _build(model_path: str | Path) -> tuple[ModelFile, torch.nn.Module]:
+    mf = load_model_file(model_path)
+    return mf, mf.build()
+
+
+def trace_model(model_path: str | Path, log: Callable[[str], None] = print,
+                built: tuple[ModelFile, torch.nn.Module] | None = None) -> TracedModel:
+    mf, model = built or _build(model_path)
+    examples = [mf.example_inputs()] + mf.more_example_inputs()
+    log(f"tracing {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(examples)} example shape(s))")
+    programs, output_type = trace(model, examples, mf.dynamic_shapes(), str(model_path), log)
+    return TracedModel(Path(model_path), mf, model, examples, programs, output_type)
+
+
 def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str | Path, *, force: bool = False,
                   verify: bool = True, log: Callable[[str], None] = print, sign_key: str | Path | None = None,
-                  on_graph: Callable[[int, int, str, str], None] | None = None) -> Manifest:
-    """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass."""
+                  on_graph: Callable[[int, int, str, str], None] | None = None,
+                  traced: TracedModel | None = None) -> Manifest:
+    """Compile; `on_graph(program, pass_index, pass_name, text)` observes the graph after each pass.
+    `traced` (from `trace_model` on the same file) skips tracing: several plans share one trace,
+    each on its own copy of the programs, since the passes rewrite them in place."""
     out = Path(out)
     plan = load_plan(plan_path)
     check_output_path(out, force)  # fail before minutes of tracing, not after
     if sign_key is not None and not Path(sign_key).is_file():
         raise DaccError(f"signing key '{sign_key}' does not exist", str(sign_key), "create one with `dacc keygen NAME`")
-    mf = load_model_file(model_path)
-    model = mf.build()
-    tmp = reserve(out, force, _state_bytes(model))  # a read-only or full disk fails here, before the trace
+    built = (traced.file, traced.model) if traced is not None else _build(model_path)
+    tmp = reserve(out, force, _state_bytes(built[1]))  # a read-only or full disk fails here, before the trace
     try:
-        return _compile_into(tmp, out, model, mf, plan, model_path, verify, log, sign_key, on_graph)
+        if traced is None:
+            traced = trace_model(model_path, log, built)
+            programs = traced.programs
+        else:
+            programs = [Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes) for t in traced.programs]
+        return _compile_into(tmp, out, traced, programs, plan, model_path, verify, log, sign_key, on_graph)
     except BaseException:
         discard(tmp)
         raise
@@ -95,14 +133,11 @@ def _state_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def _compile_into(tmp: Path, out: Path, model: torch.nn.Module, mf, plan: Plan, model_path, verify: bool,
-                  log: Callable[[str], None], sign_key, on_graph) -> Manifest:
-    examples = [mf.example_inputs()] + mf.more_example_inputs()
-    log(f"tracing {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{len(examples)} example shape(s))")
-    traced, output_type = trace(model, examples, mf.dynamic_shapes(), str(model_path), log)
+def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Traced], plan: Plan, model_path,
+                  verify: bool, log: Callable[[str], None], sign_key, on_graph) -> Manifest:
+    mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
     irs = []
-    for i, t in enumerate(traced):
+    for i, t in enumerate(programs):
         ir = ProgramIR(t)
         hook = (lambda k, name, text, i=i: on_graph(i, k, name, text)) if on_graph else None
         results = run_pipeline(ir, plan, PIPELINE, check_invariants, tag=f"program{i}", on_graph=hook)

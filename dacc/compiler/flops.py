@@ -13,7 +13,6 @@ from dacc.compiler.ir import ProgramIR
 from dacc.kernels.ops import QUANTIZED_LINEARS
 
 aten = torch.ops.aten
-_QUANTIZED = frozenset(QUANTIZED_LINEARS.values())
 
 
 def _prod(xs) -> sympy.Expr:
@@ -28,8 +27,8 @@ def node_flops(ir: ProgramIR, node: Node) -> sympy.Expr:
     if node.op != "call_function":
         return sympy.Integer(0)
     out = ir.shape(node)
-    if t is aten.linear.default or t in _QUANTIZED:  # quantized: (x, int8 weight [out, in], scale, bias)
-        k = ir.shape(node.args[1])[1]
+    if t is aten.linear.default or t in QUANTIZED_LINEARS:  # k from x: an int4 weight packs two per byte
+        k = ir.shape(node.args[0])[-1]
         return 2 * _prod(out) * k
     if t in (aten.matmul.default, aten.mm.default, aten.bmm.default):
         k = ir.shape(node.args[0])[-1]

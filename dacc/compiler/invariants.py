@@ -6,7 +6,7 @@ import operator
 from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
-from dacc.compiler.segments import segment_of
+from dacc.compiler.segments import segment_kind, segment_of
 
 
 class InvariantError(AssertionError):
@@ -49,6 +49,6 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
     # both follow from contiguity, because an fx graph lists every node after its inputs (lint
     # checks it after each pass) and segments run in the order of their first node.
     for seg in seen:
-        if seg not in ("prologue", "epilogue", "cache_probe") and not seg.startswith("transition."):
+        if segment_kind(seg) == "block":
             if not any(segment_of(ir, n) == seg and ir.info(n).role == "attention" for n in compute):
                 fail(f"block segment '{seg}' has no attention call")

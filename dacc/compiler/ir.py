@@ -7,7 +7,7 @@ shape is as a sympy expression over canonical symbols `s0, s1, ...`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
@@ -28,6 +28,7 @@ class Traced:
     ep: ExportedProgram
     example: dict[str, Any]
     inputs: list[InputSpec]
+    notes: list[str] = field(default_factory=list)  # what the frontend changed to trace it, for the log
 
     def example_shapes(self) -> dict[str, list[int]]:
         return {s.path: [int(d) for d in s.shape] for s in self.inputs if s.kind == "tensor"}
@@ -54,6 +55,12 @@ class ProgramIR:
 
     def is_param(self, node: Node) -> bool:
         return node.op == "placeholder" and node.name in self.param_of
+
+    @staticmethod
+    def is_attribute(node: Node) -> bool:
+        """A submodule the graph reads as an attribute (the body of a higher-order op such as
+        `wrap_with_autocast`): part of the program like a weight, never a value between segments."""
+        return node.op == "get_attr"
 
     def param_tensor(self, node: Node) -> torch.Tensor:
         fqn = self.param_of[node.name]
@@ -124,13 +131,35 @@ class ProgramIR:
             return f"sym {self.expr(val)}"
         return repr(val) if val is not None else ""
 
+    def shape_env(self):
+        return next((n.meta["val"].fake_mode.shape_env for n in self.graph.nodes
+                     if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode")), None)
+
+    def upper_bound(self, expr: sympy.Expr) -> sympy.Expr:
+        """`expr` with every data-dependent size (an unbacked symbol such as the row count of
+        `torch.nonzero`) replaced by the largest value torch.export allows it. Input shapes do not
+        determine such sizes, so what is computed from them (FLOPs) can only be an upper bound;
+        where torch knows no real bound (it often keeps int64's), the term is left out instead."""
+        canonical = set(self.symbols.values())
+        free = [s for s in expr.free_symbols if s.name not in canonical]
+        if not free:
+            return expr
+        env = self.shape_env()
+        ranges = {str(k): v for k, v in (env.var_to_range.items() if env is not None else ())}
+        bounds = {}
+        for sym in free:
+            vr = ranges.get(sym.name)
+            hi = vr.upper if vr is not None else None
+            known = isinstance(hi, (int, sympy.Integer)) and int(hi) < 2 ** 31
+            bounds[sym] = sympy.Integer(int(hi) if known else 0)
+        return expr.xreplace(bounds)
+
     def guards(self) -> list[sympy.Basic]:
         """Shape conditions torch.export assumed while tracing, over canonical symbols.
 
         torch.export keeps only ranges when a program is saved; a condition such as
         `hidden_states.size(2) // 2 == 4` is lost, so dacc records them and checks them itself."""
-        shape_env = next((n.meta["val"].fake_mode.shape_env for n in self.graph.nodes
-                          if n.op == "placeholder" and hasattr(n.meta.get("val"), "fake_mode")), None)
+        shape_env = self.shape_env()
         if shape_env is None:
             return []
         out, seen = [], set()

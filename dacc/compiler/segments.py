@@ -3,7 +3,9 @@ FLOPs and parameter bytes of each segment, plus the attention and linear sites.
 
 A residual stream of a block is a tensor that enters the block, is used by no later segment,
 and leaves the block with the same symbolic shape (hidden_states; Flux's blocks carry two).
-Values read by several blocks (timestep embedding, rotary tables) are context, not streams.
+Values read by several blocks (timestep embedding, rotary tables) are context, not streams; an
+earlier block's output that a later block reads again (HunyuanDiT's long skips) is still the
+stream into the block right after it.
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ def segment_of(ir: ProgramIR, node: Node) -> str | None:
     return node_segment(node.meta)
 
 
-def _kind(name: str) -> str:
+def segment_kind(name: str) -> str:
     if name in ("prologue", "epilogue"):
         return name
     if name == "cache_probe":
         return "probe"
-    return "transition" if name.startswith("transition.") else "block"
+    # cache_base.*: a transition replayed on a gated range's bases (see cache_ranges.py)
+    return "transition" if name.startswith(("transition.", "cache_base.")) else "block"
 
 
 def _shape_key(ir: ProgramIR, node: Node) -> str | None:
@@ -52,6 +55,9 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         for inp in node.all_input_nodes:
             used_by.setdefault(inp.name, set()).add(pos)
 
+    block_output = {n.name: segment_kind(seg) == "block" for seg in order for n in members[seg]}
+
+    gate_reads = ir.cache_gate.reads() if ir.cache_gate is not None else set()
     specs, block_index = [], 0
     for seg in order:
         nodes = members[seg]
@@ -59,17 +65,22 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         inputs: list[Node] = []
         for n in nodes:
             for inp in n.all_input_nodes:
-                if inp.name not in inside and not ir.is_param(inp) and inp not in inputs:
+                if inp.name not in inside and not ir.is_param(inp) and not ir.is_attribute(inp) and inp not in inputs:
                     inputs.append(inp)
-        outputs = [n for n in nodes if any(u.name not in inside for u in n.users)]
+        outputs = [n for n in nodes if any(u.name not in inside for u in n.users) or n.name in gate_reads]
         params = {inp for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
         param_bytes = sum(t.numel() * t.element_size() for t in map(ir.param_tensor, params) if t is not None)
-        flops = sympy.expand(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0)))
-        kind = _kind(seg)
+        flops = sympy.expand(ir.upper_bound(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0))))
+        kind = segment_kind(seg)
         s_in, s_out = [], []
         if kind == "block":
             here = position[seg]
-            candidates = [i for i in inputs if _shape_key(ir, i) and max(used_by.get(i.name, {here})) == here]
+            # a value no later segment reads; failing that, an earlier block's output that a later
+            # block reads again (a U-ViT long skip): still the stream into this block, not context
+            last_use = {i.name: max(used_by.get(i.name, {here})) for i in inputs}
+            candidates = ([i for i in inputs if _shape_key(ir, i) and last_use[i.name] == here]
+                          + [i for i in inputs if _shape_key(ir, i) and last_use[i.name] > here
+                             and block_output.get(i.name, False)])
             for out in outputs:
                 key = _shape_key(ir, out)
                 match = next((c for c in candidates if _shape_key(ir, c) == key and c.name not in s_in), None)

@@ -12,13 +12,13 @@ import inspect
 import io
 import logging
 import os
-import traceback
 from typing import Any
 
 import torch
-from torch.export import Dim
 
+from dacc.compiler.dynamic_dims import auto_dynamic, derived_input_dims
 from dacc.compiler.ir import Traced
+from dacc.compiler.trace_errors import export_failure
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import InputSpec, OutputType
@@ -26,6 +26,7 @@ from dacc.runtime.inputs import flatten_with_paths
 
 FP32_TOL = 1e-5
 LOW_PRECISION_TOL = 1e-2
+MAX_STATIC_RETRIES = 4  # each retry fixes every derived dim found; relations rarely chain deeper
 
 
 def takes_return_dict(model: torch.nn.Module) -> bool:
@@ -37,18 +38,6 @@ def _call_kwargs(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, An
     if takes_return_dict(model):
         kwargs["return_dict"] = False  # the graph returns a tuple; the runtime rebuilds the dataclass
     return kwargs
-
-
-def _auto_dynamic(kwargs: dict[str, Any]) -> dict[str, Any]:
-    def spec(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return tuple(Dim.AUTO for _ in v.shape) if v.dim() else None
-        if isinstance(v, dict):
-            return {k: spec(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(spec(x) for x in v)
-        return None
-    return {k: spec(v) for k, v in kwargs.items()}
 
 
 def input_specs(kwargs: dict[str, Any], where: str) -> list[InputSpec]:
@@ -64,22 +53,6 @@ def input_specs(kwargs: dict[str, Any], where: str) -> list[InputSpec]:
                             "(None, bool, int, float, str) can be part of a compiled call", where,
                             "pass tensors, or fold the object into the model in build()")
     return specs
-
-
-def _describe_failure(model: torch.nn.Module, exc: BaseException) -> tuple[str, str]:
-    """(module path and class, source line) of the innermost model frame in the traceback."""
-    names = {id(m): (n or "<root>") for n, m in model.named_modules()}
-    module, line = "<root>", "?"
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module) and id(owner) in names:
-            module = f"{names[id(owner)]} ({type(owner).__name__})"
-            src = traceback.extract_tb(tb, limit=1)[0]
-            line = f"{src.filename}:{src.lineno}: {src.line}"
-        tb = tb.tb_next
-    return module, line
 
 
 @contextlib.contextmanager
@@ -100,23 +73,49 @@ def _quiet_torch():
         logger.setLevel(level)
 
 
-def export_program(model: torch.nn.Module, inputs: dict[str, Any], dynamic_shapes: Any, where: str) -> Traced:
-    kwargs = _call_kwargs(model, inputs)
-    dyn = dynamic_shapes if dynamic_shapes is not None else _auto_dynamic(kwargs)
+def _export(model: torch.nn.Module, kwargs: dict[str, Any], dyn: Any, user_dynamic_shapes: bool):
     if "return_dict" in kwargs and isinstance(dyn, dict):
         dyn = {**dyn, "return_dict": None}
-    try:
+    def export():
         with torch.no_grad(), _quiet_torch():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+            return torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+    try:
+        return export()
     except Exception as exc:  # any tracing failure becomes one readable paragraph
-        module, line = _describe_failure(model, exc)
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise DaccError(f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {first}",
-                        f"module {module}, at {line}",
-                        "make that code traceable (no data-dependent Python control flow on tensor values), "
-                        "or declare static shapes with dynamic_shapes()") from exc
+        raise export_failure(model, exc, user_dynamic_shapes, retry=export) from exc
+
+
+def export_program(model: torch.nn.Module, inputs: dict[str, Any], dynamic_shapes: Any, where: str) -> Traced:
+    """Export one program. Under the default spec, input dims whose size torch.export derives from
+    other sizes are made static and the model traced again (see dynamic_dims.py)."""
+    kwargs = _call_kwargs(model, inputs)
+    if dynamic_shapes is not None:
+        ep = _export(model, kwargs, dynamic_shapes, True)
+        derived = derived_input_dims(ep, kwargs)
+        if derived:
+            d = derived[0]
+            raise DaccError(f"{d.describe()}: a size derived from other inputs' sizes, which the runtime cannot "
+                            "check", f"{where}: dynamic_shapes()",
+                            f"declare '{d.path}' dim {d.dim} static (None) and use Dim.AUTO rather than a named Dim "
+                            "for the sizes it depends on, or delete dynamic_shapes() to let dacc choose")
+        notes = []
+    else:
+        static: dict[str, set[int]] = {}
+        notes = []
+        for _ in range(MAX_STATIC_RETRIES + 1):
+            ep = _export(model, kwargs, auto_dynamic(kwargs, static), False)
+            derived = derived_input_dims(ep, kwargs)
+            if not derived:
+                break
+            for d in derived:
+                static.setdefault(d.path, set()).add(d.dim)
+                notes.append(f"{d.describe()}: traced again with that dim static")
+        else:
+            raise DaccError(f"{derived[0].describe()}: still derived from other sizes after making "
+                            f"{sum(map(len, static.values()))} dims static", where,
+                            "declare static shapes for these inputs with dynamic_shapes()")
     ep._example_inputs = None  # never serialized: torch.export would pickle them
-    return Traced(ep, inputs, input_specs(kwargs, where))
+    return Traced(ep, inputs, input_specs(kwargs, where), notes)
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -176,6 +175,8 @@ def trace(model: torch.nn.Module, examples: list[dict[str, Any]], dynamic_shapes
         if any(e is not None and e <= tol for e in errors):
             continue
         program = export_program(model, inputs, dynamic_shapes, where)
+        for note in program.notes:
+            log(f"example {i}: {note}")
         err = program_error(program, model, inputs, ref)
         if err is None or err > tol:
             raise DaccError(f"the exported program for example {i} does not reproduce eager "

@@ -42,7 +42,8 @@ def find_modulated_input(ir: ProgramIR, block: str, streams: list[str], inputs: 
         if ir.type_text(node) not in stream_shapes:
             continue
         closure = _ancestors_in(node, members)
-        outside = {i.name for n in closure for i in n.all_input_nodes if i not in members and not ir.is_param(i)}
+        outside = {i.name for n in closure for i in n.all_input_nodes if i not in members
+               and not ir.is_param(i) and not ir.is_attribute(i)}
         if outside & set(streams) and outside & context:
             return node, closure
     raise DaccError(f"no timestep-modulated input found in {block}", "teacache",

@@ -1,16 +1,18 @@
 """Rewrite the selected `aten.linear` calls into dacc's quantized linear operators.
 
 Each selected weight parameter leaves the exported program: its placeholder and signature entry
-are replaced by two buffers, the int8 weight (`<fqn>.int8`) and its per-channel fp32 scale
-(`<fqn>.scale`), which the artifact stores in safetensors like every other weight. A weight read
-by anything but linears is left alone. The node keeps its annotation (role, segment), gains the
-mode, and each linear's bytes before and after and its weight error are recorded for the
-manifest and `dacc inspect`.
+are replaced by the buffers its mode stores (`dacc/kernels/schemes.py`: for int8 `<fqn>.int8`
+and a per-channel fp32 `<fqn>.scale`; for int4 `<fqn>.int4`, two per byte, and per-group
+`<fqn>.scales`), which the artifact keeps in safetensors like every other weight. A weight read by
+anything but linears is left alone. The node keeps its annotation (role, segment), gains the mode,
+and each linear's bytes before and after and its weight error are recorded for the manifest and
+`dacc inspect`.
 
 Selection: every linear, minus `quantize.exclude` (glob patterns on the module path, e.g.
-`transformer_blocks.0.*`) and, unless `keep_fragile: false`, the layers known to be fragile:
-embedders, the final projection and adaptive-norm modulation, whose errors every token or every
-block inherits.
+`transformer_blocks.0.*`). The layers known to be fragile (embedders, the final projection and
+adaptive-norm modulation, whose errors every token or every block inherits) get
+`quantize.fragile`: weight-only int8 by default (their activations, which carry the timestep and
+the conditioning, are never quantized), full precision, or the plan's mode.
 """
 from __future__ import annotations
 
@@ -23,8 +25,7 @@ from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
-from dacc.kernels.int8 import dequantize_weight_int8, quantize_weight_int8
-from dacc.kernels.ops import QUANTIZED_LINEARS
+from dacc.kernels.schemes import SCHEMES, Scheme, Tensors, stored_bytes
 from dacc.schema.plan import Plan
 
 FRAGILE = ("*embed*", "proj_out", "norm_out.*", "*norm*.linear", "*norm*.linear_1", "*norm*.linear_2")
@@ -34,23 +35,29 @@ def _module_path(fqn: str) -> str:
     return fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
 
 
-def select(paths: list[str], plan: Plan) -> tuple[set[str], list[str]]:
-    """(module paths to quantize, warnings for exclude patterns that match nothing)."""
-    patterns = list(plan.quantize.exclude)
+def select(paths: list[str], plan: Plan) -> tuple[dict[str, str], list[str]]:
+    """({module path: mode} for the linears to quantize, warnings for exclude patterns that match
+    nothing)."""
+    q = plan.quantize
     warnings = []
-    for pat in patterns:
+    for pat in q.exclude:
         if not fnmatch.filter(paths, pat):
             near = difflib.get_close_matches(pat, paths, n=3, cutoff=0.3)
             warnings.append(f"warning: quantize.exclude pattern {pat!r} matches no linear"
                             + (f"; nearest paths: {', '.join(near)}" if near else ""))
-    if plan.quantize.keep_fragile:
-        patterns += FRAGILE
-    return {p for p in paths if not any(fnmatch.fnmatchcase(p, pat) for pat in patterns)}, warnings
+    chosen = {}
+    for path in paths:
+        if any(fnmatch.fnmatchcase(path, pat) for pat in q.exclude):
+            continue
+        fragile = any(fnmatch.fnmatchcase(path, pat) for pat in FRAGILE)
+        mode = q.mode if not fragile or q.fragile == "same" else q.fragile
+        if mode != "full":
+            chosen[path] = mode
+    return chosen, warnings
 
 
 def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
-    mode = plan.quantize.mode
-    if mode == "none":
+    if plan.quantize.mode == "none":
         return PassResult(False, ["quantize.mode none"])
     linears = [n for n in ir.compute_nodes() if ir.info(n).role == "linear" and ir.is_param(n.args[1])]
     by_weight: dict[Node, list[Node]] = {}
@@ -58,34 +65,41 @@ def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
         by_weight.setdefault(node.args[1], []).append(node)
     paths = sorted({_module_path(ir.param_of[w.name]) for w in by_weight})
     chosen, notes = select(paths, plan)
-    before = after = done = 0
+    before = after = 0
+    counts: dict[str, int] = {}
     for weight, users in by_weight.items():
         fqn = ir.param_of[weight.name]
-        if _module_path(fqn) not in chosen or len(weight.users) != len(users):
+        mode = chosen.get(_module_path(fqn))
+        if mode is None or len(weight.users) != len(users):
             continue
-        real = ir.param_tensor(weight).detach()
-        q, scale = quantize_weight_int8(real)
-        error = float((dequantize_weight_int8(q, scale, torch.float32) - real.float()).norm()
-                      / real.float().norm().clamp_min(1e-12))
-        qnode, snode = _replace_weight(ir, weight, fqn, q, scale)
+        scheme, real = SCHEMES[mode], ir.param_tensor(weight).detach()
+        why = scheme.unsupported(real, plan.quantize.group_size)
+        if why is not None:
+            notes.append(f"{_module_path(fqn)} stays full precision: {why}")
+            continue
+        tensors = scheme.quantize(real, plan.quantize.group_size)
+        error = float((scheme.dequantize(tensors) - real.float()).norm() / real.float().norm().clamp_min(1e-12))
+        nodes = _replace_weight(ir, weight, fqn, tensors)
         for node in users:
-            _rewrite(ir, node, mode, qnode, snode, real, q, scale, error)
+            _rewrite(ir, node, scheme, nodes, real, tensors, error)
         before += real.numel() * real.element_size()
-        after += q.numel() + scale.numel() * 4
-        done += 1
-    notes.insert(0, f"{mode}: {done} of {len(by_weight)} linear weights quantized, "
+        after += stored_bytes(tensors)
+        counts[mode] = counts.get(mode, 0) + 1
+    done = sum(counts.values())
+    modes = ", ".join(f"{n} {m}" for m, n in counts.items())
+    notes.insert(0, f"{done} of {len(by_weight)} linear weights quantized ({modes or 'none'}), "
                     f"{before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB")
     return PassResult(done > 0, notes)
 
 
-def _replace_weight(ir: ProgramIR, weight: Node, fqn: str, q: torch.Tensor, scale: torch.Tensor) -> tuple[Node, Node]:
-    """Swap the weight's placeholder and signature entry for two persistent buffers."""
+def _replace_weight(ir: ProgramIR, weight: Node, fqn: str, tensors: Tensors) -> list[Node]:
+    """Swap the weight's placeholder and signature entry for persistent buffers, one per tensor."""
     ep, graph = ir.ep, ir.graph
     fake_mode = weight.meta["val"].fake_mode
     specs = ep.graph_signature.input_specs
     index = next(i for i, s in enumerate(specs) if s.arg.name == weight.name)
     new_nodes = []
-    for suffix, tensor in (("int8", q), ("scale", scale)):
+    for suffix, tensor in tensors.items():
         target = f"{fqn}.{suffix}"
         with graph.inserting_before(weight):
             node = graph.placeholder(f"{weight.name}_{suffix}")
@@ -94,23 +108,22 @@ def _replace_weight(ir: ProgramIR, weight: Node, fqn: str, q: torch.Tensor, scal
         ep.state_dict[target] = tensor
         ir.param_of[node.name] = target
         new_nodes.append(node)
-    return new_nodes[0], new_nodes[1]
+    return new_nodes
 
 
-def _rewrite(ir: ProgramIR, node: Node, mode: str, qnode: Node, snode: Node, real: torch.Tensor, q: torch.Tensor,
-             scale: torch.Tensor, error: float) -> None:
-    op, weight = QUANTIZED_LINEARS[mode], node.args[1]
+def _rewrite(ir: ProgramIR, node: Node, scheme: Scheme, qnodes: list[Node], real: torch.Tensor, tensors: Tensors,
+             error: float) -> None:
+    op, weight = scheme.op, node.args[1]
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
     with ir.graph.inserting_after(node):
-        new = ir.graph.call_function(op, (x, qnode, snode, bias))
+        new = ir.graph.call_function(op, (x, *qnodes, bias))
     new.meta = dict(node.meta)
     with weight.meta["val"].fake_mode:
-        new.meta["val"] = op(x.meta["val"], qnode.meta["val"], snode.meta["val"],
+        new.meta["val"] = op(x.meta["val"], *(q.meta["val"] for q in qnodes),
                              bias.meta["val"] if isinstance(bias, Node) else None)
     info = ir.info(node)
-    info.detail = {**info.detail, "quant": mode,
-                   "bytes_before": real.numel() * real.element_size(), "bytes_after": q.numel() + scale.numel() * 4,
-                   "weight_error": round(error, 6)}
+    info.detail = {**info.detail, "quant": scheme.mode, "bytes_before": real.numel() * real.element_size(),
+                   "bytes_after": stored_bytes(tensors), "weight_error": round(error, 6)}
     ir.set_info(new, info)
     node.replace_all_uses_with(new)
     for spec in ir.ep.graph_signature.output_specs:  # the final projection may be the graph's output

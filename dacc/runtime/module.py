@@ -10,6 +10,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from dacc.runtime.cache import Action, Computed, GateState, decide, measure, record, skipped_residuals
+from dacc.kernels.ops import missing_support
+from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.program import ProgramRunner
@@ -164,9 +166,9 @@ class CompiledTransformer(torch.nn.Module):
             run(0, len(specs))
         else:
             state = self._gate_states.setdefault((self._context, index), GateState())
-            if counter.fresh:
-                state.new_generation()
             run(0, gate.skip_first)
+            if counter.fresh:  # a new generation (new sizes start one too: StepCounter.advance)
+                state.new_generation()
             probe, stat = measure(gate, state, env)
             action = decide(gate, state, counter.step, self.manifest.num_inference_steps, probe, stat)
             if action is Action.COMPUTE:
@@ -276,12 +278,25 @@ def _is_empty(v: Any) -> bool:
     return isinstance(v, (dict, list, tuple)) and not v
 
 
+def _check_kernels(manifest: Manifest, where: str) -> None:
+    """A quantized linear needs torch's integer or float8 matmul: refuse early, by name."""
+    for mode in sorted({s.quant for spec in manifest.programs for s in spec.linears if s.quant != "none"}):
+        scheme = SCHEMES.get(mode)
+        why = f"it uses quantize mode '{mode}', unknown to this dacc" if scheme is None else \
+            missing_support(scheme.op_name)
+        if why:
+            raise DaccError(f"this artifact cannot run here: {why}", where,
+                            f"install torch {manifest.torch_version} (the version that compiled it), or "
+                            "recompile with another quantize.mode")
+
+
 def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *,
          _allow_incomplete: bool = False) -> CompiledTransformer:
     """Load an artifact written by `dacc compile`: verifies the signature (with `trusted_keys`) and
     hashes, reads programs by allow-list, never unpickles or runs code from the artifact."""
     root = Path(path)
     manifest = read_manifest(root, trusted_keys, allow_incomplete=_allow_incomplete)
+    _check_kernels(manifest, str(root))
     weights = load_weights(root, WEIGHTS_FILE)
     shared: dict[str, torch.nn.Parameter] = {}
     runners, out_specs = [], []

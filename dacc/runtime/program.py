@@ -43,14 +43,14 @@ def _fetch(root: torch.nn.Module, target: str) -> torch.Tensor:
     return root
 
 
-def _boundaries(nodes: list[fx.Node]) -> tuple[list[str], list[str]]:
+def _boundaries(nodes: list[fx.Node], gate_reads: set[str]) -> tuple[list[str], list[str]]:
     inside = set(nodes)
     inputs: list[str] = []
     for n in nodes:
         for inp in n.all_input_nodes:
             if inp not in inside and inp.op != "get_attr" and inp.name not in inputs:
                 inputs.append(inp.name)
-    outputs = [n.name for n in nodes if any(u not in inside for u in n.users)]
+    outputs = [n.name for n in nodes if any(u not in inside for u in n.users) or n.name in gate_reads]
     return inputs, outputs
 
 
@@ -71,8 +71,9 @@ class ProgramRunner(torch.nn.Module):
                     raise DaccError(f"graph node {node.name} has segment {label!r} unknown to the manifest", where)
                 members[label].append(node)
         segments, self._weight_targets = [], []
+        gate_reads = spec.cache.reads() if spec.cache is not None else set()
         for seg in spec.segments:
-            found = _boundaries(members[seg.name])
+            found = _boundaries(members[seg.name], gate_reads)
             if found != (seg.inputs, seg.outputs):
                 raise DaccError(f"segment {seg.name}: graph boundaries {found} differ from the manifest", where)
             module, targets = _cut(gm, seg, members[seg.name])

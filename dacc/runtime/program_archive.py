@@ -48,6 +48,9 @@ _OPERATOR_FNS = {"getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "
 _TORCH_FNS = {"sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt", "_sym_sqrt"}
 _MATH_FNS = {"ceil", "floor", "trunc", "sqrt"}
 _OP_NAMESPACES = ("aten", "dacc")
+# Region markers torch.export keeps around a subgraph (autocast, no_grad inside a model); the
+# subgraph is a nested graph of the same JSON, whose nodes are checked like any other.
+_HIGHER_ORDER = {"wrap_with_autocast", "wrap_with_set_grad_enabled"}
 _DENIED_ATEN = {"from_file"}  # reads a file named in the graph
 
 # The sympy grammar torch writes for symbolic sizes (srepr): calls, keyword flags, symbol names, numbers.
@@ -61,7 +64,7 @@ _SYMPY_CALLS = {
 _SYMPY_ATOMS = {"true", "false", "oo", "zoo", "nan", "int_oo", "IntInfinity", "NegativeIntInfinity",
                 "Infinity", "NegativeInfinity", "BooleanTrue", "BooleanFalse", "True", "False", "S"}
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>-?\d+(?:\.\d+)?(?:e-?\d+)?)"
-                    r"|(?P<str>'[a-z]{1,4}\d{1,9}')|(?P<punct>[(),=]))")
+                    r"|(?P<str>'[a-z]{1,4}\d{1,9}')|(?P<quoted>'-?\d+(?:\.\d+)?(?:e-?\d+)?')|(?P<punct>[(),=]))")
 _POWERS = {"Pow", "PowByNatural", "FloatPow", "LShift"}  # their second argument is an exponent
 MAX_EXPR_CHARS = 20_000
 MAX_EXPR_DEPTH = 64
@@ -152,6 +155,7 @@ def check_target(target: str, where: str) -> None:
         (len(parts) == 5 and parts[:2] == ["torch", "ops"] and parts[2] in _OP_NAMESPACES
          and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts[3:])
          and not (parts[2] == "aten" and parts[3] in _DENIED_ATEN))
+        or (len(parts) == 4 and parts[:3] == ["torch", "ops", "higher_order"] and parts[3] in _HIGHER_ORDER)
         or (len(parts) == 2 and parts[0] == "_operator" and parts[1] in _OPERATOR_FNS)
         or (len(parts) == 2 and parts[0] == "torch" and parts[1] in _TORCH_FNS)
         or (len(parts) == 2 and parts[0] == "math" and parts[1] in _MATH_FNS))
@@ -211,6 +215,10 @@ class _Parser:
             return tok
         if kind == "str":
             return tok
+        if kind == "quoted":  # Float('0.5', precision=53)
+            if len(tok) > MAX_DIGITS:
+                raise self.fail("a number is too long")
+            return tok.strip("'")
         if kind != "name":
             raise self.fail(f"unexpected {tok!r}")
         if tok in _SYMPY_ATOMS:
@@ -223,9 +231,11 @@ class _Parser:
         while self.peek() != ("punct", ")"):
             if self.peek() and self.peek()[0] == "name" and self.i + 1 < len(self.tokens) \
                     and self.tokens[self.i + 1] == ("punct", "="):
-                self.i += 2  # an assumption flag: positive=True
-                if self.next() not in (("name", "True"), ("name", "False")):
-                    raise self.fail("a keyword argument must be True or False")
+                self.i += 2  # an assumption flag (positive=True) or a Float's precision=53
+                flag = self.next()
+                if flag not in (("name", "True"), ("name", "False")) \
+                        and not (flag[0] == "num" and flag[1].isdigit() and int(flag[1]) <= 1024):
+                    raise self.fail("a keyword argument must be True, False or a small integer")
             else:
                 args.append(self.value(depth + 1))
             if self.peek() == ("punct", ","):
@@ -242,10 +252,11 @@ def _small_exponent(args: list[Any]) -> bool:
     if len(args) != 2:
         return False
     exp = args[1]
-    if isinstance(exp, tuple) and exp[0] == "Integer" and len(exp[1]) == 1 and isinstance(exp[1][0], str):
+    if isinstance(exp, tuple) and exp[0] in ("Integer", "Float") and len(exp[1]) == 1 \
+            and isinstance(exp[1][0], str):
         exp = exp[1][0]
     try:
-        return abs(int(exp)) <= MAX_POW_EXPONENT
+        return abs(float(exp)) <= MAX_POW_EXPONENT
     except (TypeError, ValueError):
         return False
 
@@ -273,12 +284,13 @@ def deserialize_program(data: dict[str, Any], weights: dict[str, torch.Tensor], 
             raise _refuse(f"the program signature has an input of kind {kind!r} dacc does not load", where)
         if fqn not in weights:
             raise DaccError(f"weight '{fqn}' of the program is missing from the weights file", where, RECOMPILE)
+        tensor = _as_declared(weights[fqn], _declared_dtype(data, body), fqn, where)
         if kind == "parameter":
-            state_dict[fqn] = torch.nn.Parameter(weights[fqn], requires_grad=False)
+            state_dict[fqn] = torch.nn.Parameter(tensor, requires_grad=False)
         elif kind == "buffer" and body.get("persistent", True):
-            state_dict[fqn] = weights[fqn]
+            state_dict[fqn] = tensor
         else:
-            constants[fqn] = weights[fqn]
+            constants[fqn] = tensor
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, data)
         ep = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
@@ -290,6 +302,33 @@ def deserialize_program(data: dict[str, Any], weights: dict[str, torch.Tensor], 
     return ep
 
 
+_COMPLEX = {"COMPLEXHALF": torch.complex32, "COMPLEXFLOAT": torch.complex64, "COMPLEXDOUBLE": torch.complex128}
+
+
+def _declared_dtype(data: dict[str, Any], body: dict[str, Any]) -> int | None:
+    """The dtype the graph declares for an input (its placeholder's tensor meta), if readable."""
+    arg = body.get("arg")
+    name = arg.get("name") if isinstance(arg, dict) else None
+    values = data["graph_module"].get("graph", {}).get("tensor_values", {})
+    meta = values.get(name) if isinstance(values, dict) and isinstance(name, str) else None
+    return meta.get("dtype") if isinstance(meta, dict) else None
+
+
+def _as_declared(t: torch.Tensor, dtype: int | None, fqn: str, where: str) -> torch.Tensor:
+    """safetensors has no complex dtypes: the compiler stores a complex weight as (real, imag)
+    pairs, and the graph's declared dtype says to view it back."""
+    from torch._export.serde.schema import ScalarType
+
+    name = next((e.name for e in ScalarType if e.value == dtype), None)
+    if name not in _COMPLEX:
+        return t
+    if t.is_complex():
+        return t
+    if t.dim() == 0 or t.shape[-1] != 2 or not t.is_floating_point():
+        raise _refuse(f"weight '{fqn}' is declared complex but stored as {tuple(t.shape)} {t.dtype}", where)
+    return torch.view_as_complex(t.contiguous())
+
+
 def check_graph(ep: ExportedProgram, where: str) -> None:
     """The rebuilt graph calls only what `check_target` allowed (a second line of defence)."""
     import math
@@ -297,11 +336,17 @@ def check_graph(ep: ExportedProgram, where: str) -> None:
 
     python_fns = {getattr(operator, n) for n in _OPERATOR_FNS} | {getattr(math, n) for n in _MATH_FNS} \
         | {getattr(torch, n) for n in _TORCH_FNS if hasattr(torch, n)}
-    for node in ep.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        t = node.target
-        if node.op == "call_function" and (
-                (isinstance(t, torch._ops.OpOverload) and t.namespace in _OP_NAMESPACES) or t in python_fns):
-            continue
-        raise _refuse(f"the program has a {node.op} node {node.name} calling {t!r}, which dacc does not load", where)
+    regions = {getattr(torch.ops.higher_order, n) for n in _HIGHER_ORDER}
+    for gm in ep.graph_module.modules():  # the top graph and the subgraphs of region markers
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise _refuse(f"the program holds a module of type {type(gm).__name__}, which dacc does not load", where)
+        for node in gm.graph.nodes:
+            t = node.target
+            if node.op in ("placeholder", "output") or (
+                    node.op == "get_attr" and isinstance(getattr(gm, t, None), torch.fx.GraphModule)) or (
+                    node.op == "call_function" and (
+                    (isinstance(t, torch._ops.OpOverload) and t.namespace in _OP_NAMESPACES)
+                    or t in python_fns or t in regions)):
+                continue
+            raise _refuse(f"the program has a {node.op} node {node.name} calling {t!r}, which dacc does not load",
+                          where)

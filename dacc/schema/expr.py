@@ -250,6 +250,7 @@ def to_tree(expr: Any) -> Tree:
         return ["sym", expr.name]
     table = [(sympy.Add, "add"), (sympy.Mul, "mul"), (sympy.Pow, "pow"), (tfn.FloorDiv, "floordiv"),
              (tfn.PythonMod, "mod"), (tfn.Mod, "mod"), (sympy.Mod, "mod"), (sympy.Max, "max"), (sympy.Min, "min"),
+             (tfn.Max, "max"), (tfn.Min, "min"),  # torch keeps its own Min/Max, not sympy's
              (sympy.Eq, "eq"), (sympy.Ne, "ne"), (sympy.StrictLessThan, "lt"), (sympy.LessThan, "le"),
              (sympy.StrictGreaterThan, "gt"), (sympy.GreaterThan, "ge"), (sympy.And, "and"), (sympy.Or, "or"),
              (sympy.Not, "not"), (tfn.TruncToInt, "trunc"), (tfn.ToFloat, "tofloat"), (tfn.FloatPow, "floatpow"),

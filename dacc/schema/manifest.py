@@ -131,6 +131,11 @@ class CacheGate:
     max_continuous_cached_steps: int  # -1 = unlimited
     calibration: dict[str, Any] = field(default_factory=dict)  # how the knobs were chosen, measured results
 
+    def reads(self) -> set[str]:
+        """Values the gate reads between segments. Each is an output of the segment computing it
+        even where no later node uses it (a `cache_base` copy exists only for the gate)."""
+        return set(self.stream_in) | set(self.probe_values) | set(self.probe_base)
+
 
 @dataclass
 class ProgramSpec:

@@ -22,7 +22,8 @@ from dacc.schema.plan_yaml import read_plan_data
 
 CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
-QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic")
+QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
+FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
 
 
 class _Strict(BaseModel):
@@ -97,7 +98,10 @@ class ParallelPlan(_Strict):
 class QuantizePlan(_Strict):
     mode: Literal[QUANTIZE_MODES] = "none"  # type: ignore[valid-type]
     exclude: list[str] = Field(default_factory=list)  # glob patterns on linear module paths
-    keep_fragile: bool = True  # embedders, the final projection and adaptive-norm modulation stay full precision
+    # embedders, the final projection and adaptive-norm modulation: weight-only int8 (activations
+    # untouched), full precision, or the same mode as the rest
+    fragile: Literal[FRAGILE_MODES] = "int8_weight"  # type: ignore[valid-type]
+    group_size: Literal[32, 64, 128] = 64  # int4_weight: input weights per scale
 
 
 class Plan(_Strict):

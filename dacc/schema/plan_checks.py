@@ -165,12 +165,15 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     if getattr(options, "rescale", None) is not None and "calibration_seeds" in given:
         out.append((("cache", "options", "calibration_seeds"), "cache.options.calibration_seeds only applies "
                     "when the rescale polynomial is calibrated, and cache.options.rescale gives it (remove one)"))
-    if plan.quantize.mode == "none" and plan.quantize.exclude:
-        out.append((("quantize", "exclude"), "quantize.exclude has no effect with quantize.mode 'none' "
-                    "(remove it)"))
-    if plan.quantize.mode == "none" and not plan.quantize.keep_fragile:
-        out.append((("quantize", "keep_fragile"), "quantize.keep_fragile has no effect with quantize.mode 'none' "
-                    "(remove it)"))
+    q, defaults = plan.quantize, type(plan.quantize)()
+    # by value, not by presence: a plan dumped with every default (the artifact's plan.yaml) reads back
+    changed = [k for k in ("exclude", "fragile", "group_size") if getattr(q, k) != getattr(defaults, k)]
+    for knob in changed:
+        if q.mode == "none":
+            out.append((("quantize", knob), f"quantize.{knob} has no effect with quantize.mode 'none' (remove it)"))
+        elif knob == "group_size" and q.mode != "int4_weight":
+            out.append((("quantize", knob), f"quantize.group_size applies to int4_weight only, not to "
+                        f"quantize.mode '{q.mode}' (remove it)"))
     if c.warmup + c.cooldown > plan.num_inference_steps:
         out.append((("cache", "warmup"), f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
                     f"num_inference_steps ({plan.num_inference_steps}) (lower warmup/cooldown or raise "

@@ -138,3 +138,10 @@ class _PlanLoader(_BASE):  # type: ignore[misc, valid-type]
                                 f"{self.plan_source}:{line}", "keep one of them") from None
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads `1e9` and `1.0e9` as strings, unlike YAML 1.2 and every other reader a
+# user would check a plan with; a threshold written that way is a number.
+_PlanLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))

@@ -3,35 +3,51 @@ same quantization on fresh inputs, selection by pattern, and the manifest's byte
 from __future__ import annotations
 
 import copy
+import re
+import fnmatch
 
 import pytest
 import torch
 import yaml
 
 import dacc
-from dacc.compiler.compile import compile_model
+from dacc.compiler.compile import TracedModel, compile_model, trace_model
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.model_file import load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.pipeline import PIPELINE
 from dacc.compiler.trace import export_program
-from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference, quantize_weight_int8
+from dacc.kernels.fp8 import linear_fp8_dynamic_reference
+from dacc.kernels.int4 import linear_int4_weight_reference
+from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
+from dacc.kernels.schemes import SCHEMES
 from dacc.models import model_file
+from dacc.passes.quantize_linears import FRAGILE
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import parse_plan
 from tests.conftest import fresh_like, rel_err
 
-MODES = ("int8_weight", "int8_dynamic")
+REFERENCES = {"int8_weight": linear_int8_weight_reference, "int8_dynamic": linear_int8_dynamic_reference,
+              "fp8_dynamic": linear_fp8_dynamic_reference, "int4_weight": linear_int4_weight_reference}
+# how far a quantized model may be from the float one here (random weights, every layer quantized
+# but the fragile ones); the bench measures PSNR on trained models
+DISTANCE = {"int8_weight": 0.02, "int8_dynamic": 0.05, "fp8_dynamic": 0.1, "int4_weight": 0.3}
+
+
+_TRACES: dict[str, TracedModel] = {}
 
 
 def _compile(tmp_path, family, quantize: str):
+    """Compile with one shared trace per family (the passes work on a copy of it)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"num_inference_steps: 10\nquantize: {quantize}\n")
     out = tmp_path / f"{family}.dacc"
     notes = []
-    manifest = compile_model(model_file(family), plan, out, log=notes.append)
+    if family not in _TRACES:
+        _TRACES[family] = trace_model(model_file(family), log=notes.append)
+    manifest = compile_model(model_file(family), plan, out, log=notes.append, traced=_TRACES[family])
     return manifest, out, notes
 
 
@@ -46,28 +62,29 @@ def artifacts(tmp_path_factory):
     return get
 
 
-def _emulate(model, manifest, mode):
-    """The eager model whose selected nn.Linear modules compute the reference quantized formula
-    (the test's own copy, so nothing the user holds is touched): the graph rewrite must pick the
-    same linears, weights, biases and shapes."""
-    reference = {"int8_weight": linear_int8_weight_reference, "int8_dynamic": linear_int8_dynamic_reference}[mode]
+def _emulate(model, manifest, group=64):
+    """The eager model whose selected nn.Linear modules compute the reference formula of the mode
+    the manifest records for them (the test's own copy, so nothing the user holds is touched): the
+    graph rewrite must pick the same linears, modes, weights, biases and shapes."""
     model = copy.deepcopy(model)
     for site in manifest.programs[0].linears:
         if site.quant == "none":
             continue
         module = model.get_submodule(site.weight.removesuffix(".weight"))
-        q, scale = quantize_weight_int8(module.weight)
-        module.forward = lambda x, q=q, scale=scale, bias=module.bias: reference(x, q, scale, bias)
+        tensors = list(SCHEMES[site.quant].quantize(module.weight, group).values())
+        module.forward = lambda x, t=tensors, bias=module.bias, f=REFERENCES[site.quant]: f(x, *t, bias)
     return model
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family, mode", [("flux", m) for m in REFERENCES] + [("sd3", "int8_dynamic")])
 def test_artifact_matches_the_eager_emulation_on_fresh_inputs(artifacts, family, mode):
     manifest, out, _ = artifacts(family, mode)
+    sites = manifest.programs[0].linears
+    assert {s.quant for s in sites} - {"none"} == {mode, "int8_weight"}  # fragile: int8_weight
+    assert all(s.in_features % 64 for s in sites if s.quant == "none")  # int4's group must divide in_features
     mf = load_model_file(model_file(family))
     model = mf.build()
-    reference = _emulate(model, manifest, mode)
+    reference = _emulate(model, manifest)
     compiled = dacc.load(out)
     for seed, inputs in enumerate([mf.example_inputs(), *mf.more_example_inputs()]):
         inputs = fresh_like(inputs, seed=40 + seed)
@@ -77,21 +94,42 @@ def test_artifact_matches_the_eager_emulation_on_fresh_inputs(artifacts, family,
             plain = model(**inputs, return_dict=False)[0]
         got = compiled(**inputs, return_dict=False)[0]
         assert rel_err(got, want) < 1e-5
-        assert 1e-5 < rel_err(got, plain) < 0.05  # quantized: close to, but not, the float model
+        assert 1e-5 < rel_err(got, plain) < DISTANCE[mode]  # quantized: close to, but not, the float model
 
 
 def test_selection_fragile_layers_patterns_and_warnings(tmp_path):
     manifest, _, notes = _compile(tmp_path, "flux",
-                                  "{mode: int8_weight, exclude: ['single_transformer_blocks.*', 'transfomer_blocks.1.*']}")
-    sites = {s.weight.removesuffix(".weight"): s for s in manifest.programs[0].linears}
-    quantized = {p for p, s in sites.items() if s.quant == "int8_weight"}
-    assert quantized and all(p.startswith("transformer_blocks.") for p in quantized)
-    assert not any(".norm1" in p or "embed" in p for p in quantized)  # fragile layers kept
-    assert "transformer_blocks.1.attn.to_q" in quantized  # the misspelt pattern excluded nothing...
+                                  "{mode: int8_dynamic, exclude: ['single_transformer_blocks.*', 'transfomer_blocks.1.*']}")
+    sites = {s.weight.removesuffix(".weight"): s.quant for s in manifest.programs[0].linears}
+    dynamic = {p for p, m in sites.items() if m == "int8_dynamic"}
+    assert dynamic and all(p.startswith("transformer_blocks.") for p in dynamic)
+    fragile = {p for p, m in sites.items() if m == "int8_weight"}  # weight-only: activations untouched
+    assert "proj_out" in fragile and "transformer_blocks.0.norm1.linear" in fragile and "x_embedder" in fragile
+    assert not any(".norm1" in p or "embed" in p for p in dynamic)
+    assert all(m == "none" for p, m in sites.items() if p.startswith("single_transformer_blocks.") and p not in fragile)
+    assert "transformer_blocks.1.attn.to_q" in dynamic  # the misspelt pattern excluded nothing...
     warning = next(n for n in notes if "warning" in n)  # ...and says so, naming the nearest paths
     assert "'transfomer_blocks.1.*' matches no linear" in warning and "transformer_blocks.1" in warning
-    everything, _, _ = _compile(tmp_path / "all", "flux", "{mode: int8_weight, keep_fragile: false}")
-    assert all(s.quant == "int8_weight" for s in everything.programs[0].linears)
+    full, _, _ = _compile(tmp_path / "full", "flux", "{mode: int8_dynamic, fragile: full}")
+    known = {p for p in sites if any(fnmatch.fnmatchcase(p, pat) for pat in FRAGILE)}
+    assert fragile < known  # the excluded blocks' fragile layers stay excluded
+    assert {s.weight.removesuffix(".weight") for s in full.programs[0].linears if s.quant == "none"} == known
+    same, _, _ = _compile(tmp_path / "same", "flux", "{mode: int8_dynamic, fragile: same}")
+    assert all(s.quant == "int8_dynamic" for s in same.programs[0].linears)
+
+
+def test_int4_groups_bytes_and_the_linears_it_cannot_take(tmp_path):
+    manifest, _, notes = _compile(tmp_path, "flux", "{mode: int4_weight, fragile: same, group_size: 128}")
+    sites = manifest.programs[0].linears
+    for s in sites:
+        if s.in_features % 128:
+            assert s.quant == "none"
+            assert any(f"{s.weight.removesuffix('.weight')} stays full precision: in_features {s.in_features} "
+                       "is not a multiple of group_size 128" in n for n in notes)
+        else:
+            assert s.quant == "int4_weight"
+            assert s.bytes_after == s.out_features * s.in_features // 2 + s.out_features * s.in_features // 128 * 4
+    assert any(s.quant == "none" for s in sites) and any(s.quant == "int4_weight" for s in sites)
 
 
 def test_manifest_bytes_and_flops_after_the_rewrite(artifacts, compiled):
@@ -114,12 +152,18 @@ def test_rewritten_graph_text(golden):
                  on_graph=lambda i, name, text: graphs.__setitem__(name, text))
     text = graphs["quantize_linears"]
     golden(f"flux/quantize_int8_dynamic_{len(PIPELINE):02d}_quantize_linears.txt", text)
-    assert "dacc.linear_int8_dynamic" in text and "aten.linear" in text  # fragile linears stay float
+    assert "dacc.linear_int8_dynamic" in text and "aten.linear(" not in text
+    assert re.search(r"dacc\.linear_int8_weight\(%\w+, @proj_out\.weight\.int8,", text)  # fragile: weight-only
 
 
 @pytest.mark.parametrize("text, message", [
     ("quantize: {mode: int4}", "quantize.mode"),
-    ("quantize: {mode: int8_weight, keep_fragile: 1}", "keep_fragile"),
+    ("quantize: {mode: int8_weight, fragile: 1}", "quantize.fragile"),
+    ("quantize: {mode: int8_weight, fragile: bf16}", "'int8_weight', 'full' or 'same'"),
+    ("quantize: {mode: int4_weight, group_size: 48}", "quantize.group_size"),
+    ("quantize: {mode: int8_dynamic, group_size: 128}", "group_size applies to int4_weight only"),
+    ("quantize: {fragile: full}", "quantize.fragile has no effect with quantize.mode 'none'"),
+    ("quantize: {exclude: ['x.*']}", "quantize.exclude has no effect with quantize.mode 'none'"),
 ])
 def test_bad_quantize_plans(text, message):
     with pytest.raises(DaccError, match=message):
@@ -134,9 +178,4 @@ def test_inspect_shows_each_linear(artifacts, capsys):
     done = [s for s in manifest.programs[0].linears if s.quant != "none"]
     assert f"{len(done)} quantized" in text
     assert any(line.split()[:2] == ["transformer_blocks.0.attn.to_q", "int8_dynamic"] for line in text.splitlines())
-    assert any(line.split()[:3] == ["proj_out", "none", "32"] and "full precision" in line for line in text.splitlines())
-
-
-def test_keep_fragile_without_a_mode_is_a_conflict():
-    with pytest.raises(DaccError, match="keep_fragile has no effect with quantize.mode 'none'"):
-        parse_plan(yaml.safe_load("quantize: {keep_fragile: false}"))
+    assert any(line.split()[:2] == ["proj_out", "int8_weight"] for line in text.splitlines())

@@ -223,3 +223,39 @@ def test_the_attacks_are_real_under_torch_export_load(artifact, compiled, tmp_pa
     assert marker.exists()
     with pytest.raises(DaccError):
         dacc.load(artifact)
+
+
+def _region(inner_target: str) -> dict:
+    """A program JSON with an autocast region whose subgraph calls `inner_target`."""
+    inner = {"target": inner_target, "inputs": [], "outputs": []}
+    region = {"target": "torch.ops.higher_order.wrap_with_autocast",
+              "inputs": [{"name": "body", "arg": {"as_graph": {"name": "body", "graph": {"nodes": [inner]}}}}]}
+    return {"graph_module": {"graph": {"nodes": [region]}}}
+
+
+def test_a_subgraph_inside_an_autocast_region_is_checked_like_the_graph():
+    from dacc.runtime.program_archive import check_program_json
+
+    check_program_json(_region("torch.ops.aten.mm.default"), "p")  # Mochi's autocast regions load
+    with pytest.raises(DaccError, match="calls 'torch.os.system'"):
+        check_program_json(_region("torch.os.system"), "p")
+    doc = _region("torch.ops.aten.mm.default")
+    doc["graph_module"]["graph"]["nodes"][0]["target"] = "torch.ops.higher_order.invoke_subgraph_that_runs"
+    with pytest.raises(DaccError, match="not an operator dacc loads"):
+        check_program_json(doc, "p")
+
+
+@pytest.mark.parametrize("expr, ok", [
+    ("FloatPow(Integer(3), Float('0.5', precision=53))", True),  # Mochi's RoPE scale
+    ("FloatPow(Integer(3), Float('1e300', precision=53))", False),
+    ("Float('0.5', precision=__import__)", False),
+    ("Float('0.5', precision=99999)", False),
+])
+def test_float_literals_are_read_with_bounded_exponents(expr, ok):
+    from dacc.runtime.program_archive import check_sympy_text
+
+    if ok:
+        check_sympy_text(expr, "p")
+    else:
+        with pytest.raises(DaccError, match="is not allowed|unexpected"):
+            check_sympy_text(expr, "p")

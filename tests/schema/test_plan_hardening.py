@@ -68,6 +68,16 @@ def test_an_integer_is_a_valid_number(tmp_path):
              "allowed: true or false")
 
 
+@pytest.mark.parametrize("text, value", [("1e9", 1e9), ("1.0e9", 1e9), ("-2.5E-3", -2.5e-3), ("1.0e+9", 1e9)])
+def test_exponent_notation_is_a_number_as_in_yaml_1_2(tmp_path, text, value):
+    plan = _loads(tmp_path, f"cache: {{strategy: dbcache, options: {{threshold: {text}}}}}\n") \
+        if value >= 0 else None
+    if plan is not None:
+        assert plan.cache.options == {"threshold": value}
+    else:  # a negative threshold is refused by its range, so it was read as a number
+        _refused(tmp_path, f"cache: {{strategy: dbcache, options: {{threshold: {text}}}}}\n", ">= 0.0")
+
+
 def test_duplicate_keys_name_the_key_and_both_lines(tmp_path):
     _refused(tmp_path, "num_inference_steps: 20\ncache:\n  strategy: dbcache\n  strategy: scm\n",
              "duplicate key 'strategy' (first given on line 3)", "plan.yaml:4")

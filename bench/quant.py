@@ -1,0 +1,210 @@
+"""Quantized linears: quality on the trained demo model and speed on a larger Flux config.
+
+    python bench/quant.py [--per-class 2] [--steps 50] [--seeds 100 101] [--rounds 5]
+
+Quality: every quantize mode with the default selection (and the demo's recommended cache plan
+with int8_dynamic), PSNR/SSIM against the unquantized model's output and conditional accuracy,
+on seeds no compile step ever used (nothing here calibrates), and the bytes the artifact stores
+for the whole model against fp32. Speed: `bench/flux_large.py` (hidden 1024, 1152 tokens, batch
+2) compiled with each mode, calls interleaved round by round against eager (median of `rounds`,
+eager measured in every round), and each linear shape timed alone (fp32 `F.linear` vs the dacc
+operator) with its matmul FLOPs. Writes bench/results/quant.json and quant.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors import safe_open
+from torch.utils.flop_counter import FlopCounterMode
+
+import dacc
+from common import RESULTS, finite
+from dacc.compiler.compile import compile_model
+from dacc.compiler.model_file import load_model_file
+from dacc.demo import DEMO_MODEL
+from dacc.kernels.schemes import SCHEMES
+from dacc.metrics import conditional_accuracy, psnr, ssim
+from dacc.models.demo import load_encoder, load_transformer
+from dacc.models.demo.classifier import load_classifier
+from dacc.models.demo.sampler import generate
+from dacc.schema.manifest import WEIGHTS_FILE
+
+MODES = ("int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
+LARGE = Path(__file__).parent / "flux_large.py"
+RECOMMENDED = yaml.safe_load((Path(DEMO_MODEL).parent / "plan.yaml").read_text())["cache"]
+
+
+def compile_plan(model: Path, out: Path, quantize: dict, cache: dict | None = None, steps: int = 50) -> Path:
+    plan = out.with_suffix(".yaml")
+    plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "quantize": quantize,
+                                    "cache": cache or {"strategy": "none"}}))
+    compile_model(model, plan, out, force=True, log=lambda m: None)
+    return out
+
+
+def stored_bytes(artifact: Path) -> int:
+    """Tensor bytes in the artifact's weights file (every weight of the model, quantized or not)."""
+    with safe_open(str(artifact / WEIGHTS_FILE), "pt") as f:
+        return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in f.keys()))
+
+
+def quality(args, tmp: Path) -> dict:
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    encoder, classifier, eager = load_encoder(), load_classifier(), load_transformer()
+    fp32_bytes = sum(t.numel() * 4 for t in [*eager.parameters(), *eager.buffers()])
+    refs = {s: generate(eager, encoder, labels, steps=args.steps, seed=s).images for s in args.seeds}
+    ref_acc = statistics.mean(conditional_accuracy(refs[s], labels, classifier) for s in args.seeds)
+    rows = []
+    configs = [(m, {"mode": m}, None) for m in MODES] + [
+        ("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
+        ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
+    for name, quantize, cache in configs:
+        model = dacc.load(compile_plan(Path(DEMO_MODEL), tmp / "q.dacc", quantize, cache, args.steps))
+        per_seed = []
+        for s in args.seeds:
+            model.reset()
+            images = generate(model, encoder, labels, steps=args.steps, seed=s).images
+            per_seed.append({"seed": s, "psnr": psnr(images, refs[s]), "ssim": ssim(images, refs[s]),
+                             "accuracy": conditional_accuracy(images, labels, classifier)})
+        sites = model.manifest.programs[0].linears
+        row = {"name": name, "quantize": quantize, "cache": cache,
+               "psnr_mean": statistics.mean(p["psnr"] for p in per_seed),
+               "psnr_worst": min(p["psnr"] for p in per_seed),
+               "ssim_mean": statistics.mean(p["ssim"] for p in per_seed),
+               "accuracy": statistics.mean(p["accuracy"] for p in per_seed),
+               "bytes_ratio": stored_bytes(tmp / "q.dacc") / fp32_bytes,
+               "modes": {m: sum(s.quant == m for s in sites) for m in {s.quant for s in sites}},
+               "per_seed": per_seed}
+        rows.append(row)
+        print(f"{name:40s} PSNR {row['psnr_mean']:6.2f} (worst {row['psnr_worst']:.2f})  "
+              f"acc {row['accuracy']:.3f}  bytes {row['bytes_ratio']:.3f}x", file=sys.stderr)
+    return {"model": "demo (trained Flux-architecture, 9.2 M parameters)", "samples_per_seed": len(labels),
+            "seeds": args.seeds, "steps": args.steps, "reference_accuracy": ref_acc, "rows": rows}
+
+
+def _call_seconds(model, inputs) -> float:
+    if hasattr(model, "reset"):
+        model.reset()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(**inputs)
+    return time.perf_counter() - start
+
+
+def speed(args, tmp: Path) -> dict:
+    mf = load_model_file(LARGE)
+    eager = mf.build()
+    inputs = mf.module.bench_inputs(7)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        eager(**inputs)
+    models = {"fp32 eager": eager}
+    for mode in ("none", *MODES):
+        start = time.perf_counter()
+        models[mode if mode != "none" else "dacc empty plan"] = dacc.load(
+            compile_plan(LARGE, tmp / f"large-{mode}.dacc", {"mode": mode}, steps=10))
+        print(f"compiled {mode} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for m in models.values():  # warm-up
+        _call_seconds(m, inputs)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(args.rounds):  # interleaved, rotating order: drift hits every model alike
+        names = list(models)
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            times[name].append(_call_seconds(models[name], inputs))
+    base = statistics.median(times["fp32 eager"])
+    calls = {k: {"median_s": statistics.median(v), "speedup": base / statistics.median(v), "all_s": v}
+             for k, v in times.items()}
+    for k, v in calls.items():
+        print(f"{k:20s} {v['median_s']:.3f} s  {v['speedup']:.2f}x", file=sys.stderr)
+    return {"model": "bench/flux_large.py (hidden 1024, 2+4 blocks, 1024+128 tokens, batch 2, 132 M params)",
+            "matmul_flops_per_call": counter.get_total_flops(), "rounds": args.rounds, "calls": calls,
+            "layers": layer_times(eager, models, inputs)}
+
+
+def layer_times(eager, models, inputs) -> list[dict]:
+    """Each distinct linear shape alone: fp32 F.linear against every mode's operator, interleaved."""
+    tokens = inputs["hidden_states"].shape[0] * (inputs["hidden_states"].shape[1] + inputs["encoder_hidden_states"].shape[1])
+    shapes = sorted({tuple(m.weight.shape) for m in eager.modules() if isinstance(m, torch.nn.Linear)
+                     and m.weight.shape[1] >= 512})
+    rows = []
+    for out_f, in_f in shapes:
+        g = torch.Generator().manual_seed(out_f + in_f)
+        x, w, b = torch.randn(tokens, in_f, generator=g), torch.randn(out_f, in_f, generator=g) * in_f ** -0.5, \
+            torch.randn(out_f, generator=g)
+        fns = {"fp32": lambda: F.linear(x, w, b)}
+        for mode in MODES:
+            t = list(SCHEMES[mode].quantize(w, 64).values())
+            fns[mode] = (lambda op=SCHEMES[mode].op, t=t: op(x, *t, b))
+        seconds = {k: [] for k in fns}
+        for _ in range(2):
+            for f in fns.values():
+                f()
+        for _ in range(7):
+            for k, f in fns.items():
+                start = time.perf_counter()
+                f()
+                seconds[k].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        rows.append({"tokens": tokens, "in": in_f, "out": out_f, "flops": 2 * tokens * in_f * out_f,
+                     "seconds": med, "speedup": {k: med["fp32"] / v for k, v in med.items() if k != "fp32"}})
+        print(f"linear {in_f}->{out_f}: " + "  ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items()), file=sys.stderr)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    q, s = report["quality"], report["speed"]
+    lines = [f"Quality: {q['model']}, {q['steps']} steps, {q['samples_per_seed']} samples on each of seeds "
+             f"{q['seeds']} (never used by any compile step); PSNR/SSIM against the unquantized output; "
+             f"unquantized accuracy {100 * q['reference_accuracy']:.1f}%.", "",
+             "| plan | PSNR dB (mean / worst seed) | SSIM | cond. acc | stored bytes vs fp32 | linears by mode |",
+             "|---|---|---|---|---|---|"]
+    for r in q["rows"]:
+        modes = ", ".join(f"{n} {m}" for m, n in sorted(r["modes"].items()))
+        lines.append(f"| {r['name']} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} | {r['ssim_mean']:.4f} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['bytes_ratio']:.3f}x | {modes} |")
+    lines += ["", f"Speed: {s['model']}, {report['threads']} CPU threads, median of {s['rounds']} interleaved "
+              f"calls; {s['matmul_flops_per_call'] / 1e9:.0f} GFLOP (matmul) per call.", "",
+              "| run | seconds per call | vs fp32 eager |", "|---|---|---|"]
+    for k, v in s["calls"].items():
+        lines.append(f"| {k} | {v['median_s']:.3f} | {v['speedup']:.2f}x |")
+    lines += ["", "| linear (tokens x in -> out) | fp32 ms | " + " | ".join(MODES) + " |",
+              "|---|---|" + "---|" * len(MODES)]
+    for r in s["layers"]:
+        lines.append(f"| {r['tokens']} x {r['in']} -> {r['out']} | {r['seconds']['fp32'] * 1e3:.1f} | "
+                     + " | ".join(f"{r['seconds'][m] * 1e3:.1f} ({r['speedup'][m]:.2f}x)" for m in MODES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "quality": quality(args, Path(tmp)),
+                  "speed": None if args.skip_speed else speed(args, Path(tmp))}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quant.json").write_text(json.dumps(finite(report), indent=1) + "\n")
+    if report["speed"]:
+        (RESULTS / "quant.md").write_text(markdown(report))
+        print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

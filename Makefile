@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/dacc demo
 
+# Two workers (CI has two cores), each test file on one worker so module fixtures are built once.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Side-by-side with diffusers' cache hooks and cache-dit (peers come from the `bench` extra).
 bench: $(STAMP)

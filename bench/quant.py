@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dacc
 from common import RESULTS, finite
-from dacc.compiler.compile import compile_model
+from dacc.compiler.compile import TracedModel, compile_model, trace_model
 from dacc.compiler.model_file import load_model_file
 from dacc.demo import DEMO_MODEL
 from dacc.kernels.schemes import SCHEMES
@@ -44,11 +44,18 @@ LARGE = Path(__file__).parent / "flux_large.py"
 RECOMMENDED = yaml.safe_load((Path(DEMO_MODEL).parent / "plan.yaml").read_text())["cache"]
 
 
-def compile_plan(model: Path, out: Path, quantize: dict, cache: dict | None = None, steps: int = 50) -> Path:
+_TRACES: dict[Path, TracedModel] = {}
+
+
+def compile_plan(model: Path, out: Path, quantize: dict, cache: dict | None = None, steps: int = 50,
+                 log=lambda m: None) -> Path:
+    """Compile from one shared trace per model file."""
     plan = out.with_suffix(".yaml")
     plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "quantize": quantize,
                                     "cache": cache or {"strategy": "none"}}))
-    compile_model(model, plan, out, force=True, log=lambda m: None)
+    if model not in _TRACES:
+        _TRACES[model] = trace_model(model, log=lambda m: None)
+    compile_model(model, plan, out, force=True, log=log, traced=_TRACES[model])
     return out
 
 
@@ -66,10 +73,13 @@ def quality(args, tmp: Path) -> dict:
     ref_acc = statistics.mean(conditional_accuracy(refs[s], labels, classifier) for s in args.seeds)
     rows = []
     configs = [(m, {"mode": m}, None) for m in MODES] + [
+        ("int8_weight, target_psnr 35", {"mode": "int8_weight", "target_psnr": 35}, None),
+        ("int8_dynamic, target_psnr 35", {"mode": "int8_dynamic", "target_psnr": 35}, None),
         ("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
         ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
     for name, quantize, cache in configs:
-        model = dacc.load(compile_plan(Path(DEMO_MODEL), tmp / "q.dacc", quantize, cache, args.steps))
+        notes: list[str] = []
+        model = dacc.load(compile_plan(Path(DEMO_MODEL), tmp / "q.dacc", quantize, cache, args.steps, notes.append))
         per_seed = []
         for s in args.seeds:
             model.reset()
@@ -84,6 +94,7 @@ def quality(args, tmp: Path) -> dict:
                "accuracy": statistics.mean(p["accuracy"] for p in per_seed),
                "bytes_ratio": stored_bytes(tmp / "q.dacc") / fp32_bytes,
                "modes": {m: sum(s.quant == m for s in sites) for m in {s.quant for s in sites}},
+               "search": model.manifest.quantize_search,
                "per_seed": per_seed}
         rows.append(row)
         print(f"{name:40s} PSNR {row['psnr_mean']:6.2f} (worst {row['psnr_worst']:.2f})  "
@@ -170,6 +181,9 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|"]
     for r in q["rows"]:
         modes = ", ".join(f"{n} {m}" for m, n in sorted(r["modes"].items()))
+        if r["search"]:
+            modes += f"; search kept {', '.join(r['search']['kept']) or 'nothing'} in full precision " \
+                     f"(validated {r['search']['validation_psnr_mean']} dB)"
         lines.append(f"| {r['name']} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} | {r['ssim_mean']:.4f} | "
                      f"{100 * r['accuracy']:.1f}% | {r['bytes_ratio']:.3f}x | {modes} |")
     lines += ["", f"Speed: {s['model']}, {report['threads']} CPU threads, median of {s['rounds']} interleaved "

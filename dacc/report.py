@@ -51,6 +51,19 @@ def _linear_lines(prog: ProgramSpec) -> list[str]:
     return out + ["    " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _quantize_search_lines(q: dict) -> list[str]:
+    if not q:
+        return []
+    head = f"quantize search: target PSNR {q.get('target_psnr')} dB over {q.get('groups')} block groups"
+    if not q.get("met"):
+        return ["", head + ": not reachable, the artifact is not quantized"]
+    kept = q.get("kept") or []
+    return ["", head, f"  kept in full precision: {', '.join(kept) if kept else 'none'}",
+            f"  validation PSNR (seeds {q.get('validation_seeds')}): mean {q.get('validation_psnr_mean')} dB, "
+            f"worst seed {q.get('validation_psnr_worst')} dB; calibration (seeds {q.get('calibration_seeds')}): "
+            f"{q.get('calibration_psnr')}"]
+
+
 def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
@@ -60,6 +73,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
            f"steps     {m.num_inference_steps} per generation, timestep input: {m.timestep_input}",
            "passes    " + ", ".join(p.name for p in m.passes), "", "plan:"]
     out += ["  " + line for line in (root / PLAN_FILE).read_text().splitlines()]
+    out += _quantize_search_lines(m.quantize_search)
     for i, prog in enumerate(m.programs):
         env = example_symbols(prog)
         out += ["", f"program {i} ({prog.file})"]

@@ -10,8 +10,10 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter; chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: workers share the cores
+    torch.set_num_threads(1)
 
-from dacc.compiler.compile import compile_model
+from dacc.compiler.compile import TracedModel, compile_model, trace_model
 from dacc.compiler.model_file import load_model_file
 from dacc.models import model_file
 
@@ -42,6 +44,18 @@ def golden(request):
     return check
 
 
+_TRACES: dict[str, TracedModel] = {}
+
+
+def shared_trace(path) -> TracedModel:
+    """One trace of a model file per test process (`torch.export` is most of a compile's time);
+    `compile_model(..., traced=shared_trace(path))` runs the passes on a copy of it."""
+    key = str(path)
+    if key not in _TRACES:
+        _TRACES[key] = trace_model(path, log=lambda m: None)
+    return _TRACES[key]
+
+
 class Compiled:
     def __init__(self, family: str, path: Path):
         self.family = family
@@ -50,7 +64,8 @@ class Compiled:
         self.file = load_model_file(model_file(family))
         self.model = self.file.build()
         self.manifest = compile_model(model_file(family), None, path, log=lambda m: None,
-                                      on_graph=lambda p, i, name, text: self.graphs.__setitem__((p, i, name), text))
+                                      on_graph=lambda p, i, name, text: self.graphs.__setitem__((p, i, name), text),
+                                      traced=shared_trace(model_file(family)))
 
 
 @pytest.fixture(scope="session")

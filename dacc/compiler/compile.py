@@ -18,6 +18,7 @@ from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR, Traced
 from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
+from dacc.compiler.quant_search import choose_exclusions
 from dacc.compiler.pipeline import PIPELINE
 from dacc.compiler.printer import print_graph
 from dacc.compiler.segments import segment_specs, sites
@@ -136,6 +137,9 @@ def _state_bytes(model: torch.nn.Module) -> int:
 def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Traced], plan: Plan, model_path,
                   verify: bool, log: Callable[[str], None], sign_key, on_graph) -> Manifest:
     mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
+    user_plan, quantize_search = plan, {}
+    if plan.quantize.mode != "none" and plan.quantize.target_psnr is not None:
+        plan, quantize_search = choose_exclusions(plan, model, mf.sample, log)
     irs = []
     for i, t in enumerate(programs):
         ir = ProgramIR(t)
@@ -145,8 +149,9 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
             log(f"program {i}: {entry.name}: {'; '.join(res.notes)}")
         irs.append(ir)
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
+    manifest.quantize_search = quantize_search
     check_calibration_inputs(manifest, plan, mf.sample)  # fail before writing anything
-    texts = {PLAN_FILE: plan.to_yaml(),
+    texts = {PLAN_FILE: user_plan.to_yaml(),
              GRAPH_FILE: "".join(f"# program {i}\n{print_graph(ir)}" for i, ir in enumerate(irs))}
 
     def finalize(tmp: Path) -> None:

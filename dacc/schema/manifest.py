@@ -181,6 +181,8 @@ class Manifest:
     output_type: OutputType | None
     programs: list[ProgramSpec]
     files: dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
+    # quantize.target_psnr: the groups kept in full precision and the PSNR measured (quant_search.py)
+    quantize_search: dict[str, Any] = field(default_factory=dict)
     digest: str = ""  # sha256 of this manifest's canonical JSON with digest=""
 
 

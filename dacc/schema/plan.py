@@ -102,6 +102,9 @@ class QuantizePlan(_Strict):
     # untouched), full precision, or the same mode as the rest
     fragile: Literal[FRAGILE_MODES] = "int8_weight"  # type: ignore[valid-type]
     group_size: Literal[32, 64, 128] = 64  # int4_weight: input weights per scale
+    # keep the most sensitive blocks in full precision until sample()'s PSNR against the float
+    # model holds on validation seeds (dacc/compiler/quant_search.py)
+    target_psnr: float | None = Field(None, gt=0, le=100)
 
 
 class Plan(_Strict):

@@ -167,7 +167,7 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
                     "when the rescale polynomial is calibrated, and cache.options.rescale gives it (remove one)"))
     q, defaults = plan.quantize, type(plan.quantize)()
     # by value, not by presence: a plan dumped with every default (the artifact's plan.yaml) reads back
-    changed = [k for k in ("exclude", "fragile", "group_size") if getattr(q, k) != getattr(defaults, k)]
+    changed = [k for k in ("exclude", "fragile", "group_size", "target_psnr") if getattr(q, k) != getattr(defaults, k)]
     for knob in changed:
         if q.mode == "none":
             out.append((("quantize", knob), f"quantize.{knob} has no effect with quantize.mode 'none' (remove it)"))

@@ -23,7 +23,7 @@ from dacc.runtime.cache import rel_l1
 from dacc.runtime.decision_map import COLORS
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import parse_plan
-from tests.conftest import rel_err
+from tests.conftest import rel_err, shared_trace
 
 STRATEGIES = {
     "dbcache": ("insert_dbcache_gate", "{Fn: 1, Bn: 1}"),
@@ -48,7 +48,8 @@ def artifacts(tmp_path_factory):
         if (family, strategy) not in cache:
             root = tmp_path_factory.mktemp(f"{family}-{strategy}")
             (root / "plan.yaml").write_text(_plan_text(strategy))
-            compile_model(model_file(family), root / "plan.yaml", root / "a.dacc", verify=False, log=lambda m: None)
+            compile_model(model_file(family), root / "plan.yaml", root / "a.dacc", verify=False, log=lambda m: None,
+                          traced=shared_trace(model_file(family)))
             cache[family, strategy] = root / "a.dacc"
         return cache[family, strategy]
     return get
@@ -134,7 +135,8 @@ def test_dbcache_matches_a_reference_first_block_cache(compiled, tmp_path):
     c = compiled("flux")
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"num_inference_steps: {STEPS}\ncache: {{strategy: dbcache, options: {{Fn: 1, threshold: 0.5}}}}\n")
-    compile_model(model_file("flux"), plan, tmp_path / "fb.dacc", verify=False, log=lambda m: None)
+    compile_model(model_file("flux"), plan, tmp_path / "fb.dacc", verify=False, log=lambda m: None,
+                  traced=shared_trace(model_file("flux")))
     model = dacc.load(tmp_path / "fb.dacc")
     steps = _steps(c.file.example_inputs(), drift=0.01)
     _, always = _reference_fbcache(c.model, steps, threshold=0.0)
@@ -209,7 +211,8 @@ def test_dbcache_without_a_middle_is_refused(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("cache: {strategy: dbcache, options: {Fn: 2, Bn: 2}}\n")
     with pytest.raises(DaccError, match="Fn=2 \\+ Bn=2 leaves no block to cache: the model has 4 blocks"):
-        compile_model(model_file("flux"), plan, tmp_path / "x.dacc", log=lambda m: None)
+        compile_model(model_file("flux"), plan, tmp_path / "x.dacc", log=lambda m: None,
+                      traced=shared_trace(model_file("flux")))
     assert not (tmp_path / "x.dacc").exists()
 
 
@@ -217,7 +220,8 @@ def test_teacache_without_rescale_needs_sample(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("cache: {strategy: teacache, cache_ratio: 0.3}\n")
     with pytest.raises(DaccError, match="teacache calibration needs the model file to define sample"):
-        compile_model(model_file("flux"), plan, tmp_path / "x.dacc", log=lambda m: None)
+        compile_model(model_file("flux"), plan, tmp_path / "x.dacc", log=lambda m: None,
+                      traced=shared_trace(model_file("flux")))
     assert list(tmp_path.iterdir()) == [plan]
 
 
@@ -227,7 +231,8 @@ def test_new_sizes_mid_generation_start_a_new_generation(compiled, tmp_path):
     c = compiled("flux")
     plan = tmp_path / "plan.yaml"
     plan.write_text(f"num_inference_steps: {STEPS}\ncache: {{strategy: dbcache, options: {{threshold: 100.0}}}}\n")
-    compile_model(model_file("flux"), plan, tmp_path / "a.dacc", verify=False, log=lambda m: None)
+    compile_model(model_file("flux"), plan, tmp_path / "a.dacc", verify=False, log=lambda m: None,
+                  traced=shared_trace(model_file("flux")))
     model = dacc.load(tmp_path / "a.dacc")
     first, second = _steps(c.file.example_inputs(), n=3)[:2]
     model(**first)

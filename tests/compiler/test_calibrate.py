@@ -18,11 +18,13 @@ from dacc.models.demo import load_transformer
 from dacc.models.demo.model import sample
 from dacc.runtime.cache import polyval, rel_l1
 from dacc.runtime.decision_map import COLORS
+from tests.conftest import shared_trace
 
 
 def _compile_demo(root, cache: str):
     (root / "plan.yaml").write_text(f"num_inference_steps: 50\ncache: {cache}\n")
-    compile_model(DEMO_MODEL, root / "plan.yaml", root / "a.dacc", verify=False, log=lambda m: None)
+    compile_model(DEMO_MODEL, root / "plan.yaml", root / "a.dacc", verify=False, log=lambda m: None,
+                  traced=shared_trace(DEMO_MODEL))
     return root / "a.dacc"
 
 

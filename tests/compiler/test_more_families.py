@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import dacc
-from dacc.compiler.compile import compile_model, trace_model
+from dacc.compiler.compile import compile_model
 from dacc.compiler.trace import export_program
 from dacc.models import MORE_FAMILIES, model_file
 from dacc.schema.errors import DaccError
-from tests.conftest import fresh_like, rel_err
+from tests.conftest import fresh_like, rel_err, shared_trace
 
 PROGRAMS = {"hunyuan_dit": 1, "stable_audio": 1, "mochi": 1, "chroma": 1, "lumina2": 1, "cogview3plus": 1}
 STEPS = 4
@@ -22,13 +22,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def traced():
     """One trace per family, shared by every plan compiled from it."""
-    cache = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = trace_model(model_file(family), log=lambda m: None)
-        return cache[family]
-    return get
+    return lambda family: shared_trace(model_file(family))
 
 
 @pytest.fixture(scope="module")

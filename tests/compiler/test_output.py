@@ -23,10 +23,13 @@ from dacc.models import model_file
 from dacc.schema.errors import DaccError
 
 DIT = model_file("dit")  # the fastest family to compile
+from tests.conftest import shared_trace
 
 
-def _compile(out, **kw):
-    return compile_model(DIT, None, out, log=lambda m: None, **kw)
+def _compile(out, share=True, **kw):
+    """`share`: from the process's one trace of the model (tests that check a refusal comes before
+    the trace pass False, so the trace they forbid would be reached)."""
+    return compile_model(DIT, None, out, log=lambda m: None, traced=shared_trace(DIT) if share else None, **kw)
 
 
 def _no_trace(monkeypatch):
@@ -43,7 +46,7 @@ def test_force_keeps_a_directory_whose_manifest_is_not_dacc(tmp_path, monkeypatc
     (site / "manifest.json").write_text(json.dumps({"name": "my app", "start_url": "/"}))
     (site / "index.html").write_text("<html/>")
     with pytest.raises(DaccError, match="is not a dacc artifact .*schema version.*refusing to replace it"):
-        _compile(site, force=True)
+        _compile(site, force=True, share=False)
     assert sorted(p.name for p in site.iterdir()) == ["index.html", "manifest.json"]
 
 
@@ -55,7 +58,7 @@ def test_force_keeps_an_artifact_whose_manifest_was_edited(compiled, tmp_path, m
     data["num_inference_steps"] = 3  # digest no longer matches
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(DaccError, match="digest does not match"):
-        _compile(out, force=True)
+        _compile(out, force=True, share=False)
 
 
 def test_force_through_a_symlink_replaces_its_target_and_keeps_the_link(compiled, tmp_path):
@@ -64,7 +67,7 @@ def test_force_through_a_symlink_replaces_its_target_and_keeps_the_link(compiled
     link = tmp_path / "latest.dacc"
     link.symlink_to(real)
     (tmp_path / "plan.yaml").write_text("num_inference_steps: 17\n")
-    compile_model(DIT, tmp_path / "plan.yaml", link, force=True, log=lambda m: None)
+    compile_model(DIT, tmp_path / "plan.yaml", link, force=True, log=lambda m: None, traced=shared_trace(DIT))
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert dacc.load(link).manifest.num_inference_steps == 17
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.dacc", "plan.yaml", "v1.dacc"]
@@ -75,7 +78,7 @@ def test_a_dangling_symlink_is_refused(tmp_path, monkeypatch):
     link = tmp_path / "out.dacc"
     link.symlink_to(tmp_path / "gone")
     with pytest.raises(DaccError, match="symlink to nothing"):
-        _compile(link, force=True)
+        _compile(link, force=True, share=False)
 
 
 def test_an_unwritable_directory_fails_before_the_trace(tmp_path, monkeypatch):
@@ -85,7 +88,7 @@ def test_an_unwritable_directory_fails_before_the_trace(tmp_path, monkeypatch):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
     monkeypatch.setattr(output_mod.tempfile, "mkdtemp", refuse)
     with pytest.raises(DaccError, match="cannot write to .*Read-only file system.*Fix: choose an -o path"):
-        _compile(tmp_path / "out.dacc")
+        _compile(tmp_path / "out.dacc", share=False)
 
 
 def test_a_disk_without_room_fails_before_the_trace(tmp_path, monkeypatch):
@@ -93,7 +96,7 @@ def test_a_disk_without_room_fails_before_the_trace(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(output_mod.shutil, "disk_usage", lambda p: usage(1 << 30, (1 << 30) - 1000, 1000))
     with pytest.raises(DaccError, match="not enough free disk space.*MiB needed"):
-        _compile(tmp_path / "out.dacc")
+        _compile(tmp_path / "out.dacc", share=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import dacc
-from dacc.compiler.compile import TracedModel, compile_model, trace_model
+from dacc.compiler.compile import compile_model
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.model_file import load_model_file
@@ -26,16 +26,13 @@ from dacc.models import model_file
 from dacc.passes.quantize_linears import FRAGILE
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import parse_plan
-from tests.conftest import fresh_like, rel_err
+from tests.conftest import fresh_like, rel_err, shared_trace
 
 REFERENCES = {"int8_weight": linear_int8_weight_reference, "int8_dynamic": linear_int8_dynamic_reference,
               "fp8_dynamic": linear_fp8_dynamic_reference, "int4_weight": linear_int4_weight_reference}
 # how far a quantized model may be from the float one here (random weights, every layer quantized
 # but the fragile ones); the bench measures PSNR on trained models
 DISTANCE = {"int8_weight": 0.02, "int8_dynamic": 0.05, "fp8_dynamic": 0.1, "int4_weight": 0.3}
-
-
-_TRACES: dict[str, TracedModel] = {}
 
 
 def _compile(tmp_path, family, quantize: str):
@@ -45,9 +42,7 @@ def _compile(tmp_path, family, quantize: str):
     plan.write_text(f"num_inference_steps: 10\nquantize: {quantize}\n")
     out = tmp_path / f"{family}.dacc"
     notes = []
-    if family not in _TRACES:
-        _TRACES[family] = trace_model(model_file(family), log=notes.append)
-    manifest = compile_model(model_file(family), plan, out, log=notes.append, traced=_TRACES[family])
+    manifest = compile_model(model_file(family), plan, out, log=notes.append, traced=shared_trace(model_file(family)))
     return manifest, out, notes
 
 

@@ -12,7 +12,7 @@ from dacc.compiler.compile import compile_model
 from dacc.models import model_file
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import manifest_digest
-from tests.conftest import fresh_like, rel_err
+from tests.conftest import fresh_like, rel_err, shared_trace
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_failed_compile_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_mod, "verify_artifact", boom)
     out = tmp_path / "out.dacc"
     with pytest.raises(RuntimeError, match="simulated"):
-        compile_model(model_file("dit"), None, out, log=lambda m: None)
+        compile_model(model_file("dit"), None, out, log=lambda m: None, traced=shared_trace(model_file("dit")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -111,10 +111,11 @@ def test_existing_output_needs_force_and_force_replaces(compiled, tmp_path):
     shutil.copytree(compiled("dit").path, out)
     before = (out / "manifest.json").read_text()
     with pytest.raises(DaccError, match="already exists.*--force"):
-        compile_model(model_file("dit"), None, out, log=lambda m: None)
+        compile_model(model_file("dit"), None, out, log=lambda m: None, traced=shared_trace(model_file("dit")))
     assert (out / "manifest.json").read_text() == before
     (tmp_path / "plan.yaml").write_text("num_inference_steps: 20\n")
-    compile_model(model_file("dit"), tmp_path / "plan.yaml", out, force=True, log=lambda m: None)
+    compile_model(model_file("dit"), tmp_path / "plan.yaml", out, force=True, log=lambda m: None,
+                  traced=shared_trace(model_file("dit")))
     assert dacc.load(out).manifest.num_inference_steps == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.dacc", "plan.yaml"]
 
@@ -124,5 +125,6 @@ def test_force_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
     out.mkdir()
     (out / "data.txt").write_text("keep me")
     with pytest.raises(DaccError, match="not a dacc artifact .*; refusing"):
-        compile_model(model_file("dit"), None, out, force=True, log=lambda m: None)
+        compile_model(model_file("dit"), None, out, force=True, log=lambda m: None,
+                      traced=shared_trace(model_file("dit")))
     assert (out / "data.txt").read_text() == "keep me"

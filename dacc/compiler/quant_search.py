@@ -1,0 +1,142 @@
+"""`quantize.target_psnr`: which linears to keep in full precision so the quantized model's
+output stays within the target of the float model's, measured on `sample()`.
+
+Linears are grouped by block (`transformer_blocks.3.*`; a linear outside the blocks is its own
+group). The search, on the eager model with the selected linears computing the quantization
+reference formula (the compiled graph computes the same numbers; tests/compiler/test_quantize.py
+checks it to 1e-5), runs in three steps with the discipline of the cache search:
+1. sensitivity: each group alone quantized, on the first calibration seed; the lower its PSNR,
+   the earlier it is kept in full precision;
+2. the fewest groups kept (a prefix of that order, by bisection) whose calibration seeds clear the
+   target with a margin of half their spread (worst seed - spread / 2 >= target);
+3. validation on other seeds: mean >= target and worst seed >= target - 0.5 dB, else one more
+   group is kept, until it holds; if it holds only with everything kept, the compile says so and
+   the artifact is not quantized.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import statistics
+from typing import Any, Callable
+
+import torch
+
+from dacc.kernels.fp8 import linear_fp8_dynamic_reference
+from dacc.kernels.int4 import linear_int4_weight_reference
+from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
+from dacc.kernels.schemes import SCHEMES
+from dacc.metrics import psnr_per_image
+from dacc.schema.errors import DaccError
+from dacc.schema.plan import Plan
+
+CALIBRATION_SEEDS = (0, 1)
+VALIDATION_SEEDS = (2, 3)
+VALIDATION_SLACK = 0.5  # dB a single validation seed may fall below the target
+
+REFERENCES = {"int8_weight": linear_int8_weight_reference, "int8_dynamic": linear_int8_dynamic_reference,
+              "fp8_dynamic": linear_fp8_dynamic_reference, "int4_weight": linear_int4_weight_reference}
+
+Measure = Callable[[frozenset[str], tuple[int, ...]], list[float]]  # (kept groups, seeds) -> PSNR per seed
+
+
+def group_of(path: str) -> str:
+    m = re.match(r"(.+?\.\d+)(\.|$)", path)
+    return m.group(1) if m else path
+
+
+def exclude_patterns(groups: list[str]) -> list[str]:
+    """quantize.exclude patterns that keep exactly these groups' linears in full precision."""
+    return [g if "." not in g or not g.split(".")[-1].isdigit() else f"{g}.*" for g in groups]
+
+
+def search(groups: list[str], measure: Measure, target: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """The groups to keep in full precision, and what was measured on the way."""
+    sensitivity = {}
+    for g in groups:  # quantize g alone: every other group kept
+        sensitivity[g] = measure(frozenset(groups) - {g}, CALIBRATION_SEEDS[:1])[0]
+    order = sorted(groups, key=lambda g: sensitivity[g])
+    log("quantize search: sensitivity (PSNR with one group quantized) "
+        + ", ".join(f"{g} {sensitivity[g]:.1f}" for g in order[:6]) + (" ..." if len(order) > 6 else ""))
+
+    def calibrated(k: int) -> tuple[bool, list[float]]:
+        p = measure(frozenset(order[:k]), CALIBRATION_SEEDS)
+        return min(p) - (max(p) - min(p)) / 2 >= target, p
+
+    lo, hi = 0, len(order)  # the answer lies in [lo, hi]; keeping everything always clears the target
+    trials = {}
+    while lo < hi:
+        mid = (lo + hi) // 2
+        ok, trials[mid] = calibrated(mid)
+        lo, hi = (lo, mid) if ok else (mid + 1, hi)
+    k = lo
+    validation: list[float] = []
+    while k < len(order):
+        validation = measure(frozenset(order[:k]), VALIDATION_SEEDS)
+        if statistics.mean(validation) >= target and min(validation) >= target - VALIDATION_SLACK:
+            break
+        log(f"quantize search: {k} group(s) kept clear the target on calibration but validate at "
+            f"{statistics.mean(validation):.2f} dB (worst {min(validation):.2f}); keeping one more")
+        k += 1
+    kept = order[:k]
+    met = k < len(order)
+    return {"target_psnr": target, "met": met, "kept": kept, "groups": len(order),
+            "sensitivity": {g: round(v, 3) for g, v in sensitivity.items()},
+            "calibration_seeds": list(CALIBRATION_SEEDS), "validation_seeds": list(VALIDATION_SEEDS),
+            "calibration_psnr": [round(v, 3) for v in trials.get(k, [])],
+            "validation_psnr_mean": round(statistics.mean(validation), 3) if validation and met else None,
+            "validation_psnr_worst": round(min(validation), 3) if validation and met else None}
+
+
+def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int, sample: Callable) -> Measure:
+    """PSNR of `sample()` with the selected linears (path -> mode) computing their reference
+    formula, except the kept groups, against the float model, per seed."""
+    float_out: dict[int, torch.Tensor] = {}
+    quantized = copy.deepcopy(model)  # the compiler's own copy: the user's model is never touched
+    originals = {}
+    for path, mode in modes.items():
+        module = quantized.get_submodule(path)
+        tensors = list(SCHEMES[mode].quantize(module.weight, group_size).values())
+        originals[path] = module.forward
+        module.quantized_forward = lambda x, t=tensors, bias=module.bias, f=REFERENCES[mode]: f(x, *t, bias)
+
+    def measure(kept: frozenset[str], seeds: tuple[int, ...]) -> list[float]:
+        for path in modes:
+            module = quantized.get_submodule(path)
+            module.forward = originals[path] if group_of(path) in kept else module.quantized_forward
+        out = []
+        with torch.no_grad():
+            for seed in seeds:
+                if seed not in float_out:
+                    float_out[seed] = sample(model, seed)
+                out.append(float(psnr_per_image(sample(quantized, seed), float_out[seed]).clamp(max=100).mean()))
+        return out
+    return measure
+
+
+def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | None,
+                      log: Callable[[str], None]) -> tuple[Plan, dict[str, Any]]:
+    """The plan with the search's groups added to quantize.exclude, and the search's record."""
+    from dacc.passes.quantize_linears import select
+
+    q = plan.quantize
+    if sample is None:
+        raise DaccError("quantize.target_psnr needs the model file to define sample(model, seed)", "model file",
+                        "add sample(), or drop quantize.target_psnr and choose quantize.exclude yourself")
+    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    modes, _ = select(paths, plan)
+    modes = {p: m for p, m in modes.items()
+             if SCHEMES[m].unsupported(model.get_submodule(p).weight, q.group_size) is None}
+    groups = sorted({group_of(p) for p in modes})
+    log(f"quantize search: PSNR >= {q.target_psnr} dB over {len(groups)} groups of {len(modes)} linears")
+    record = search(groups, eager_measure(model, modes, q.group_size, sample), q.target_psnr, log)
+    if not record["met"]:
+        log(f"warning: no choice of full-precision blocks reaches PSNR {q.target_psnr} dB on the validation "
+            "seeds; this artifact is not quantized (lower quantize.target_psnr, or try another mode)")
+        return plan.model_copy(update={"quantize": q.model_copy(update={"mode": "none", "exclude": [],
+                                                                         "fragile": "int8_weight"})}), record
+    log(f"quantize search: keeping {len(record['kept'])} group(s) in full precision "
+        f"({', '.join(record['kept']) or 'none'}): validation PSNR {record['validation_psnr_mean']:.2f} dB, "
+        f"worst seed {record['validation_psnr_worst']:.2f} dB")
+    exclude = list(q.exclude) + exclude_patterns(record["kept"])
+    return plan.model_copy(update={"quantize": q.model_copy(update={"exclude": exclude})}), record

@@ -23,6 +23,10 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
             fail(f"user input '{name}' disappeared")
     if sum(1 for n in ir.graph.nodes if n.op == "output") != 1:
         fail("graph must have exactly one output")
+    if ir.cache_gate is not None:  # the runtime looks these values up by name
+        missing = sorted((ir.cache_gate.reads() | set(ir.cache_gate.stream_out)) - names)
+        if missing:
+            fail(f"the cache gate reads values no longer in the graph: {', '.join(missing)}")
     compute = ir.compute_nodes()
     for node in compute:
         try:

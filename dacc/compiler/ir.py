@@ -66,6 +66,19 @@ class ProgramIR:
         fqn = self.param_of[node.name]
         return self.ep.state_dict.get(fqn, self.ep.constants.get(fqn))
 
+    def replace_node(self, old: Node, new: Node) -> None:
+        """`new` takes `old`'s place everywhere: its users, the program's output signature and the
+        cache gate's value names (a rewrite after the cache passes must not orphan them)."""
+        old.replace_all_uses_with(new)
+        for spec in self.ep.graph_signature.output_specs:  # e.g. the final projection is an output
+            if getattr(spec.arg, "name", None) == old.name:
+                spec.arg = type(spec.arg)(new.name)
+        gate = self.cache_gate
+        if gate is not None:
+            for names in (gate.stream_in, gate.stream_out, gate.probe_values, gate.probe_base):
+                names[:] = [new.name if n == old.name else n for n in names]
+        self.graph.erase_node(old)
+
     def output_names(self) -> list[str]:
         out = next(n for n in reversed(self.graph.nodes) if n.op == "output")
         return [a.name if isinstance(a, Node) else repr(a) for a in out.args[0]]

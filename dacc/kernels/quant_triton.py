@@ -174,7 +174,7 @@ def _int4_linear_kernel(x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
         b = tl.load(p_ptrs, mask=w_mask, other=0).to(tl.int32)
         # both elements of a byte share a group (the group is even); the scale is indexed per
         # element, so any BLOCK_K works with any group
-        s = tl.load(s_rows + ((k0 + 2 * rj) // GROUP)[:, None] * stride_sg, mask=w_mask, other=0.0)
+        s = tl.load(s_rows + ((k0 + 2 * rj) // GROUP)[:, None] * stride_sg, mask=w_mask, other=0.0).to(tl.float32)
         w_lo = _as_dot_operand(((b & 0xF) - 8).to(tl.float32) * s, dtype, INTERPRETED)
         w_hi = _as_dot_operand(((b >> 4) - 8).to(tl.float32) * s, dtype, INTERPRETED)
         if INTERPRETED:
@@ -243,7 +243,7 @@ def int4_linear_triton(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
                        bias: torch.Tensor | None, *, BLOCK_M: int = 32, BLOCK_N: int = 32,
                        BLOCK_K: int = 64) -> torch.Tensor:
     """out [M, N] = x @ dequant(packed, scales).T + bias in x's dtype; x float [M, K], packed
-    uint8 [N, K // 2], scales fp32 [N, K // G] for groups of G consecutive inputs (G even).
+    uint8 [N, K // 2], scales fp16 or fp32 [N, K // G] for groups of G consecutive inputs (G even).
     BLOCK_K is even, and >= 32 on GPUs (each of its two dots needs K >= 16)."""
     m, k = x.shape
     n = packed.shape[0]

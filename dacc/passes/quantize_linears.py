@@ -125,11 +125,7 @@ def _rewrite(ir: ProgramIR, node: Node, scheme: Scheme, qnodes: list[Node], real
     info.detail = {**info.detail, "quant": scheme.mode, "bytes_before": real.numel() * real.element_size(),
                    "bytes_after": stored_bytes(tensors), "weight_error": round(error, 6)}
     ir.set_info(new, info)
-    node.replace_all_uses_with(new)
-    for spec in ir.ep.graph_signature.output_specs:  # the final projection may be the graph's output
-        if getattr(spec.arg, "name", None) == node.name:
-            spec.arg = TensorArgument(new.name)
-    ir.graph.erase_node(node)
+    ir.replace_node(node, new)
     if not weight.users:  # the float weight leaves the program and the artifact
         specs = ir.ep.graph_signature.input_specs
         specs.pop(next(i for i, s in enumerate(specs) if s.arg.name == weight.name))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dacc.compiler.invariants import InvariantError, check_invariants
 from dacc.compiler.ir import ProgramIR
@@ -65,4 +66,27 @@ def test_reading_from_a_later_segment(ir):
 def test_unsegmented_node(ir):
     _relabel(ir, ir.compute_nodes()[5], None)
     with pytest.raises(InvariantError, match="has no segment"):
+        check_invariants(ir, "test")
+
+
+def test_a_cache_gate_naming_a_value_no_longer_in_the_graph():
+    """A rewrite after the cache passes (quantize_linears replaces linears, some of them the gate's
+    streams) must carry the gate's names over: `ProgramIR.replace_node` does, and the checker
+    catches a rewrite that does not."""
+    import yaml
+
+    from dacc.schema.plan import parse_plan
+
+    mf = load_model_file(model_file("flux"))
+    ir = ProgramIR(export_program(mf.build(), mf.example_inputs(), None, "flux"))
+    plan = parse_plan(yaml.safe_load("cache: {strategy: dbcache}\nquantize: {mode: int8_dynamic}"))
+    run_pipeline(ir, plan, PIPELINE, check_invariants)
+    gate = ir.cache_gate
+    names = {n.name for n in ir.graph.nodes}
+    assert gate.reads() <= names and set(gate.stream_out) <= names
+    # the probe's base is the streams entering block 0: x_embedder's output, rewritten by quantize_linears
+    producers = {n.name: n for n in ir.graph.nodes}
+    assert producers[gate.probe_base[0]].target == torch.ops.dacc.linear_int8_weight.default
+    gate.probe_base[0] = "linear"  # the name it had before the rewrite
+    with pytest.raises(InvariantError, match="cache gate reads values no longer in the graph: linear"):
         check_invariants(ir, "test")

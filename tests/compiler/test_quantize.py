@@ -123,7 +123,8 @@ def test_int4_groups_bytes_and_the_linears_it_cannot_take(tmp_path):
                        "is not a multiple of group_size 128" in n for n in notes)
         else:
             assert s.quant == "int4_weight"
-            assert s.bytes_after == s.out_features * s.in_features // 2 + s.out_features * s.in_features // 128 * 4
+            # two weights per byte, one fp16 scale per group of 128
+            assert s.bytes_after == s.out_features * s.in_features // 2 + s.out_features * s.in_features // 128 * 2
     assert any(s.quant == "none" for s in sites) and any(s.quant == "int4_weight" for s in sites)
 
 
@@ -174,3 +175,26 @@ def test_inspect_shows_each_linear(artifacts, capsys):
     assert f"{len(done)} quantized" in text
     assert any(line.split()[:2] == ["transformer_blocks.0.attn.to_q", "int8_dynamic"] for line in text.splitlines())
     assert any(line.split()[:2] == ["proj_out", "int8_weight"] for line in text.splitlines())
+
+
+@pytest.mark.parametrize("cache", ["{strategy: taylorseer, options: {order: 1, interval: 3}}",
+                                   "{strategy: dbcache, options: {threshold: 0.3}}"])
+def test_quantization_composes_with_a_cache_gate(tmp_path, cache):
+    """The same gate over quantized linears: each step of a short generation stays as close to the
+    float cached artifact as quantization alone allows, and skips as often."""
+    def build(name, quantize):
+        (tmp_path / f"{name}.yaml").write_text(f"num_inference_steps: 6\ncache: {cache}\nquantize: {quantize}\n")
+        compile_model(model_file("flux"), tmp_path / f"{name}.yaml", tmp_path / f"{name}.dacc", log=lambda m: None,
+                      traced=shared_trace(model_file("flux")))
+        return dacc.load(tmp_path / f"{name}.dacc")
+    plain, quantized = build("plain", "{mode: none}"), build("q", "{mode: int8_dynamic}")
+    inputs = fresh_like(load_model_file(model_file("flux")).example_inputs(), seed=9)
+    x = inputs["hidden_states"]
+    for step in range(6):
+        inputs["timestep"] = torch.full_like(inputs["timestep"], 1 - step / 50)
+        want = plain(**{**inputs, "hidden_states": x}, return_dict=False)[0]
+        got = quantized(**{**inputs, "hidden_states": x}, return_dict=False)[0]
+        assert rel_err(got, want) < DISTANCE["int8_dynamic"], step
+        x = x - want / 50  # a denoising-like trajectory: small changes, as the gate expects
+    assert plain.stats()["segments_reused"] > 0
+    assert quantized.stats()["segments_reused"] == plain.stats()["segments_reused"]

@@ -22,9 +22,6 @@ from typing import Any, Callable
 
 import torch
 
-from dacc.kernels.fp8 import linear_fp8_dynamic_reference
-from dacc.kernels.int4 import linear_int4_weight_reference
-from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
 from dacc.kernels.schemes import SCHEMES
 from dacc.metrics import psnr_per_image
 from dacc.schema.errors import DaccError
@@ -33,9 +30,6 @@ from dacc.schema.plan import Plan
 CALIBRATION_SEEDS = (0, 1)
 VALIDATION_SEEDS = (2, 3)
 VALIDATION_SLACK = 0.5  # dB a single validation seed may fall below the target
-
-REFERENCES = {"int8_weight": linear_int8_weight_reference, "int8_dynamic": linear_int8_dynamic_reference,
-              "fp8_dynamic": linear_fp8_dynamic_reference, "int4_weight": linear_int4_weight_reference}
 
 Measure = Callable[[frozenset[str], tuple[int, ...]], list[float]]  # (kept groups, seeds) -> PSNR per seed
 
@@ -98,7 +92,7 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
         module = quantized.get_submodule(path)
         tensors = list(SCHEMES[mode].quantize(module.weight, group_size).values())
         originals[path] = module.forward
-        module.quantized_forward = lambda x, t=tensors, bias=module.bias, f=REFERENCES[mode]: f(x, *t, bias)
+        module.quantized_forward = lambda x, t=tensors, bias=module.bias, f=SCHEMES[mode].reference: f(x, *t, bias)
 
     def measure(kept: frozenset[str], seeds: tuple[int, ...]) -> list[float]:
         for path in modes:

@@ -25,6 +25,14 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def scaled_matmul_fp8(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[M, N] from fp8 rows [M, K] and their scales [M, 1]: both scales and the bias applied to the
+    fp32 accumulation."""
+    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale[None, :].contiguous(),
+                            bias=None if bias is None else bias.to(dtype), out_dtype=dtype)
+
+
 def linear_fp8_dynamic_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                                  bias: torch.Tensor | None) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
@@ -33,7 +41,4 @@ def linear_fp8_dynamic_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
     if x2.shape[0] == 0:
         return x.new_zeros((*lead, n))
     xq, xs = quantize_rows_fp8(x2)
-    out = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale[None, :].contiguous(),
-                           bias=None if bias is None else bias.to(x.dtype),
-                           out_dtype=x.dtype)
-    return out.reshape(*lead, n)
+    return scaled_matmul_fp8(xq, xs, qweight, scale, bias, x.dtype).reshape(*lead, n)

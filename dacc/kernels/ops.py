@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from dacc.kernels.dispatch import triton_available, use_triton
-from dacc.kernels.fp8 import linear_fp8_dynamic_reference
+from dacc.kernels.fp8 import linear_fp8_dynamic_reference, scaled_matmul_fp8
 from dacc.kernels.int4 import linear_int4_weight_reference
 from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
 
@@ -71,9 +71,7 @@ def linear_fp8_dynamic(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor |
     if use_triton(x) and x.numel() > 0:
         from dacc.kernels.quant_triton import quantize_rows_triton
         xq, xs = quantize_rows_triton(_rows(x), fp8=True)
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs, scale_b=scale[None, :].contiguous(),
-                             bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], qweight.shape[0])
+        return scaled_matmul_fp8(xq, xs, qweight, scale, bias, x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
     return linear_fp8_dynamic_reference(x, qweight, scale, bias)
 
 

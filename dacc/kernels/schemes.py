@@ -20,6 +20,7 @@ class Scheme:
     op_name: str  # torch.ops.dacc.<op_name>(x, *tensors, bias)
     quantize: Callable[[torch.Tensor, int], Tensors]  # (float weight, int4 group size)
     dequantize: Callable[[Tensors], torch.Tensor]  # fp32 weight, for the measured error
+    reference: Callable[..., torch.Tensor]  # (x, *tensors, bias) -> y: the PyTorch formula of the op
     unsupported: Callable[[torch.Tensor, int], str | None] = lambda w, g: None  # why a weight cannot use it
 
     @property
@@ -49,13 +50,16 @@ def _int4_unsupported(w: torch.Tensor, group: int) -> str | None:
 
 SCHEMES = {s.mode: s for s in (
     Scheme("int8_weight", "linear_int8_weight", _int8,
-           lambda t: int8.dequantize_weight_int8(t["int8"], t["scale"], torch.float32)),
+           lambda t: int8.dequantize_weight_int8(t["int8"], t["scale"], torch.float32),
+           int8.linear_int8_weight_reference),
     Scheme("int8_dynamic", "linear_int8_dynamic", _int8,
-           lambda t: int8.dequantize_weight_int8(t["int8"], t["scale"], torch.float32)),
+           lambda t: int8.dequantize_weight_int8(t["int8"], t["scale"], torch.float32),
+           int8.linear_int8_dynamic_reference),
     Scheme("fp8_dynamic", "linear_fp8_dynamic", _fp8,
-           lambda t: t["fp8"].float() * t["scale"][:, None]),
+           lambda t: t["fp8"].float() * t["scale"][:, None], fp8.linear_fp8_dynamic_reference),
     Scheme("int4_weight", "linear_int4_weight", _int4,
-           lambda t: int4.dequantize_weight_int4(t["int4"], t["scales"], torch.float32), _int4_unsupported),
+           lambda t: int4.dequantize_weight_int4(t["int4"], t["scales"], torch.float32),
+           int4.linear_int4_weight_reference, _int4_unsupported),
 )}
 
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.\n' '_')
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-all bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(VENV)/bin/dacc demo
 
 # Two workers (CI has two cores), each test file on one worker so module fixtures are built once.
+# `make test` (CI) leaves out the few end-to-end runs marked slow; `make test-all` runs everything.
 test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile
 
 # Side-by-side with diffusers' cache hooks and cache-dit (peers come from the `bench` extra).

@@ -6,14 +6,17 @@ __version__ = "0.1.0"
 import dacc.kernels.ops  # noqa: E402,F401  registers the dacc:: operators, so saved programs that use them load
 
 
-def load(path, trusted_keys=None):
+def load(path, trusted_keys=None, *, lowered="use", allow_native_code=False):
     """Load a compiled artifact as a drop-in replacement for the original transformer.
 
     `trusted_keys`: public keys (hex, 32 raw bytes, or `.pub` files from `dacc keygen`); when
-    given, an artifact that is unsigned or signed by another key is refused before it is read."""
+    given, an artifact that is unsigned or signed by another key is refused before it is read.
+    An artifact compiled with `lower:` carries packages of native code, loaded only when the
+    signature verified or with `allow_native_code=True`; `lowered="fallback"` runs the unlowered
+    segments (with a warning) where the packages cannot be used, `lowered="off"` never loads them."""
     from dacc.runtime.module import load as _load
 
-    return _load(path, trusted_keys)
+    return _load(path, trusted_keys, lowered=lowered, allow_native_code=allow_native_code)
 
 
 __all__ = ["load", "__version__"]

@@ -7,7 +7,7 @@ from pathlib import Path
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
 from dacc.schema.expr import NUMBER, evaluate
-from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, Manifest, ProgramSpec
+from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, LoweringSpec, Manifest, ProgramSpec
 from dacc.schema.signature import fingerprint
 
 LETTERS = {"computed": "c", "reused": "r", "forecast": "f", "dynamic": "?"}
@@ -64,6 +64,23 @@ def _quantize_search_lines(q: dict) -> list[str]:
             f"{q.get('calibration_psnr')}"]
 
 
+def _lowering_lines(low: LoweringSpec | None) -> list[str]:
+    if low is None:
+        return []
+    target = f"cuda sm {low.cuda_arch}" if low.device == "cuda" else f"cpu ({low.cpu_isa or 'no vector ISA'})"
+    built = sum(p.build_seconds for p in low.packages)
+    served = sum(len(p.segments) for p in low.packages)
+    out = ["", f"lowering: {low.backend} for {target}, torch {low.torch_version}: {served} segment(s) served by "
+           f"{len(low.packages)} package(s), one build per distinct segment structure ({built:.1f} s of builds; "
+           "0 s: from the compile cache)"]
+    rows = [("package", "nodes", "build", "segments")]
+    rows += [(p.file, str(p.num_nodes), f"{p.build_seconds:.1f} s", ", ".join(p.segments)) for p in low.packages]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    out += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    out += [f"  unlowered {name}: {why}" for name, why in low.unlowered.items()]
+    return out
+
+
 def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
@@ -74,6 +91,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
            "passes    " + ", ".join(p.name for p in m.passes), "", "plan:"]
     out += ["  " + line for line in (root / PLAN_FILE).read_text().splitlines()]
     out += _quantize_search_lines(m.quantize_search)
+    out += _lowering_lines(m.lowering)
     for i, prog in enumerate(m.programs):
         env = example_symbols(prog)
         out += ["", f"program {i} ({prog.file})"]

@@ -93,6 +93,7 @@ def test_inspect_a_corrupt_artifact(tmp_path, capsys):
     assert "manifest.json is not valid JSON" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # `make test-all`: end to end, covered piece by piece in `make test`
 def test_console_script_compiles_and_inspects(tmp_path):
     """The installed `dacc` command, end to end, as a user runs it."""
     exe = [sys.executable, "-m", "dacc.cli"]

@@ -7,6 +7,7 @@ weights live once in `weights.safetensors`, shared by every program.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -71,7 +72,8 @@ def collect_weights(irs: list[ProgramIR]) -> dict[str, torch.Tensor]:
 
 
 def write_artifact(tmp: Path, out: Path, manifest: Manifest, irs: list[ProgramIR], texts: dict[str, str],
-                   finalize: Callable[[Path], None] | None = None, sign_key: Path | None = None) -> None:
+                   finalize: Callable[[Path], None] | None = None, sign_key: Path | None = None,
+                   copies: dict[str, Path] | None = None) -> None:
     """Fill the reserved temp dir `tmp`, let `finalize` verify and calibrate it (it may update
     `manifest`, which is then written again), sign it if asked, then swap it into place at `out`.
     Any failure or interruption removes `tmp`: nothing half-written is left or loadable."""
@@ -82,6 +84,8 @@ def write_artifact(tmp: Path, out: Path, manifest: Manifest, irs: list[ProgramIR
             save_file(collect_weights(irs), str(tmp / WEIGHTS_FILE))
             for name, text in texts.items():
                 (tmp / name).write_text(text)
+            for name, source in (copies or {}).items():  # compiled packages, from the compile cache
+                shutil.copyfile(source, tmp / name)
             manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.name != INCOMPLETE}
             (tmp / MANIFEST).write_text(dump_manifest(manifest))
         except (OSError, RuntimeError) as exc:

@@ -13,9 +13,10 @@ import torch
 import dacc
 from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
 from dacc.compiler.artifact import model_config, write_artifact
-from dacc.compiler.output import check_output_path, discard, reserve
+from dacc.compiler.output import check_output_path, deferred_signals, discard, reserve
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR, Traced
+from dacc.compiler.lowering import lowering_spec
 from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.quant_search import choose_exclusions
@@ -117,16 +118,20 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
     if sign_key is not None and not Path(sign_key).is_file():
         raise DaccError(f"signing key '{sign_key}' does not exist", str(sign_key), "create one with `dacc keygen NAME`")
     built = (traced.file, traced.model) if traced is not None else _build(model_path)
-    tmp = reserve(out, force, _state_bytes(built[1]))  # a read-only or full disk fails here, before the trace
+    tmp = None
     try:
+        with deferred_signals():  # a Ctrl-C or SIGTERM lands after `tmp` is known, so it is removed
+            tmp = reserve(out, force, _state_bytes(built[1]))  # a read-only or full disk fails here
         if traced is None:
             traced = trace_model(model_path, log, built)
             programs = traced.programs
         else:
-            programs = [Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes) for t in traced.programs]
+            programs = [Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes, t.also_serves)
+                        for t in traced.programs]
         return _compile_into(tmp, out, traced, programs, plan, model_path, verify, log, sign_key, on_graph)
     except BaseException:
-        discard(tmp)
+        if tmp is not None:
+            discard(tmp)
         raise
 
 
@@ -143,6 +148,7 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     irs = []
     for i, t in enumerate(programs):
         ir = ProgramIR(t)
+        ir.log = log
         hook = (lambda k, name, text, i=i: on_graph(i, k, name, text)) if on_graph else None
         results = run_pipeline(ir, plan, PIPELINE, check_invariants, tag=f"program{i}", on_graph=hook)
         for entry, res in zip(PIPELINE, results):
@@ -150,6 +156,7 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
         irs.append(ir)
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
     manifest.quantize_search = quantize_search
+    manifest.lowering, packages = lowering_spec(plan.lower.device, [ir.lowering for ir in irs])
     check_calibration_inputs(manifest, plan, mf.sample)  # fail before writing anything
     texts = {PLAN_FILE: user_plan.to_yaml(),
              GRAPH_FILE: "".join(f"# program {i}\n{print_graph(ir)}" for i, ir in enumerate(irs))}
@@ -159,9 +166,9 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
             verify_artifact(tmp, model, examples, log, quantized=plan.quantize.mode != "none")
         if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
-            calibrate(manifest, load(tmp, _allow_incomplete=True), plan, mf.sample, log)
+            calibrate(manifest, load(tmp, allow_native_code=True, _allow_incomplete=True), plan, mf.sample, log)
 
-    write_artifact(tmp, out, manifest, irs, texts, finalize, Path(sign_key) if sign_key else None)
+    write_artifact(tmp, out, manifest, irs, texts, finalize, Path(sign_key) if sign_key else None, packages)
     log(f"wrote {out}" + (" (signed)" if sign_key else ""))
     return manifest
 
@@ -189,7 +196,7 @@ def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str,
     quantization reference, not here)."""
     from dacc.runtime.module import load
 
-    compiled = load(path, _allow_incomplete=True)
+    compiled = load(path, allow_native_code=True, _allow_incomplete=True)  # packages built just now
     for i, inputs in enumerate(examples):
         compiled.reset()  # each example is the first step of a generation: every gate computes
         ref, _ = eager_reference(model, inputs)

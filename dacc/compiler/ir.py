@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -29,6 +29,7 @@ class Traced:
     example: dict[str, Any]
     inputs: list[InputSpec]
     notes: list[str] = field(default_factory=list)  # what the frontend changed to trace it, for the log
+    also_serves: list[dict[str, Any]] = field(default_factory=list)  # later examples this program serves
 
     def example_shapes(self) -> dict[str, list[int]]:
         return {s.path: [int(d) for d in s.shape] for s in self.inputs if s.kind == "tensor"}
@@ -44,6 +45,8 @@ class ProgramIR:
         self.user_inputs: list[str] = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         self.symbols = self._canonical_symbols()
         self.cache_gate: CacheGate | None = None  # set by the cache-gate passes
+        self.lowering = None  # set by lower_segments (dacc.compiler.lowering.ProgramLowering)
+        self.log: Callable[[str], None] = lambda message: None  # progress of long passes
 
     # -- graph access ---------------------------------------------------------------------
     @property

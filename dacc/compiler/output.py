@@ -12,11 +12,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import INCOMPLETE, MANIFEST, parse_manifest_file
@@ -86,6 +89,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends: a signal arriving while the temporary
+    directory is made is delivered once its path is stored where the clean-up can see it."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def reserve(out: Path, force: bool, need_bytes: int) -> Path:

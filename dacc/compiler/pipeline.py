@@ -8,6 +8,7 @@ from dacc.passes.hoist_cache_probe import hoist_cache_probe
 from dacc.passes.insert_dbcache_gate import insert_dbcache_gate
 from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
 from dacc.passes.insert_teacache_gate import insert_teacache_gate
+from dacc.passes.lower_segments import lower_segments
 from dacc.passes.quantize_linears import quantize_linears
 from dacc.passes.remove_assertions import remove_assertions
 from dacc.passes.remove_identity_ops import remove_identity_ops
@@ -37,4 +38,7 @@ PIPELINE: list[PassEntry] = [
     # quantize
     PassEntry("quantize_linears", quantize_linears,
               "int8 weights (and activations) make each computed step's matmuls cheaper and the artifact smaller"),
+    # lower
+    PassEntry("lower_segments", lower_segments,
+              "generated kernels instead of op-by-op dispatch; identical segments share one package"),
 ]

@@ -93,7 +93,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             block_index=block_index if kind == "block" else None,
             inputs=[i.name for i in inputs], outputs=[o.name for o in outputs],
             stream_inputs=s_in, stream_outputs=s_out, num_nodes=len(nodes),
-            flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes)))
+            flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes),
+            lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None))
         block_index += kind == "block"
     return specs
 

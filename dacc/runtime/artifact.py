@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from torch.export import ExportedProgram
 
+from dacc.runtime import stamps
 from dacc.runtime.program_archive import check_program_json, deserialize_program, read_program_json
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import (INCOMPLETE, MANIFEST, MAX_MANIFEST_BYTES, RECOMPILE, SIGNATURE, Manifest,
-                                  file_sha256, parse_manifest)
+                                  parse_manifest)
 from dacc.schema.signature import KeyLike, trusted_hex, verify_signature
 
 _MAX_SIG_BYTES = 4096
@@ -66,7 +67,7 @@ def _verify_files(root: Path, manifest: Manifest, allow_incomplete: bool) -> Non
     for name, digest in sorted(manifest.files.items()):
         if name not in present:
             raise DaccError(f"artifact file '{name}' is missing", str(root / name), RECOMPILE)
-        if file_sha256(root / name) != digest:
+        if not stamps.matches(root / name, digest):
             raise DaccError(f"artifact file '{name}' was modified or corrupted (sha256 mismatch)",
                             str(root / name), RECOMPILE)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -14,6 +15,7 @@ from dacc.kernels.ops import missing_support
 from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
+from dacc.runtime.lowered import LoweredMode, load_packages
 from dacc.runtime.program import ProgramRunner
 from dacc.runtime.steps import SegmentStats, StepCounter
 from dacc.schema.dtypes import dtype_text
@@ -90,6 +92,10 @@ class CompiledTransformer(torch.nn.Module):
         if params:
             for runner in self.programs:
                 runner.retarget(params[0].device)
+            low = self.manifest.lowering
+            if low is not None and not all([r.use_packages(params[0].device, low.device) for r in self.programs]):
+                warnings.warn(f"{self.source}: its compiled packages were built for {low.device}; on "
+                              f"{params[0].device} the segments run unlowered", stacklevel=3)
         for runner in self.programs:
             runner.refresh_weights()
         return result
@@ -149,6 +155,7 @@ class CompiledTransformer(torch.nn.Module):
     # -- execution ------------------------------------------------------------------------------
     def _execute(self, index: int, runner: ProgramRunner, flat: list[Any], counter: StepCounter) -> list[Any]:
         env: dict[str, Any] = dict(zip(runner.placeholder_names, flat))
+        runner.bind_sizes(flat)
         seg_flops = self._flops_fns[index](flat)
         specs, gate = runner.spec.segments, runner.spec.cache
         stats = self._stats
@@ -290,18 +297,29 @@ def _check_kernels(manifest: Manifest, where: str) -> None:
                             "recompile with another quantize.mode")
 
 
-def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *,
-         _allow_incomplete: bool = False) -> CompiledTransformer:
+def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *, lowered: LoweredMode = "use",
+         allow_native_code: bool = False, _allow_incomplete: bool = False) -> CompiledTransformer:
     """Load an artifact written by `dacc compile`: verifies the signature (with `trusted_keys`) and
-    hashes, reads programs by allow-list, never unpickles or runs code from the artifact."""
+    hashes, reads programs by allow-list, never unpickles. Compiled packages (plan `lower`) are
+    native code: they load only from a signed artifact verified with `trusted_keys`, or with
+    `allow_native_code=True`. `lowered="fallback"` runs the unlowered segments, with a warning,
+    where the packages cannot be used (another device, torch or CPU, or no trust); "off" never
+    loads them; "use" (the default) refuses such an artifact with the reason."""
     root = Path(path)
+    if lowered not in ("use", "fallback", "off"):
+        raise DaccError(f"lowered={lowered!r} is not one of 'use', 'fallback', 'off'", str(root),
+                        "pass lowered=\"use\", \"fallback\" or \"off\"")
     manifest = read_manifest(root, trusted_keys, allow_incomplete=_allow_incomplete)
     _check_kernels(manifest, str(root))
+    loaders = load_packages(root, manifest, lowered, trusted_keys is not None or allow_native_code)
     weights = load_weights(root, WEIGHTS_FILE)
     shared: dict[str, torch.nn.Parameter] = {}
     runners, out_specs = [], []
     for spec in manifest.programs:
         ep = load_program(root, spec.file, weights, shared)
-        runners.append(ProgramRunner(ep, spec, str(root / spec.file)))
+        runners.append(ProgramRunner(ep, spec, str(root / spec.file), loaders))
         out_specs.append(ep.call_spec.out_spec)
+    if manifest.lowering is not None:  # weights load on the CPU: CUDA packages wait for .to("cuda")
+        for runner in runners:
+            runner.use_packages(torch.device("cpu"), manifest.lowering.device)
     return CompiledTransformer(manifest, runners, out_specs, str(root))

@@ -14,7 +14,8 @@ from torch.export import ExportedProgram
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import BOOL, evaluate
-from dacc.schema.manifest import ProgramSpec, SegmentSpec, node_segment
+from dacc.runtime.lowered import LoweredSegment
+from dacc.schema.manifest import RECOMPILE, ProgramSpec, SegmentSpec, node_segment
 
 
 def _cut(gm: fx.GraphModule, spec: SegmentSpec, nodes: list[fx.Node]) -> tuple[fx.GraphModule, list[str]]:
@@ -55,7 +56,7 @@ def _boundaries(nodes: list[fx.Node], gate_reads: set[str]) -> tuple[list[str], 
 
 
 class ProgramRunner(torch.nn.Module):
-    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str):
+    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str, loaders: dict[str, Any] | None = None):
         super().__init__()
         self.spec = spec
         gm = ep.module()
@@ -82,17 +83,74 @@ class ProgramRunner(torch.nn.Module):
         self.segments = torch.nn.ModuleList(segments)
         self.weights = gm  # owns the parameters and buffers (moved by .to()); segments get theirs as arguments
         self.refresh_weights()
+        self._packages = self._attach(loaders or {}, where)
+        self._lowered = list(self._packages)  # emptied while the weights are on another device
         out = next(n for n in gm.graph.nodes if n.op == "output")
         self.output_values = [a.name if isinstance(a, fx.Node) else a for a in out.args[0]]
         self._input_index = {i.path: k for k, i in enumerate(spec.inputs)}
+        self._symbol_at = {s.name: (self._input_index[s.input], s.dim) for s in spec.symbols}
+        self._carriers: dict[str, torch.Tensor] = {}
+        self._carrier_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._accepted: set[tuple] = set()
 
     def refresh_weights(self) -> None:
         """Re-read each segment's weight tensors (after .to() and friends replaced them)."""
         self._weights = [[_fetch(self.weights, t) for t in targets] for targets in self._weight_targets]
 
-    def run_segment(self, i: int, inputs: list[Any]) -> tuple:
+    def _attach(self, loaders: dict[str, Any], where: str) -> list[LoweredSegment | None]:
+        found: list[LoweredSegment | None] = []
+        for seg, targets in zip(self.spec.segments, self._weight_targets):
+            call = seg.lowered
+            if call is None or call.package not in loaders:
+                found.append(None)
+                continue
+            count = len(seg.inputs) + len(targets)
+            if len(set(call.args)) != len(call.args) or any(not 0 <= k < count for k in call.args):
+                raise DaccError(f"segment {seg.name}: package arguments {call.args[:20]} do not index its "
+                                f"{count} arguments", where, RECOMPILE)
+            unknown = [n for n in call.sizes if n not in {s.name for s in self.spec.symbols}]
+            if unknown:
+                raise DaccError(f"segment {seg.name}: package sizes {unknown[:5]} are not program symbols", where,
+                                RECOMPILE)
+            found.append(LoweredSegment(loaders[call.package], call.args, call.sizes))
+        self._needs_sizes = any(f is not None and f.sizes for f in found)
+        return found
+
+    def size_carriers(self, flat: list[Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """Each program symbol's value n as a zero-element (n, 0) tensor: a package reads sizes
+        that are no dimension of its tensor arguments from these."""
+        out = {}
+        for name, (i, d) in self._symbol_at.items():
+            key = (int(flat[i].shape[d]), device)
+            if key not in self._carrier_cache:
+                self._carrier_cache[key] = torch.empty((key[0], 0), device=device)
+            out[name] = self._carrier_cache[key]
+        return out
+
+    def bind_sizes(self, flat: list[Any]) -> None:
+        """Called once per call, before its segments run."""
+        if self._needs_sizes:
+            self._carriers = self.size_carriers(flat, self._weights_device())
+
+    def _weights_device(self) -> torch.device:
+        return next((t.device for ws in self._weights for t in ws if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+    @property
+    def lowered_segments(self) -> int:
+        return sum(p is not None for p in self._lowered)
+
+    def run_segment(self, i: int, inputs: list[Any]) -> tuple | list:
+        package = self._lowered[i]
+        if package is not None:
+            return package([*inputs, *self._weights[i]], self._carriers)
         return self.segments[i].forward(*inputs, *self._weights[i])
+
+    def use_packages(self, device: torch.device, package_device: str) -> bool:
+        """Packages run only on the device they were built for: elsewhere (after `.to()`) the
+        segments run as graphs until the weights come back. Returns whether packages are in use."""
+        here = device.type == package_device
+        self._lowered = list(self._packages) if here else [None] * len(self._packages)
+        return here or not any(self._packages)
 
     def retarget(self, device: torch.device) -> None:
         """Point the graph's tensor factories (arange, to, ...) at `device`: torch.export records

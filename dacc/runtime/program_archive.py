@@ -19,8 +19,12 @@ So dacc reads the archive itself, by allow-list:
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
+import types
+import typing
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -265,7 +269,7 @@ def _small_exponent(args: list[Any]) -> bool:
 def deserialize_program(data: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> ExportedProgram:
     """Torch's JSON deserializer, handed tensors (never bytes) for every weight and constant."""
     from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+    from torch._export.serde.serialize import ExportedProgramDeserializer
 
     specs = data["graph_module"].get("signature", {}).get("input_specs", [])
     state_dict: dict[str, torch.Tensor] = {}
@@ -292,7 +296,7 @@ def deserialize_program(data: dict[str, Any], weights: dict[str, torch.Tensor], 
         else:
             constants[fqn] = tensor
     try:
-        serialized = _dict_to_dataclass(schema.ExportedProgram, data)
+        serialized = _to_schema(schema.ExportedProgram, data)
         ep = ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
     except DaccError:
         raise
@@ -350,3 +354,41 @@ def check_graph(ep: ExportedProgram, where: str) -> None:
                 continue
             raise _refuse(f"the program has a {node.op} node {node.name} calling {t!r}, which dacc does not load",
                           where)
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_fields(cls: type) -> tuple[dict[str, Any], tuple[str, ...]]:
+    from torch._export.serde import schema
+
+    return typing.get_type_hints(cls, globalns=vars(schema)), tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _to_schema(tp: Any, data: Any) -> Any:
+    """Program JSON -> torch's serialization schema dataclasses, as torch's own loader builds them,
+    with each class's type hints resolved once (resolving them per node is most of a load)."""
+    from torch._export.serde import schema
+    from torch._export.serde.union import _Union
+
+    if isinstance(tp, str):
+        tp = getattr(schema, tp)
+    elif isinstance(tp, typing.ForwardRef):
+        tp = getattr(schema, tp.__forward_arg__)
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _to_schema(tp.__origin__, data)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+        return None if data is None else _to_schema(next(a for a in typing.get_args(tp) if a is not type(None)), data)
+    if isinstance(tp, type) and issubclass(tp, _Union):
+        if not isinstance(data, dict) or len(data) != 1:
+            raise ValueError(f"{tp.__name__} must be a one-key object")
+        ((tag, value),) = data.items()
+        hints, _ = _schema_fields(tp)
+        return tp.create(**{tag: _to_schema(hints[tag], value)})
+    if dataclasses.is_dataclass(tp):
+        hints, names = _schema_fields(tp)
+        return tp(**{n: _to_schema(hints[n], data[n]) for n in names if n in data})
+    if isinstance(data, list):
+        return [_to_schema(typing.get_args(tp)[0], d) for d in data] if data else data
+    if isinstance(data, dict):
+        return {k: _to_schema(typing.get_args(tp)[1], v) for k, v in data.items()}
+    return float(data) if tp is float else data

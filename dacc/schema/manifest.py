@@ -78,6 +78,40 @@ class SegmentSpec:
     flops: str  # matmul + attention FLOPs of one call, sympy text
     flops_tree: Any  # the same as an expression tree (dacc.schema.expr) for the runtime
     param_bytes: int
+    lowered: LoweredCall | None = None  # the compiled package that runs this segment (lower_segments)
+
+
+@dataclass
+class LoweredCall:
+    """A segment served by a compiled package: the runtime calls the package with the segment's
+    arguments (its `inputs`, then its weights) at positions `args`, then one zero-element tensor
+    of shape (n, 0) per symbol in `sizes`; the sizes the segment received as integers are read
+    inside the package from its tensors' shapes."""
+    package: str  # file name of the package in the artifact
+    args: list[int]
+    sizes: list[str] = field(default_factory=list)  # program symbols passed as (n, 0) size carriers
+
+
+@dataclass
+class PackageSpec:
+    file: str
+    key: str  # sha256 of the segment's canonical graph text and argument types
+    segments: list[str]  # "program/segment" names it serves
+    num_nodes: int
+    build_seconds: float  # 0.0 when taken from the compile cache
+
+
+@dataclass
+class LoweringSpec:
+    """What the packages were built for; a runtime that differs refuses them (or falls back to the
+    unlowered segments when asked to)."""
+    backend: Literal["inductor"]
+    device: Literal["cpu", "cuda"]
+    torch_version: str
+    cpu_isa: str  # Inductor's vector ISA on the building machine ("avx512", "avx2", "neon", "" = none)
+    cuda_arch: str | None  # compute capability, "9.0"; None for cpu
+    packages: list[PackageSpec]
+    unlowered: dict[str, str] = field(default_factory=dict)  # "program/segment": why it runs as a graph
 
 
 @dataclass
@@ -183,6 +217,7 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
     # quantize.target_psnr: the groups kept in full precision and the PSNR measured (quant_search.py)
     quantize_search: dict[str, Any] = field(default_factory=dict)
+    lowering: LoweringSpec | None = None  # compiled packages (plan `lower`); None: segments run as graphs
     digest: str = ""  # sha256 of this manifest's canonical JSON with digest=""
 
 
@@ -234,11 +269,31 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
                         f"{', '.join(repr(b[:60]) for b in bad[:3])}", where, RECOMPILE)
     unlisted = [p.file for p in manifest.programs if p.file not in manifest.files]
     unlisted += [WEIGHTS_FILE] if WEIGHTS_FILE not in manifest.files else []
+    unlisted += [f for f in package_files(manifest) if f not in manifest.files]
     if unlisted:
         raise DaccError(f"the manifest names files it does not list with a hash: "
                         f"{', '.join(repr(u[:60]) for u in unlisted[:3])}", where, RECOMPILE)
+    _check_lowered(manifest, where)
     validate_manifest_trees(manifest, where)  # untrusted expression trees: checked once, here
     return manifest
+
+
+def _check_lowered(manifest: Manifest, where: str) -> None:
+    low = manifest.lowering
+    known = {p.file for p in low.packages} if low is not None else set()
+    for prog in manifest.programs:
+        for seg in prog.segments:
+            if seg.lowered is not None and seg.lowered.package not in known:
+                raise DaccError(f"segment {short_repr(seg.name)} names package {short_repr(seg.lowered.package)}, "
+                                "which the manifest's lowering table does not list", where, RECOMPILE)
+
+
+def package_files(manifest: Manifest) -> list[str]:
+    """Every package file the manifest names, from its package table and its segments."""
+    low = manifest.lowering
+    named = [p.file for p in low.packages] if low is not None else []
+    named += [s.lowered.package for p in manifest.programs for s in p.segments if s.lowered is not None]
+    return sorted(set(named))
 
 
 def parse_manifest_file(path) -> Manifest:

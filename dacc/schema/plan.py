@@ -107,11 +107,19 @@ class QuantizePlan(_Strict):
     target_psnr: float | None = Field(None, gt=0, le=100)
 
 
+class LowerPlan(_Strict):
+    # inductor: every segment becomes an AOTInductor package (C++/OpenMP on cpu, Triton on cuda)
+    # built for `device` on the compiling machine and shipped in the artifact
+    backend: Literal["none", "inductor"] = "none"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
 class Plan(_Strict):
     num_inference_steps: int = Field(50, ge=1, le=10_000)
     cache: CachePlan = Field(default_factory=CachePlan)
     parallel: ParallelPlan = Field(default_factory=ParallelPlan)
     quantize: QuantizePlan = Field(default_factory=QuantizePlan)
+    lower: LowerPlan = Field(default_factory=LowerPlan)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -28,7 +28,10 @@ def to_dict(obj: Any) -> Any:
 
 
 def _key(where: str, k: Any) -> str:
-    return f"{where}.{k}" if isinstance(k, str) and len(k) <= 60 else f"{where}[{short_repr(k, 40)}]"
+    # a key that is not plain printable text (a newline, a quote) is shown by its repr: an error
+    # message stays one line whatever the manifest holds
+    plain = isinstance(k, str) and len(k) <= 60 and k.isprintable() and "'" not in k
+    return f"{where}.{k}" if plain else f"{where}[{short_repr(k, 40)}]"
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

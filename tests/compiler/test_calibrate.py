@@ -55,6 +55,7 @@ def test_inspect_shows_the_gate_and_draws_what_the_search_measured(searched, tmp
     assert COLORS["computed"] in colors and COLORS["forecast"] in colors
 
 
+@pytest.mark.slow  # `make test-all`: end to end, covered piece by piece in `make test`
 def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, capsys):
     artifact = _compile_demo(tmp_path, "{strategy: teacache, cache_ratio: 0.3, options: {calibration_seeds: 1}}")
     model = dacc.load(artifact)

@@ -88,6 +88,7 @@ def sample(model, seed):
 '''
 
 
+@pytest.mark.slow  # `make test-all`: end to end, covered piece by piece in `make test`
 def test_the_search_on_the_demo_model_is_reproduced_by_the_artifact(tmp_path):
     """int4 everywhere (fragile layers too) loses a few dB on the trained demo model: the search
     keeps the blocks it ranks most sensitive, the manifest says which, their linears stay full

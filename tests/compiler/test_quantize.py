@@ -42,7 +42,8 @@ def _compile(tmp_path, family, quantize: str):
     plan.write_text(f"num_inference_steps: 10\nquantize: {quantize}\n")
     out = tmp_path / f"{family}.dacc"
     notes = []
-    manifest = compile_model(model_file(family), plan, out, log=notes.append, traced=shared_trace(model_file(family)))
+    manifest = compile_model(model_file(family), plan, out, log=notes.append, verify=False,  # compared below
+                             traced=shared_trace(model_file(family)))
     return manifest, out, notes
 
 
@@ -147,7 +148,8 @@ def test_rewritten_graph_text(golden):
     run_pipeline(ir, parse_plan(yaml.safe_load("quantize: {mode: int8_dynamic}")), PIPELINE, check_invariants,
                  on_graph=lambda i, name, text: graphs.__setitem__(name, text))
     text = graphs["quantize_linears"]
-    golden(f"flux/quantize_int8_dynamic_{len(PIPELINE):02d}_quantize_linears.txt", text)
+    index = next(i for i, p in enumerate(PIPELINE, start=1) if p.name == "quantize_linears")
+    golden(f"flux/quantize_int8_dynamic_{index:02d}_quantize_linears.txt", text)
     assert "dacc.linear_int8_dynamic" in text and "aten.linear(" not in text
     assert re.search(r"dacc\.linear_int8_weight\(%\w+, @proj_out\.weight\.int8,", text)  # fragile: weight-only
 

@@ -1,6 +1,8 @@
 """The trained demo model: it trains, it generates recognisable digits, its artifact matches eager."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import torch
@@ -51,6 +53,7 @@ def test_training_record_is_checked_in():
     assert record["classifier_test_accuracy"] >= 0.95
 
 
+@pytest.mark.slow  # `make test-all`: end to end, covered piece by piece in `make test`
 def test_demo_writes_grid_and_table(tmp_path):
     from dacc.demo import format_table, run_demo
     result = run_demo(tmp_path, per_class=1, steps=12, progress=False, log=lambda m: None)

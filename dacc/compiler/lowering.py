@@ -1,0 +1,332 @@
+"""Lowering segments to AOTInductor packages (C++/OpenMP kernels on CPU, Triton on CUDA).
+
+Each segment is cut exactly as the runtime cuts it (its inputs, then its weights, as arguments),
+put in a canonical form, exported with its token and batch sizes dynamic, and compiled by
+`torch._inductor.aoti_compile_and_package`. The canonical form:
+- sizes a segment receives as integers are read from its tensor arguments' shapes instead
+  (a package takes tensors only, and this tells Inductor how the sizes relate);
+- nodes are renamed in order, so two segments with the same ops, constants, argument dtypes and
+  static sizes print the same code. That text is the package's key: structurally identical
+  segments (every single block of a Flux model) share one build and one file.
+Packages are cached under $DACC_CACHE_DIR (default ~/.cache/dacc) by key, torch version and
+target, so recompiling a model reuses them. Every segment a package serves is checked against
+its graph on the boundary values of every example the program serves, cached or not; a segment
+whose package fails to build or to match runs as a graph, and the manifest says why.
+"""
+from __future__ import annotations
+
+import hashlib
+import operator
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import sympy
+import torch
+from torch import fx
+from torch.fx.experimental import _config as fx_config
+from torch.export import Dim
+from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
+
+from dacc.runtime.inputs import flatten_with_paths
+from dacc.runtime.lowered import cpu_isa, cuda_arch
+from dacc.runtime.stamps import cache_root
+from dacc.schema.dtypes import dtype_text
+from dacc.schema.manifest import LoweredCall, LoweringSpec, PackageSpec
+
+RECIPE = 1  # part of every package key: bump when the way packages are built changes
+MIN_NODES = 4  # a smaller segment costs more as a package call than as its few dispatches
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}  # relative max error; half types: 1e-2
+
+
+@dataclass
+class Package:
+    file: str
+    key: str
+    path: Path
+    num_nodes: int
+    build_seconds: float
+
+
+@dataclass
+class ProgramLowering:
+    """What lower_segments decided for one program (ProgramIR.lowering)."""
+    device: str
+    calls: dict[str, LoweredCall] = field(default_factory=dict)  # segment name -> package call
+    packages: dict[str, Package] = field(default_factory=dict)  # file -> package
+    unlowered: dict[str, str] = field(default_factory=dict)  # segment name -> why it stays a graph
+
+
+@dataclass
+class Canonical:
+    module: fx.GraphModule
+    args: list[int]  # positions of the runtime's segment arguments the package takes
+    sizes: list[str]  # program symbols passed after them as size carriers
+    dynamic: list[dict[int, Any] | None]  # export's dynamic_shapes, per kept argument
+    key: str
+    num_nodes: int
+
+
+class NotLowerable(Exception):
+    """A segment that stays a graph, with the reason recorded in the manifest."""
+
+
+def cache_dir() -> Path:
+    return cache_root() / "packages"
+
+
+def target_tag(device: str) -> str:
+    where = f"cuda{cuda_arch()}" if device == "cuda" else f"cpu-{cpu_isa() or 'scalar'}"
+    return f"torch{torch.__version__}-{where}"
+
+
+def _expr(v: Any):
+    return v.node.expr if isinstance(v, torch.SymInt) else v
+
+
+_SIZE_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv,
+             PythonMod: operator.mod, Mod: operator.mod}
+
+
+class _Sizes:
+    """Builds the nodes computing a size the segment received as an integer: from a tensor
+    argument's dimension where one equals it (or its symbols), else from a size carrier, a
+    zero-element tensor of shape (n, 0) that the runtime passes for program symbol n (the latent
+    height an epilogue unpatchifies with is no dimension of its token tensors)."""
+
+    def __init__(self, graph: fx.Graph, tensor_dims: list[tuple[fx.Node, int, Any]], names: dict[Any, str]):
+        self.graph, self.tensor_dims, self.names = graph, tensor_dims, names
+        self.carriers: dict[Any, fx.Node] = {}
+
+    def _direct(self, expr) -> tuple[fx.Node, int] | None:
+        return next(((ph, d) for ph, d, e in self.tensor_dims if e == expr), None)
+
+    def need_carriers(self, expr, name: str) -> None:
+        if self._direct(expr) is not None or expr.is_Integer:
+            return
+        if expr.is_Symbol:
+            if expr not in self.names:
+                raise NotLowerable(f"size argument {name} = {expr} is not a size of the program's inputs")
+            if expr not in self.carriers:
+                self.carriers[expr] = self.graph.placeholder(f"c{len(self.carriers)}")
+            return
+        if type(expr) not in _SIZE_OPS:
+            raise NotLowerable(f"size argument {name} = {expr} uses {type(expr).__name__}")
+        for a in expr.args:
+            self.need_carriers(a, name)
+
+    def build(self, expr):
+        found = self._direct(expr)
+        if found is not None:
+            return self.graph.call_function(torch.ops.aten.sym_size.int, found)
+        if expr.is_Integer:
+            return int(expr)
+        if expr.is_Symbol:
+            return self.graph.call_function(torch.ops.aten.sym_size.int, (self.carriers[expr], 0))
+        terms = [self.build(a) for a in expr.args]
+        value = terms[0]
+        for t in terms[1:]:
+            value = self.graph.call_function(_SIZE_OPS[type(expr)], (value, t))
+        return value
+
+
+def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs: int, device: str,
+              symbol_names: dict[Any, str]) -> Canonical:
+    """`gm` takes (inputs..., weights...) = `values`; `metas` are the traced values (fake tensors,
+    SymInts) of the inputs, for their symbolic sizes; `symbol_names` maps the program's size
+    symbols to their manifest names."""
+    old = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    kept, dynamic, descr = [], [], []
+    tensor_dims: list[tuple[fx.Node, int, Any]] = []
+    for k, (node, value) in enumerate(zip(old, values)):
+        if isinstance(value, torch.Tensor):
+            ph = graph.placeholder(f"a{len(kept)}")
+            env[node] = ph
+            kept.append(k)
+            meta = metas[k] if k < n_inputs else None
+            dims = {}
+            if isinstance(meta, torch.Tensor):
+                for d, size in enumerate(meta.shape):
+                    if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
+                        dims[d] = Dim.AUTO
+                        tensor_dims.append((ph, d, size.node.expr))
+            dynamic.append(dims or None)
+            shape = ["?" if d in dims else str(s) for d, s in enumerate(value.shape)]
+            descr.append(f"{dtype_text(value.dtype)}[{','.join(shape)}]")
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise NotLowerable(f"argument {node.name} is a {type(value).__name__}, not a tensor or a size")
+    sizes = _Sizes(graph, tensor_dims, symbol_names)
+    int_args = []
+    for k, (node, value) in enumerate(zip(old, values)):
+        if node not in env:
+            expr = sympy.sympify(_expr(metas[k]) if k < n_inputs else value)
+            sizes.need_carriers(expr, node.name)
+            int_args.append((node, expr))
+    carried = [symbol_names[sym] for sym in sizes.carriers]
+    dynamic += [{0: Dim.AUTO}] * len(carried)
+    descr += [f"size {name}" for name in carried]
+    for node, expr in int_args:
+        env[node] = sizes.build(expr)
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "output":
+            graph.output(args[0])
+            continue
+        if node.op != "call_function":
+            raise NotLowerable(f"node {node.name} is a {node.op}")
+        env[node] = graph.create_node("call_function", node.target, args, kwargs, name=f"v{count}")
+        count += 1
+    module = fx.GraphModule(torch.nn.Module(), graph, class_name="Segment")
+    text = f"recipe {RECIPE}|{device}|{target_tag(device)}|{';'.join(descr)}\n{module.code}"
+    return Canonical(module, kept, carried, dynamic, hashlib.sha256(text.encode()).hexdigest(), count)
+
+
+def build(canon: Canonical, args: list[torch.Tensor], out: Path) -> None:
+    """Export the canonical segment with its dynamic sizes and compile it into `out`."""
+    # without duck shaping: two sizes equal in the example (a square latent's height and width)
+    # must not become one symbol, only sizes the code relates do
+    with torch.no_grad(), fx_config.patch(use_duck_shape=False):
+        ep = torch.export.export(canon.module, tuple(args), dynamic_shapes=tuple(canon.dynamic), strict=False)
+    for ph, dims in zip([n for n in ep.graph.nodes if n.op == "placeholder"], canon.dynamic):
+        val = ph.meta.get("val")
+        for d in dims or {}:
+            size = val.shape[d]
+            if not isinstance(size, torch.SymInt) or size.node.expr.is_number:
+                raise NotLowerable(f"export made dimension {d} of {ph.name} static ({int(size)})")
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.pt2")  # torch wants the .pt2 suffix
+    try:
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(got, ref, strict=True):
+        if not isinstance(b, torch.Tensor):
+            continue
+        scale = b.detach().abs().max().item() if b.numel() else 0.0
+        diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
+        worst = max(worst, diff / max(scale, 1e-12))
+    return worst
+
+
+def flat_example(inputs, example: dict[str, Any]) -> list[Any]:
+    given = dict(flatten_with_paths(example))
+    return [given[s.path] if s.kind == "tensor" else s.value for s in inputs]
+
+
+def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, symbol_names: dict[Any, str],
+                  log: Callable[[str], None]) -> ProgramLowering:
+    """Lower every segment of `runner` (a runtime ProgramRunner over the program being compiled)."""
+    from torch._C._aoti import AOTIModelPackageLoader
+
+    result = ProgramLowering(device)
+    specs = runner.spec.segments
+    source = {n.name: n for n in runner.weights.graph.nodes}
+    move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+    recorded: list[list[list[Any]]] = []  # per example, per segment: its arguments
+    carriers: list[dict[str, torch.Tensor]] = []  # per example: the size carriers
+    with torch.no_grad():
+        for example in examples:
+            flat = list(map(move, flat_example(inputs, example)))
+            carriers.append(runner.size_carriers(flat, torch.device(device)))
+            env = dict(zip(runner.placeholder_names, flat))
+            per_segment = []
+            for i, seg in enumerate(specs):
+                args = [env[n] for n in seg.inputs]
+                per_segment.append([*args, *runner._weights[i]])
+                env.update(zip(seg.outputs, runner.run_segment(i, args)))
+            recorded.append(per_segment)
+
+    def package_args(canon: Canonical, example: int, i: int) -> list[torch.Tensor]:
+        # fresh carriers: export would take one tensor passed twice (equal sizes) for one size
+        return ([recorded[example][i][k].contiguous() for k in canon.args]
+                + [torch.empty_like(carriers[example][name]) for name in canon.sizes])
+
+    groups: dict[str, list[tuple[int, Canonical]]] = {}
+    for i, seg in enumerate(specs):
+        try:
+            if seg.num_nodes < MIN_NODES:
+                raise NotLowerable(f"{seg.num_nodes} node(s): cheaper as a graph than as a package call")
+            metas = [source[n].meta.get("val") for n in seg.inputs]
+            canon = canonical(runner.segments[i], recorded[0][i], metas, len(seg.inputs), device, symbol_names)
+        except NotLowerable as exc:
+            result.unlowered[seg.name] = str(exc)
+            continue
+        groups.setdefault(canon.key, []).append((i, canon))
+    store = cache_dir() / target_tag(device)
+    store.mkdir(parents=True, exist_ok=True)
+    for n, (key, members) in enumerate(groups.items(), start=1):
+        first, canon = members[0]
+        names = ", ".join(specs[i].name for i, _ in members)
+        path, seconds = store / f"{key}.pt2", 0.0
+        try:
+            if not path.is_file():
+                log(f"lowering [{n}/{len(groups)}] {names} ({canon.num_nodes} nodes) ...")
+                start = time.perf_counter()
+                build(canon, package_args(canon, 0, first), path)
+                seconds = time.perf_counter() - start
+                log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")
+            else:
+                log(f"lowering [{n}/{len(groups)}] {names}: package from the compile cache")
+            loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+            for i, canon_i in members:
+                _verify(loader, runner.segments[i], [(r[i], package_args(canon_i, e, i)) for e, r in enumerate(recorded)])
+        except Exception as exc:  # an Inductor failure or a mismatch: the segments still run as graphs
+            why = str(exc) if isinstance(exc, NotLowerable) else \
+                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            for i, _ in members:
+                result.unlowered[specs[i].name] = why
+            path.unlink(missing_ok=True)  # never reuse a package that failed
+            log(f"warning: {names} stay unlowered: {why}")
+            continue
+        file = f"lowered-{key[:16]}.pt2"
+        result.packages[file] = Package(file, key, path, canon.num_nodes, round(seconds, 2))
+        for i, canon_i in members:
+            result.calls[specs[i].name] = LoweredCall(file, canon_i.args, canon_i.sizes)
+    return result
+
+
+def _verify(loader, segment: fx.GraphModule, cases: list[tuple[list[Any], list[torch.Tensor]]]) -> None:
+    """The package against the segment's graph on each example's (graph arguments, package arguments)."""
+    with torch.no_grad():
+        for values, package_args in cases:
+            ref = list(segment(*values))
+            got = loader.run(package_args)
+            dtype = next((r.dtype for r in ref if isinstance(r, torch.Tensor)), torch.float32)
+            tol = TOLERANCE.get(dtype, 1e-2)
+            err = relative_error(got, ref)
+            if err > tol:
+                raise NotLowerable(f"the package differs from the graph (relative error {err:.2e} > {tol:g})")
+
+
+def lowering_spec(device: str, lowerings: list[ProgramLowering | None]) -> tuple[LoweringSpec | None, dict[str, Path]]:
+    """The manifest's lowering table over every program, and the package files to ship."""
+    if all(low is None for low in lowerings):
+        return None, {}
+    packages: dict[str, PackageSpec] = {}
+    files: dict[str, Path] = {}
+    unlowered: dict[str, str] = {}
+    for i, low in enumerate(lowerings):
+        if low is None:
+            continue
+        for file, pkg in low.packages.items():
+            packages.setdefault(file, PackageSpec(file, pkg.key, [], pkg.num_nodes, pkg.build_seconds))
+            files[file] = pkg.path
+        for seg, call in low.calls.items():
+            packages[call.package].segments.append(f"program{i}/{seg}")
+        unlowered.update({f"program{i}/{seg}": why for seg, why in low.unlowered.items()})
+    spec = LoweringSpec(backend="inductor", device=device, torch_version=torch.__version__,  # type: ignore[arg-type]
+                        cpu_isa=cpu_isa() if device == "cpu" else "", cuda_arch=cuda_arch() if device == "cuda" else None,
+                        packages=list(packages.values()), unlowered=unlowered)
+    return spec, files

@@ -1,0 +1,37 @@
+"""Compile each segment into an AOTInductor package (plan `lower`), shared by identical segments.
+
+The graph is not rewritten: the segments stay in the program (the artifact still runs without
+the packages, on another machine or when asked to), and each lowered segment's manifest entry
+names the package and the arguments it takes. See dacc/compiler/lowering.py.
+"""
+from __future__ import annotations
+
+from dacc.compiler.ir import ProgramIR
+from dacc.compiler.lowering import lower_program
+from dacc.compiler.passes import PassResult
+from dacc.schema.errors import DaccError
+from dacc.schema.plan import Plan
+
+
+def lower_segments(ir: ProgramIR, plan: Plan) -> PassResult:
+    low = plan.lower
+    if low.backend == "none":
+        return PassResult(False, ["lower.backend is none"])
+    if low.device == "cuda" and not __import__("torch").cuda.is_available():
+        raise DaccError("lower.device is cuda, but this machine has no CUDA device to build and check the kernels on",
+                        "plan: lower.device", "compile on a CUDA machine, or set lower.device: cpu")
+    from dacc.compiler.compile import program_spec  # the runtime's view of this program, to cut it as it will
+    from dacc.runtime.program import ProgramRunner
+
+    where = "program being lowered"
+    runner = ProgramRunner(ir.ep, program_spec(ir, 0, where), where)
+    if low.device == "cuda":
+        runner.to("cuda")
+        runner.retarget(__import__("torch").device("cuda"))
+        runner.refresh_weights()
+    examples = [ir.traced.example, *ir.traced.also_serves]
+    ir.lowering = lower_program(runner, ir.traced.inputs, examples, low.device, ir.symbols, ir.log)
+    result = ir.lowering
+    notes = [f"{len(result.calls)} segment(s) lowered into {len(result.packages)} package(s)"]
+    notes += [f"{name} unlowered: {why}" for name, why in result.unlowered.items()]
+    return PassResult(False, notes)

@@ -1,0 +1,236 @@
+"""lower_segments: AOTInductor packages against the unlowered artifact on fresh inputs and sizes,
+one package per distinct segment structure, refusal of untrusted, foreign or tampered packages,
+and composition with the cache strategies.
+
+One model (SD3: joint blocks, a `context_pre_only` last block, an epilogue that needs the latent
+height and width) is lowered once per test process; every other plan here takes its packages
+from that build through the compile cache, which the test also checks.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import dacc
+from dacc.cli import main
+from dacc.compiler.compile import compile_model
+from dacc.models import model_file
+from dacc.runtime.lowered import cpu_isa
+from dacc.schema.errors import DaccError
+from dacc.schema.manifest import file_sha256, manifest_digest
+from tests.conftest import rel_err, shared_trace
+
+FAMILY = "sd3"
+PLANS = {"none": "{strategy: none}", "dbcache": "{strategy: dbcache, options: {threshold: 0.3}}",
+         "taylorseer": "{strategy: taylorseer, options: {order: 1, interval: 3}}"}
+
+
+def _inputs(batch: int, height: int, width: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, height, width, generator=g),
+                encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
+                pooled_projections=torch.randn(batch, 16, generator=g),
+                timestep=torch.rand(batch, generator=g) * 1000)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{strategy: (lowered artifact, compile log)}, compiled on demand; packages are cached in one
+    directory for the module. The unlowered reference is the same artifact loaded with
+    lowered="off": the same graphs, run op by op."""
+    root = tmp_path_factory.mktemp("lower")
+    cache = {}
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DACC_CACHE_DIR", str(root / "cache"))
+
+    def get(strategy: str):
+        if strategy not in cache:
+            plan = root / f"{strategy}.yaml"
+            plan.write_text(f"num_inference_steps: 6\ncache: {PLANS[strategy]}\n"
+                            "lower: {backend: inductor, device: cpu}\n")
+            out, log = root / f"{strategy}.dacc", []
+            # the compile verifies the lowered empty plan against eager; the tests compare the rest
+            compile_model(model_file(FAMILY), plan, out, log=log.append, verify=strategy == "none",
+                          traced=shared_trace(model_file(FAMILY)))
+            cache[strategy] = (out, log)
+        return cache[strategy]
+    yield get
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def loaded(built):
+    """The empty plan's artifact, lowered and unlowered."""
+    path, _ = built("none")
+    return dacc.load(path, allow_native_code=True), dacc.load(path, lowered="off")
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
+    lowered, plain = loaded
+    assert lowered.programs[0].lowered_segments == len(lowered.manifest.programs[0].segments)
+    assert plain.programs[0].lowered_segments == 0
+    calls, originals = [], [seg.loader for seg in lowered.programs[0]._lowered]
+
+    class Spy:  # counts package calls: the graphs must not be what ran
+        def __init__(self, loader):
+            self.loader = loader
+
+        def run(self, args):
+            calls.append(1)
+            return self.loader.run(args)
+    for seg in lowered.programs[0]._lowered:
+        seg.loader = Spy(seg.loader)
+    try:
+        # sizes the compile never saw, one of them not square: one package serves every token count
+        for i, (b, h, w) in enumerate([(3, 12, 20), (2, 8, 24), (4, 16, 16)]):
+            x = _inputs(b, h, w, seed=100 + i)
+            want = plain(**x).sample
+            got = lowered(**x).sample
+            assert got.shape == want.shape == (b, 4, h, w)
+            assert rel_err(got, want) < 1e-4
+    finally:
+        for seg, loader in zip(lowered.programs[0]._lowered, originals):
+            seg.loader = loader
+    assert len(calls) == 3 * len(lowered.manifest.programs[0].segments)
+
+
+def test_identical_blocks_share_one_package_and_the_manifest_says_so(built, capsys):
+    path, log = built("none")
+    data = _manifest(path)
+    segments = {s["name"]: s["lowered"] for s in data["programs"][0]["segments"]}
+    low = data["lowering"]
+    assert all(call is not None for call in segments.values()), low["unlowered"]
+    # blocks 0 and 1 are the same structure; the last block (context_pre_only) and the others are not
+    assert segments["transformer_blocks.0"]["package"] == segments["transformer_blocks.1"]["package"]
+    assert segments["transformer_blocks.2"]["package"] != segments["transformer_blocks.0"]["package"]
+    files = {call["package"] for call in segments.values()}
+    assert len(low["packages"]) == len(files) == len(segments) - 1
+    assert sum(line.startswith("lowering [") and "built in" in line for line in log) == len(files)
+    assert {f for f in data["files"] if f.startswith("lowered-")} == files  # hashed like every file
+    assert low["cpu_isa"] == cpu_isa() and low["torch_version"] == torch.__version__
+    # the epilogue unpatchifies with the latent height and width: passed as size carriers
+    assert segments["epilogue"]["sizes"]
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(segments)} segment(s) served by {len(files)} package(s)" in out
+    assert "program0/transformer_blocks.0, program0/transformer_blocks.1" in out
+
+
+@pytest.mark.parametrize("strategy", ["dbcache", "taylorseer"])
+def test_cache_plans_reuse_the_packages_and_match_the_unlowered_plan(built, strategy):
+    built("none")
+    path, log = built(strategy)
+    assert not any("built in" in line for line in log), "every structure was built for the empty plan already"
+    assert sum("package from the compile cache" in line for line in log) == len(_manifest(path)["lowering"]["packages"])
+    lowered, plain = dacc.load(path, allow_native_code=True), dacc.load(path, lowered="off")
+    x = _inputs(2, 12, 16, seed=7)
+    for step, t in enumerate(torch.linspace(600, 550, 6)):  # slowly changing inputs: the gate skips
+        x = {**x, "timestep": torch.full((2,), float(t))}
+        want, got = plain(**x).sample, lowered(**x).sample
+        assert rel_err(got, want) < 1e-4, step
+        x = {**x, "hidden_states": x["hidden_states"] - 0.01 * want}
+    decisions = plain.stats()["decisions"]["default/program0"]
+    assert lowered.stats()["decisions"]["default/program0"] == decisions
+    assert set(decisions) != {"computed"}, "the gate never skipped: the test would not exercise the cached path"
+
+
+def test_packages_are_native_code_loaded_only_when_trusted(built):
+    path, _ = built("none")
+    with pytest.raises(DaccError, match="native code") as exc:
+        dacc.load(path)
+    assert "allow_native_code=True" in exc.value.fix and "trusted_keys" in exc.value.fix
+    with pytest.warns(UserWarning, match="unlowered"):
+        fallback = dacc.load(path, lowered="fallback")
+    assert fallback.programs[0].lowered_segments == 0
+    assert dacc.load(path, lowered="off").programs[0].lowered_segments == 0
+    with pytest.raises(DaccError, match="lowered="):
+        dacc.load(path, lowered="sometimes")
+
+
+def test_signed_lowered_artifacts_load_with_the_signers_key(built, tmp_path):
+    path, _ = built("none")
+    copy = tmp_path / "signed.dacc"
+    shutil.copytree(path, copy)
+    assert main(["keygen", str(tmp_path / "k")]) == 0
+    assert main(["sign", str(copy), "--key", str(tmp_path / "k")]) == 0
+    loaded = dacc.load(copy, trusted_keys=[tmp_path / "k.pub"])
+    assert loaded.programs[0].lowered_segments > 0
+
+
+def _edited(path, tmp_path, edit) -> object:
+    copy = tmp_path / "edited.dacc"
+    shutil.copytree(path, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    edit(data, copy)
+    data["files"] = {p.name: file_sha256(p) for p in sorted(copy.iterdir()) if p.name != "manifest.json"}
+    data["digest"] = manifest_digest(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("torch_version", "2.0.0", "built by torch 2.0.0"),
+    ("cpu_isa", "amx_tile_from_the_future", "instruction set"),
+    ("device", "cuda", "CUDA")])
+def test_foreign_packages_are_refused_or_fall_back(built, loaded, tmp_path, field, value, why):
+    path, _ = built("none")
+    copy = _edited(path, tmp_path, lambda data, root: data["lowering"].__setitem__(field, value))
+    with pytest.raises(DaccError, match=why):
+        dacc.load(copy, allow_native_code=True)
+    if field == "torch_version":  # falling back is the same for every reason: loaded once
+        with pytest.warns(UserWarning, match=why):
+            fallback = dacc.load(copy, allow_native_code=True, lowered="fallback")
+        assert fallback.programs[0].lowered_segments == 0
+        x = _inputs(2, 8, 8, seed=3)
+        assert rel_err(fallback(**x).sample, loaded[1](**x).sample) < 1e-6
+
+
+def test_a_tampered_package_is_refused_before_it_is_loaded(built, tmp_path):
+    path, _ = built("none")
+    copy = tmp_path / "tampered.dacc"
+    shutil.copytree(path, copy)
+    package = next(copy.glob("lowered-*.pt2"))
+    package.write_bytes(package.read_bytes()[:-16] + b"\0" * 16)
+    with pytest.raises(DaccError, match="modified or corrupted"):
+        dacc.load(copy, allow_native_code=True)
+
+
+def test_a_manifest_naming_an_unlisted_package_is_refused(built, tmp_path):
+    path, _ = built("none")
+
+    def edit(data, root):
+        data["programs"][0]["segments"][0]["lowered"]["package"] = "lowered-elsewhere.pt2"
+    with pytest.raises(DaccError, match="does not list"):
+        dacc.load(_edited(path, tmp_path, edit), allow_native_code=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packages_match_the_unlowered_artifact_on_the_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("DACC_CACHE_DIR", str(tmp_path / "cache"))
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("num_inference_steps: 6\nlower: {backend: inductor, device: cuda}\n")
+    compile_model(model_file(FAMILY), plan, tmp_path / "gpu.dacc", log=lambda m: None,
+                  traced=shared_trace(model_file(FAMILY)))
+    lowered = dacc.load(tmp_path / "gpu.dacc", allow_native_code=True).to("cuda")
+    plain = dacc.load(tmp_path / "gpu.dacc", lowered="off").to("cuda")
+    assert lowered.programs[0].lowered_segments > 0
+    x = {k: v.cuda() for k, v in _inputs(3, 12, 20, seed=5).items()}
+    assert rel_err(lowered(**x).sample, plain(**x).sample) < 1e-4
+
+
+def test_a_cuda_plan_without_a_gpu_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("lower: {backend: inductor, device: cuda}\n")
+    with pytest.raises(DaccError, match="no CUDA device"):
+        compile_model(model_file(FAMILY), plan, tmp_path / "x.dacc", log=lambda m: None,
+                      traced=shared_trace(model_file(FAMILY)))
+    assert not (tmp_path / "x.dacc").exists()

@@ -77,6 +77,15 @@ class LoweredSegment:
         return self.loader.run(picked)
 
 
+def package_arity(loader: Any) -> tuple[int, int]:
+    """(tensors a package takes, tensors it returns), from its call spec: a package called with
+    the wrong number of tensors would read past its arguments, so the runtime checks first."""
+    import torch.utils._pytree as pytree
+
+    in_spec, out_spec = (pytree.treespec_loads(s) for s in loader.get_call_spec())
+    return in_spec.num_leaves, out_spec.num_leaves
+
+
 def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bool) -> dict[str, Any]:
     """{package file: loader} for the artifact's packages, or {} when they are not to be used
     (mode "off", or "fallback" on a machine or trust level that cannot run them)."""

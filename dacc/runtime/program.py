@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import BOOL, evaluate
-from dacc.runtime.lowered import LoweredSegment
+from dacc.runtime.lowered import LoweredSegment, package_arity
 from dacc.schema.manifest import RECOMPILE, ProgramSpec, SegmentSpec, node_segment
 
 
@@ -112,6 +112,11 @@ class ProgramRunner(torch.nn.Module):
             if unknown:
                 raise DaccError(f"segment {seg.name}: package sizes {unknown[:5]} are not program symbols", where,
                                 RECOMPILE)
+            takes, gives = package_arity(loaders[call.package])
+            if (takes, gives) != (len(call.args) + len(call.sizes), len(seg.outputs)):
+                raise DaccError(f"segment {seg.name}: package {call.package} takes {takes} tensors and returns {gives}; "
+                                f"the segment passes {len(call.args) + len(call.sizes)} and reads {len(seg.outputs)}",
+                                where, RECOMPILE)
             found.append(LoweredSegment(loaders[call.package], call.args, call.sizes))
         self._needs_sizes = any(f is not None and f.sizes for f in found)
         return found

@@ -234,3 +234,15 @@ def test_a_cuda_plan_without_a_gpu_is_a_clear_error(tmp_path):
         compile_model(model_file(FAMILY), plan, tmp_path / "x.dacc", log=lambda m: None,
                       traced=shared_trace(model_file(FAMILY)))
     assert not (tmp_path / "x.dacc").exists()
+
+
+def test_a_package_called_with_the_wrong_arguments_is_refused_at_load(built, tmp_path):
+    """A manifest pairing a segment with another structure's package: the package would read past
+    the arguments it is given, so the load compares its call spec with the segment first."""
+    path, _ = built("none")
+
+    def edit(data, root):
+        segments = {s["name"]: s for s in data["programs"][0]["segments"]}
+        segments["epilogue"]["lowered"]["package"] = segments["prologue"]["lowered"]["package"]
+    with pytest.raises(DaccError, match="epilogue: package .* takes 17 tensors and returns 9"):
+        dacc.load(_edited(path, tmp_path, edit), allow_native_code=True)

@@ -128,7 +128,7 @@ class ProgramRunner(torch.nn.Module):
         for name, (i, d) in self._symbol_at.items():
             key = (int(flat[i].shape[d]), device)
             if key not in self._carrier_cache:
-                self._carrier_cache[key] = torch.empty((key[0], 0), device=device)
+                self._carrier_cache[key] = torch.empty((key[0], 0), dtype=torch.float32, device=device)
             out[name] = self._carrier_cache[key]
         return out
 

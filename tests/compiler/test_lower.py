@@ -121,6 +121,8 @@ def test_identical_blocks_share_one_package_and_the_manifest_says_so(built, caps
     out = capsys.readouterr().out
     assert f"{len(segments)} segment(s) served by {len(files)} package(s)" in out
     assert "program0/transformer_blocks.0, program0/transformer_blocks.1" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("epilogue "))
+    assert row.rstrip().endswith(segments["epilogue"]["package"])
 
 
 @pytest.mark.parametrize("strategy", ["dbcache", "taylorseer"])

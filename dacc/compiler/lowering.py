@@ -30,6 +30,7 @@ from torch.fx.experimental import _config as fx_config
 from torch.export import Dim
 from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
+from dacc.compiler.ir import _expr
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.lowered import cpu_isa, cuda_arch
 from dacc.runtime.stamps import cache_root
@@ -80,10 +81,6 @@ def cache_dir() -> Path:
 def target_tag(device: str) -> str:
     where = f"cuda{cuda_arch()}" if device == "cuda" else f"cpu-{cpu_isa() or 'scalar'}"
     return f"torch{torch.__version__}-{where}"
-
-
-def _expr(v: Any):
-    return v.node.expr if isinstance(v, torch.SymInt) else v
 
 
 _SIZE_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv,
@@ -163,7 +160,7 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
     int_args = []
     for k, (node, value) in enumerate(zip(old, values)):
         if node not in env:
-            expr = sympy.sympify(_expr(metas[k]) if k < n_inputs else value)
+            expr = _expr(metas[k]) if k < n_inputs else sympy.Integer(value)
             sizes.need_carriers(expr, node.name)
             int_args.append((node, expr))
     carried = [symbol_names[sym] for sym in sizes.carriers]

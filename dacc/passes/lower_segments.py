@@ -6,6 +6,8 @@ names the package and the arguments it takes. See dacc/compiler/lowering.py.
 """
 from __future__ import annotations
 
+import torch
+
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.lowering import lower_program
 from dacc.compiler.passes import PassResult
@@ -17,7 +19,7 @@ def lower_segments(ir: ProgramIR, plan: Plan) -> PassResult:
     low = plan.lower
     if low.backend == "none":
         return PassResult(False, ["lower.backend is none"])
-    if low.device == "cuda" and not __import__("torch").cuda.is_available():
+    if low.device == "cuda" and not torch.cuda.is_available():
         raise DaccError("lower.device is cuda, but this machine has no CUDA device to build and check the kernels on",
                         "plan: lower.device", "compile on a CUDA machine, or set lower.device: cpu")
     from dacc.compiler.compile import program_spec  # the runtime's view of this program, to cut it as it will
@@ -27,7 +29,7 @@ def lower_segments(ir: ProgramIR, plan: Plan) -> PassResult:
     runner = ProgramRunner(ir.ep, program_spec(ir, 0, where), where)
     if low.device == "cuda":
         runner.to("cuda")
-        runner.retarget(__import__("torch").device("cuda"))
+        runner.retarget(torch.device("cuda"))
         runner.refresh_weights()
     examples = [ir.traced.example, *ir.traced.also_serves]
     ir.lowering = lower_program(runner, ir.traced.inputs, examples, low.device, ir.symbols, ir.log)

@@ -4,6 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import dacc.kernels.ops  # noqa: E402,F401  registers the dacc:: operators, so saved programs that use them load
+import dacc.kernels.collectives  # noqa: E402,F401  the communication operators of parallel plans
 
 
 def load(path, trusted_keys=None, *, lowered="use", allow_native_code=False):

@@ -81,6 +81,14 @@ def _lowering_lines(low: LoweringSpec | None) -> list[str]:
     return out
 
 
+def _parallel_lines(m: Manifest) -> list[str]:
+    p = m.parallel
+    if p.world_size == 1:
+        return []
+    return ["", f"parallel: cfg {p.cfg} x ulysses {p.ulysses} = {p.world_size} ranks (run under `torchrun "
+            f"--nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
+
+
 def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
@@ -92,6 +100,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     out += ["  " + line for line in (root / PLAN_FILE).read_text().splitlines()]
     out += _quantize_search_lines(m.quantize_search)
     out += _lowering_lines(m.lowering)
+    out += _parallel_lines(m)
     for i, prog in enumerate(m.programs):
         env = example_symbols(prog)
         out += ["", f"program {i} ({prog.file})"]

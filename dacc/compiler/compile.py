@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +25,11 @@ from dacc.compiler.pipeline import PIPELINE
 from dacc.compiler.printer import print_graph
 from dacc.compiler.segments import segment_specs, sites
 from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
+from dacc.runtime.launch import run_local
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, OutputType, PassRecord,
-                                  ProgramSpec)
+from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, OutputType, ParallelSpec,
+                                  PassRecord, ProgramSpec)
 from dacc.schema.plan import Plan, load_plan
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -43,7 +45,9 @@ def _diffusers_version() -> str | None:
 
 def _guards(ir: ProgramIR) -> tuple[list, list[str]]:
     trees, texts, exact = [], [], False
-    for g in ir.guards():
+    for g in ir.guards() + ir.partition_guards:
+        if str(g) in texts:
+            continue
         try:
             trees.append(to_tree(g))
             texts.append(str(g))
@@ -163,7 +167,8 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
 
     def finalize(tmp: Path) -> None:
         if verify:
-            verify_artifact(tmp, model, examples, log, quantized=plan.quantize.mode != "none")
+            verify_artifact(tmp, model, examples, log, quantized=plan.quantize.mode != "none",
+                            world=plan.parallel.world_size)
         if needs_calibration(manifest, plan):
             from dacc.runtime.module import load
             calibrate(manifest, load(tmp, allow_native_code=True, _allow_incomplete=True), plan, mf.sample, log)
@@ -183,30 +188,50 @@ def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], out
         diffusers_version=_diffusers_version(), model_class=cls, model_config=config, config_hash=config_hash,
         passes=[PassRecord(p.name, p.reason) for p in PIPELINE], num_inference_steps=plan.num_inference_steps,
         timestep_input=next((n for n in TIMESTEP_NAMES if n in paths), None), output_type=output_type,
-        programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={})
+        programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={},
+        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses))
 
 
 QUANTIZED_TOL = 0.05  # a quantized artifact differs from eager by design; past this it is broken
 
 
 def verify_artifact(path: Path, model: torch.nn.Module, examples: list[dict[str, Any]], log,
-                    quantized: bool = False) -> None:
+                    quantized: bool = False, world: int = 1) -> None:
     """Load what was just written with the runtime and compare it with eager on every example
     (a quantized artifact within QUANTIZED_TOL: its exact numerics are tested against the
-    quantization reference, not here)."""
-    from dacc.runtime.module import load
-
-    compiled = load(path, allow_native_code=True, _allow_incomplete=True)  # packages built just now
-    for i, inputs in enumerate(examples):
-        compiled.reset()  # each example is the first step of a generation: every gate computes
-        ref, _ = eager_reference(model, inputs)
-        got = compiled(**inputs)
-        err = rel_error(list(got.to_tuple()) if hasattr(got, "to_tuple") else
-                        [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)], ref)
-        tol = max(tolerance(ref), QUANTIZED_TOL) if quantized else tolerance(ref)
+    quantization reference, not here). A parallel artifact runs on `world` local processes."""
+    refs = [eager_reference(model, inputs)[0] for inputs in examples]
+    if world > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_local(_verify_rank, world, str(path), examples, refs, tmp)
+            errors = json.loads((Path(tmp) / "errors.json").read_text())
+    else:
+        errors = _artifact_errors(path, examples, refs)
+    for i, err in enumerate(errors):
+        tol = max(tolerance(refs[i]), QUANTIZED_TOL) if quantized else tolerance(refs[i])
         if err > tol:
             raise DaccError(f"compiled artifact differs from eager on example {i} (relative error {err:.3g}, "
                             f"tolerance {tol:g})", str(path),
                             "exclude the most sensitive linears with quantize.exclude" if quantized else
                             "this is a compiler bug; please report it with the model file")
-        log(f"verified example {i}: relative error {err:.2e}" + (" (quantized)" if quantized else ""))
+        log(f"verified example {i}: relative error {err:.2e}" + (" (quantized)" if quantized else "")
+            + (f" on {world} ranks" if world > 1 else ""))
+
+
+def _artifact_errors(path: Path, examples: list[dict[str, Any]], refs: list) -> list[float]:
+    from dacc.runtime.module import load
+
+    compiled = load(path, allow_native_code=True, _allow_incomplete=True)  # packages built just now
+    errors = []
+    for inputs, ref in zip(examples, refs):
+        compiled.reset()  # each example is the first step of a generation: every gate computes
+        got = compiled(**inputs)
+        errors.append(rel_error(list(got.to_tuple()) if hasattr(got, "to_tuple") else
+                                [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)], ref))
+    return errors
+
+
+def _verify_rank(rank: int, world: int, path: str, examples: list, refs: list, out: str) -> None:
+    errors = _artifact_errors(Path(path), examples, refs)
+    if rank == 0:  # every rank returns the whole output; rank 0 reports
+        (Path(out) / "errors.json").write_text(json.dumps(errors))

@@ -45,6 +45,7 @@ class ProgramIR:
         self.user_inputs: list[str] = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         self.symbols = self._canonical_symbols()
         self.cache_gate: CacheGate | None = None  # set by the cache-gate passes
+        self.partition_guards: list[sympy.Basic] = []  # sizes a parallel plan must split evenly
         self.lowering = None  # set by lower_segments (dacc.compiler.lowering.ProgramLowering)
         self.log: Callable[[str], None] = lambda message: None  # progress of long passes
 

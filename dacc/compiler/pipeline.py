@@ -9,10 +9,12 @@ from dacc.passes.insert_dbcache_gate import insert_dbcache_gate
 from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
 from dacc.passes.insert_teacache_gate import insert_teacache_gate
 from dacc.passes.lower_segments import lower_segments
+from dacc.passes.partition_attention import partition_attention
 from dacc.passes.quantize_linears import quantize_linears
 from dacc.passes.remove_assertions import remove_assertions
 from dacc.passes.remove_identity_ops import remove_identity_ops
 from dacc.passes.segment_blocks import segment_blocks
+from dacc.passes.split_cfg import split_cfg
 
 PIPELINE: list[PassEntry] = [
     # analysis
@@ -38,6 +40,11 @@ PIPELINE: list[PassEntry] = [
     # quantize
     PassEntry("quantize_linears", quantize_linears,
               "int8 weights (and activations) make each computed step's matmuls cheaper and the artifact smaller"),
+    # partition
+    PassEntry("split_cfg", split_cfg,
+              "cfg: the two halves of a batched-CFG call run on two ranks"),
+    PassEntry("partition_attention", partition_attention,
+              "ulysses: each rank runs the blocks on its share of the tokens, attention exchanges heads"),
     # lower
     PassEntry("lower_segments", lower_segments,
               "generated kernels instead of op-by-op dispatch; identical segments share one package"),

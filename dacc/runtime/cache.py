@@ -2,7 +2,8 @@
 residual is (the last computed one, or a Taylor forecast from the last computed steps).
 
 Decisions are a pure function of the gate, the step and the probe statistic; the statistic is
-summed over every rank before comparing, so under sequence parallelism all ranks decide alike.
+summed over every rank of a parallel artifact's mesh before comparing (dacc/runtime/ranks.py), so
+all ranks take the single-process decision.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dacc.kernels import l1_change
+from dacc.runtime.ranks import gate_group
 from dacc.schema.manifest import CacheGate
 
 
@@ -60,8 +62,9 @@ def _ratio(stats: list[torch.Tensor]) -> float:
     total = stats[0]
     for s in stats[1:]:
         total = total + s
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)  # in place: every stats tensor is fresh from l1_change, owned here
+    group = gate_group()
+    if group is not None:
+        dist.all_reduce(total, group=group)  # in place: every stats tensor is fresh from l1_change, owned here
     num, den = total.tolist()
     return num / max(den, 1e-12)
 

@@ -17,6 +17,7 @@ from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.lowered import LoweredMode, load_packages
 from dacc.runtime.program import ProgramRunner
+from dacc.runtime.ranks import bind_mesh
 from dacc.runtime.steps import SegmentStats, StepCounter
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
@@ -311,6 +312,7 @@ def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *, low
                         "pass lowered=\"use\", \"fallback\" or \"off\"")
     manifest = read_manifest(root, trusted_keys, allow_incomplete=_allow_incomplete)
     _check_kernels(manifest, str(root))
+    bind_mesh(manifest.parallel, str(root))  # before anything heavy: a wrong world size fails at once
     loaders = load_packages(root, manifest, lowered, trusted_keys is not None or allow_native_code)
     weights = load_weights(root, WEIGHTS_FILE)
     shared: dict[str, torch.nn.Parameter] = {}

@@ -115,6 +115,18 @@ class LoweringSpec:
 
 
 @dataclass
+class ParallelSpec:
+    """The degrees the programs were partitioned for; they multiply to the world size the
+    artifact runs on, and the runtime builds its device mesh from them (cfg outer, ulysses inner)."""
+    cfg: int = 1
+    ulysses: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses
+
+
+@dataclass
 class AttentionSite:
     node: str
     segment: str
@@ -218,6 +230,7 @@ class Manifest:
     # quantize.target_psnr: the groups kept in full precision and the PSNR measured (quant_search.py)
     quantize_search: dict[str, Any] = field(default_factory=dict)
     lowering: LoweringSpec | None = None  # compiled packages (plan `lower`); None: segments run as graphs
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     digest: str = ""  # sha256 of this manifest's canonical JSON with digest=""
 
 

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 
 from dacc.runtime.cache import (Action, Computed, GateState, decide, forecast, measure, planned_actions, record,
                                 rel_l1)
+from dacc.kernels.collectives import bind_groups
+from dacc.runtime.ranks import GATE
 from dacc.schema.manifest import CacheGate
 
 
@@ -118,7 +120,13 @@ def _ranks_worker(rank: int, world: int, init: str, results):
         g = torch.Generator().manual_seed(rank)
         prev = [torch.randn(100, generator=g) + 3]
         cur = [prev[0] + (0.05 if rank == 0 else 0.3) * torch.randn(100, generator=g)]
-        results[rank] = (rel_l1(cur, prev), float((prev[0] - cur[0]).abs().sum()), float(prev[0].abs().sum()))
+        alone = rel_l1(cur, prev)  # no parallel artifact bound a mesh: ranks are independent (data parallel)
+        bind_groups({GATE: dist.group.WORLD})
+        try:
+            results[rank] = (rel_l1(cur, prev), float((prev[0] - cur[0]).abs().sum()), float(prev[0].abs().sum()),
+                             alone)
+        finally:
+            bind_groups({})
     finally:
         dist.destroy_process_group()
 
@@ -132,6 +140,9 @@ def test_probe_statistic_is_reduced_across_ranks(tmp_path):
     expected = sum(results[r][1] for r in range(world)) / sum(results[r][2] for r in range(world))
     assert stats[0] == stats[1]
     assert abs(stats[0] - expected) < 1e-6 * expected  # statistics are summed in fp32
+    for r in range(world):
+        own = results[r][1] / results[r][2]
+        assert abs(results[r][3] - own) < 1e-6 * own and abs(own - expected) > 0.01 * expected
 
 
 def test_planned_actions_are_exact_for_step_driven_gates():

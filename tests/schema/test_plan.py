@@ -27,7 +27,11 @@ def test_round_trip_through_yaml(tmp_path):
     ({"cache": {"strategy": "fastest"}}, ["cache.strategy", "'fastest'", "'none'"]),
     ({"cache": {"cache_ratio": 1.5}}, ["cache.cache_ratio", "less than or equal to 1"]),
     ({"num_inference_steps": "many"}, ["num_inference_steps", "valid integer"]),
-    ({"parallel": {"ulysses": 3}}, ["parallel.ulysses", "1"]),
+    ({"parallel": {"ring": 2}}, ["parallel.ring", "1"]),
+    ({"parallel": {"cfg": 4}}, ["parallel.cfg", "1", "2"]),
+    ({"parallel": {"ulysses": 0}}, ["parallel.ulysses", "greater than or equal to 1"]),
+    ({"parallel": {"ulysses": 2}, "lower": {"backend": "inductor"}}, ["lower.backend", "parallel plans"]),
+    ({"parallel": {"cfg": 2}, "cache": {"strategy": "teacache"}}, ["calibrated teacache rescale", "without `parallel`"]),
     ({"cache": {"strategy": "scm", "warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
     ([1, 2], ["must be a mapping"]),
 ])

@@ -1,0 +1,62 @@
+"""The runtime's ranks: the device mesh a parallel artifact runs on, and the groups its
+communication ops and cache gates use.
+
+`dacc.load()` calls `bind_mesh`: a parallel artifact needs an initialised process group (torchrun
+sets one up; `torch.distributed.init_process_group` does it by hand) whose world size is the
+product of the plan's degrees. The mesh is `(cfg, ulysses)`; each role is bound to its group for
+the dacc operators (dacc/kernels/collectives.py). Cache gates reduce their probe statistic over
+every rank of the mesh: each rank holds a share of the batch or of the tokens, the statistic is a
+sum over all of them, so every rank takes the single-process decision, and takes it alike.
+An artifact without parallel degrees binds nothing: under torchrun its ranks run independently
+(data parallel), each gate deciding on its own inputs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch.distributed as dist
+
+from dacc.kernels.collectives import bind_groups, bound_group
+from dacc.schema.errors import DaccError
+from dacc.schema.manifest import ParallelSpec
+
+GATE = "gate"  # the group a cache gate reduces its statistic over
+
+
+def bind_mesh(spec: ParallelSpec, where: str) -> None:
+    if spec.world_size == 1:
+        bind_groups({})
+        return
+    degrees = f"cfg {spec.cfg} x ulysses {spec.ulysses}"
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DaccError(f"this artifact runs on {spec.world_size} ranks ({degrees}) and no process group is "
+                        "initialised", where,
+                        f"launch with `torchrun --nproc_per_node {spec.world_size} your_script.py` (dacc.load() "
+                        "then finds the group), or call torch.distributed.init_process_group() first")
+    world = dist.get_world_size()
+    if world != spec.world_size:
+        raise DaccError(f"this artifact was compiled for {spec.world_size} ranks ({degrees}), and the process "
+                        f"group has {world}", where,
+                        f"launch {spec.world_size} processes, or recompile with parallel degrees that multiply to "
+                        f"{world}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (spec.cfg, spec.ulysses), mesh_dim_names=("cfg", "ulysses"))
+    bind_groups({"cfg": mesh.get_group("cfg"), "ulysses": mesh.get_group("ulysses"), GATE: dist.group.WORLD})
+
+
+def gate_group():
+    """The group cache gates reduce over; None when the artifact is not parallel."""
+    return bound_group(GATE)
+
+
+def timeout_seconds() -> float:
+    """How long a collective waits for a rank that died before the others fail
+    (`DACC_COLLECTIVE_TIMEOUT`, seconds; torchrun's process group sets its own otherwise)."""
+    return float(os.environ.get("DACC_COLLECTIVE_TIMEOUT", "60"))
+
+
+def default_timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=timeout_seconds())

@@ -1,0 +1,312 @@
+"""Parallel artifacts on real torch.distributed (gloo, CPU processes): every rank returns what the
+single-process artifact returns, the transfers the graph names really run (seen at the
+dispatcher, bytes included), and a wrong launch or a dead rank is a clear error, never a hang."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dacc
+from dacc.compiler.compile import compile_model
+from dacc.models import model_file
+from dacc.runtime.artifact import read_manifest
+from dacc.runtime.launch import run_local
+from dacc.schema.errors import DaccError
+from tests.conftest import fresh_like, rel_err, shared_trace
+
+FLUX = Path(__file__).with_name("models") / "flux_cfg.py"
+STEPS = 6
+DBCACHE = {"num_inference_steps": STEPS, "cache": {"strategy": "dbcache", "options": {"threshold": 0.2}}}
+ARTIFACTS = {  # name: (model file, plan)
+    "flux": (FLUX, {}),
+    "flux_u2": (FLUX, {"parallel": {"ulysses": 2}}),
+    "flux_c2": (FLUX, {"parallel": {"cfg": 2}}),
+    "flux_c2u2": (FLUX, {"parallel": {"cfg": 2, "ulysses": 2}}),
+    "flux_db": (FLUX, DBCACHE),
+    "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
+    "sd3": (model_file("sd3"), {}),
+    "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
+}
+DIE = "rank 1 dies"
+TRANSFERS = ("_c10d_functional.all_to_all_single.default", "_c10d_functional.all_gather_into_tensor.default",
+             "c10d.allreduce_.default")
+
+
+class Artifacts:
+    """Compiled on first use, once per module; the graph text after each pass is kept."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.graphs: dict[str, dict[str, str]] = {}
+
+    def __call__(self, *names: str) -> Path:
+        for name in names:
+            if name in self.graphs:
+                continue
+            path, plan = ARTIFACTS[name]
+            (self.root / f"{name}.yaml").write_text(yaml.safe_dump(plan))
+            graphs = self.graphs.setdefault(name, {})
+            compile_model(path, self.root / f"{name}.yaml", self.root / f"{name}.dacc", log=lambda m: None,
+                          verify=False, traced=shared_trace(path),
+                          on_graph=lambda p, i, pass_name, text: graphs.__setitem__(f"{i:02d}_{pass_name}", text))
+        return self.root
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Artifacts:
+    return Artifacts(tmp_path_factory.mktemp("parallel"))
+
+
+@pytest.fixture(scope="module")
+def root(artifacts) -> Path:
+    return artifacts("flux", "flux_u2", "flux_c2", "flux_db", "flux_db_u2")
+
+
+class Transfers(TorchDispatchMode):
+    """Counts the collectives (and the bytes handed to them) inside dacc's operators."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.bytes: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        if name.startswith("dacc.") or name in TRANSFERS:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            sent = args[0] if isinstance(args[0], torch.Tensor) else None
+            self.bytes[name] = self.bytes.get(name, 0) + (sent.numel() * sent.element_size() if sent is not None else 0)
+        if func.namespace == "dacc":  # run the body with this mode on, so its collectives are seen too
+            with self:
+                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _generation(inputs: dict, steps: int = STEPS) -> list[dict]:
+    """A denoising loop's calls: the latent drifts a little each step, timesteps fall slowly
+    (slowly enough that the gate skips some steps and computes others)."""
+    calls, g = [], torch.Generator().manual_seed(7)
+    drift = torch.randn(inputs["hidden_states"].shape, generator=g)
+    for k in range(steps):
+        call = dict(inputs)
+        call["hidden_states"] = inputs["hidden_states"] + 0.01 * k * drift
+        call["timestep"] = torch.full_like(inputs["timestep"], 0.9 - 0.01 * k)
+        calls.append(call)
+    return calls
+
+
+_LOADED: dict[Path, torch.nn.Module] = {}
+
+
+def _load(path: Path) -> torch.nn.Module:
+    """One load per artifact and process (a load costs more than the runs here)."""
+    if path not in _LOADED:
+        _LOADED[path] = dacc.load(path)
+    _LOADED[path].reset()
+    return _LOADED[path]
+
+
+def _run(root: Path, name: str, calls: list[dict]) -> tuple[list[torch.Tensor], Transfers, dict]:
+    model = _load(root / f"{name}.dacc")
+    spy = Transfers()
+    outs = []
+    with spy:
+        for call in calls:
+            outs.append(model(**call).sample)
+    return outs, spy, model.stats()
+
+
+def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
+    dying = jobs.pop(DIE, None)
+    for name, (artifact, calls) in jobs.items():
+        try:
+            outs, spy, stats = _run(Path(root), artifact, calls)
+            result = {"calls": spy.calls, "bytes": spy.bytes, "decisions": stats["decisions"]}
+            save_file({f"out{i}": o.contiguous() for i, o in enumerate(outs)}, f"{out}/{name}.{rank}.safetensors")
+        except DaccError as exc:
+            result = {"error": str(exc)}
+        Path(f"{out}/{name}.{rank}.json").write_text(json.dumps(result))
+    if dying is not None:  # last: rank 1 leaves without a word, as a killed process does
+        model = _load(Path(root) / dying[0])
+        if rank == 1:
+            os._exit(0)
+        start = time.monotonic()
+        try:
+            model(**dying[1][0])
+            result = {"error": None}
+        except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        result["seconds"] = time.monotonic() - start
+        Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
+
+
+def _spawn(root: Path, world: int, jobs: dict, out: Path) -> dict:
+    run_local(_rank_job, world, str(root), jobs, str(out))
+    results = {}
+    if DIE in jobs:
+        results[DIE] = json.loads((out / f"{DIE}.0.json").read_text())
+    for name in [j for j in jobs if j != DIE]:
+        for rank in range(world):
+            got = json.loads((out / f"{name}.{rank}.json").read_text())
+            if "error" not in got:
+                tensors = load_file(out / f"{name}.{rank}.safetensors")
+                got["outs"] = [tensors[f"out{i}"] for i in range(len(tensors))]
+            results[name, rank] = got
+    return results
+
+
+def _inputs(path: Path, seed: int, **override) -> dict:
+    from dacc.compiler.model_file import load_model_file
+
+    mf = load_model_file(path)
+    base = fresh_like(mf.more_example_inputs()[0], seed)
+    return {**base, **override}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(root, tmp_path_factory):
+    flux = _inputs(FLUX, 11)
+    odd = {**flux, "hidden_states": torch.randn(4, 63, 16), "img_ids": torch.zeros(63, 3)}
+    jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]),
+            "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
+            DIE: ("flux_u2.dacc", [flux])}
+    refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_db_u2": ("flux_db", _generation(flux))}
+    results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
+    single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
+    return results, single, {"flux": flux}
+
+
+def _sites(root: Path, name: str) -> int:
+    return sum(not s.cross for s in read_manifest(root / f"{name}.dacc", None).programs[0].attention)
+
+
+def _same_outputs(results: dict, name: str, world: int, ref_outs: list, ref_stats: dict) -> None:
+    for rank in range(world):
+        got = results[name, rank]
+        assert "error" not in got, got.get("error")
+        assert len(got["outs"]) == len(ref_outs)
+        for a, b in zip(got["outs"], ref_outs):
+            assert a.shape == b.shape and rel_err(a, b) <= 1e-5, (name, rank, rel_err(a, b))
+        assert got["decisions"] == ref_stats["decisions"]
+
+
+def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
+    sites = _sites(root, name)
+    assert sites > 0
+    # q, k, v in and the output back: four all-to-alls per site, each a real transfer
+    assert calls["dacc.all_to_all.default"] == 4 * sites
+    assert calls["_c10d_functional.all_to_all_single.default"] == 4 * sites
+    assert calls["_c10d_functional.all_gather_into_tensor.default"] == 1  # the epilogue's gather
+    assert "c10d.allreduce_.default" not in calls  # no cache gate, nothing reduced
+
+
+@pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_db_u2"])
+def test_every_rank_returns_the_single_process_output(two_ranks, name):
+    results, single, _ = two_ranks
+    _same_outputs(results, name, 2, single[name][0], single[name][2])
+
+
+def test_partition_passes_golden(artifacts, golden):
+    """The graph text after each partition pass (the rest of the graph: tests/golden/flux/)."""
+    artifacts("flux_u2", "flux_c2")
+    golden("flux/parallel_cfg2_11_split_cfg.txt", artifacts.graphs["flux_c2"]["11_split_cfg"])
+    golden("flux/parallel_ulysses2_12_partition_attention.txt",
+           artifacts.graphs["flux_u2"]["12_partition_attention"])
+    assert artifacts.graphs["flux_c2"]["12_partition_attention"] == artifacts.graphs["flux_c2"]["11_split_cfg"]
+
+
+def test_ulysses_exchanges_heads_at_every_joint_attention(root, two_ranks):
+    results, _, inputs = two_ranks
+    _exchanges_at_every_site(root, "flux_u2", results["flux_u2", 0]["calls"])
+    # bytes: each exchange hands over one rank's [B, H, S/2, D] fp32 tensor
+    flux = inputs["flux"]
+    tokens = flux["hidden_states"].shape[1] + flux["encoder_hidden_states"].shape[1]
+    batch, heads, head_dim = flux["hidden_states"].shape[0], 2, 16
+    sent = results["flux_u2", 0]["bytes"]["_c10d_functional.all_to_all_single.default"]
+    assert sent == 4 * _sites(root, "flux_u2") * batch * heads * (tokens // 2) * head_dim * 4
+
+
+def test_cfg_sends_only_the_output_gather(two_ranks):
+    results, _, inputs = two_ranks
+    calls, sent = results["flux_c2", 1]["calls"], results["flux_c2", 1]["bytes"]
+    assert calls.get("_c10d_functional.all_to_all_single.default", 0) == 0
+    assert calls["_c10d_functional.all_gather_into_tensor.default"] == 1
+    half = inputs["flux"]["hidden_states"].shape[0] // 2
+    assert sent["_c10d_functional.all_gather_into_tensor.default"] == half * 60 * 16 * 4  # [B/2, tokens, C] out
+
+
+def test_cached_ulysses_skips_like_one_process_and_reduces_each_gated_step(root, two_ranks):
+    results, single, _ = two_ranks
+    decisions = next(iter(single["flux_db_u2"][2]["decisions"].values()))
+    assert "reused" in decisions and "computed" in decisions  # the gate really skipped, and really ran
+    calls = results["flux_db_u2", 0]["calls"]
+    assert calls["c10d.allreduce_.default"] == STEPS - 1  # one probe statistic per step after the first
+    computed = decisions.count("computed")
+    sites = _sites(root, "flux_db_u2")
+    # the front block (Fn=1) runs every step; the gated blocks only on computed steps
+    front = sum(1 for s in read_manifest(root / "flux_db_u2.dacc", None).programs[0].attention
+                if s.segment == "transformer_blocks.0")
+    assert calls["dacc.all_to_all.default"] == 4 * (STEPS * front + computed * (sites - front))
+
+
+def test_token_counts_that_do_not_split_are_refused_on_every_rank(two_ranks):
+    results, _, _ = two_ranks
+    for rank in range(2):
+        error = results["flux_u2_odd", rank].get("error", "")
+        assert "Mod(s1, 2)" in error and "does not hold" in error
+
+
+@pytest.mark.slow  # 30 s: four processes on two cores
+def test_four_ranks_cfg_times_ulysses_and_a_wrong_world_size(artifacts, tmp_path):
+    root = artifacts("flux", "flux_u2", "flux_c2u2")
+    flux = _inputs(FLUX, 13)
+    results = _spawn(root, 4, {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2": ("flux_u2", [flux])}, tmp_path)
+    (ref,), _, _ = _run(root, "flux", [flux])
+    for rank in range(4):
+        got = results["flux_c2u2", rank]
+        assert "error" not in got, got.get("error")
+        assert rel_err(got["outs"][0], ref) <= 1e-5
+        assert got["calls"]["_c10d_functional.all_gather_into_tensor.default"] == 2  # tokens, then the batch
+        wrong = results["flux_u2", rank].get("error", "")
+        assert "compiled for 2 ranks" in wrong and "has 4" in wrong
+
+
+@pytest.mark.slow  # 25 s: a second family's trace and two-rank run
+def test_sd3_joint_attention_under_ulysses(artifacts, tmp_path):
+    root = artifacts("sd3", "sd3_u2")
+    sd3 = _inputs(model_file("sd3"), 12)
+    results = _spawn(root, 2, {"sd3_u2": ("sd3_u2", [sd3])}, tmp_path)
+    outs, _, stats = _run(root, "sd3", [sd3])
+    _same_outputs(results, "sd3_u2", 2, outs, stats)
+    _exchanges_at_every_site(root, "sd3_u2", results["sd3_u2", 0]["calls"])
+
+
+def test_loading_without_a_process_group_says_how_to_launch(root):
+    with pytest.raises(DaccError, match="torchrun --nproc_per_node 2"):
+        dacc.load(root / "flux_u2.dacc")
+
+
+def test_loading_on_the_wrong_world_size_is_refused(root, tmp_path):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(DaccError, match="compiled for 2 ranks .*has 1"):
+            dacc.load(root / "flux_u2.dacc")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_dead_rank_fails_the_others_with_a_clear_error(two_ranks):
+    died = two_ranks[0][DIE]
+    assert died["error"] is not None and "DaccError" in died["error"], died
+    assert "dacc.all_to_all over the 'ulysses' group failed" in died["error"]
+    assert died["seconds"] < 30  # gloo sees the closed peer; DACC_COLLECTIVE_TIMEOUT bounds any wait

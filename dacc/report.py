@@ -110,18 +110,22 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
                 f", example {env[s.name]}" for s in prog.symbols]
         out += [f"  guard {g}" for g in prog.guard_text]
         lowered = m.lowering is not None  # then a last column: the package running each segment
+        parallel = m.parallel.world_size > 1  # then: the bytes each rank sends per call
         rows = [("segment", "kind", "nodes", "streams", "FLOPs (symbolic)", "FLOPs @ example", "params")
-                + (("package",) if lowered else ())]
-        total_flops = total_bytes = 0
+                + (("sent @ example",) if parallel else ()) + (("package",) if lowered else ())]
+        total_flops = total_bytes = total_sent = 0
         for seg in prog.segments:
             flops = float(evaluate(seg.flops_tree, env, f"FLOPs of {seg.name}", NUMBER))
             total_flops += flops
             total_bytes += seg.param_bytes
+            sent = float(evaluate(seg.sent_bytes_tree, env, f"bytes sent by {seg.name}", NUMBER))
+            total_sent += sent
             rows.append((seg.name, seg.kind, str(seg.num_nodes), str(len(seg.stream_outputs)), seg.flops,
                          _human(flops, "FLOP"), _human(seg.param_bytes, "B"))
+                        + ((_human(sent, "B"),) if parallel else ())
                         + ((seg.lowered.package if seg.lowered else "graph",) if lowered else ()))
         rows.append(("total", "", "", "", "", _human(total_flops, "FLOP"), _human(total_bytes, "B"))
-                    + (("",) if lowered else ()))
+                    + ((_human(total_sent, "B"),) if parallel else ()) + (("",) if lowered else ()))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             out.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())

@@ -13,6 +13,7 @@ import sympy
 import torch
 from torch.fx import Node
 
+from dacc.compiler.comm import node_sent_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
 from dacc.schema.expr import to_tree
@@ -71,6 +72,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         params = {inp for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
         param_bytes = sum(t.numel() * t.element_size() for t in map(ir.param_tensor, params) if t is not None)
         flops = sympy.expand(ir.upper_bound(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0))))
+        sent = sympy.expand(sum((node_sent_bytes(ir, n) for n in nodes), sympy.Integer(0)))
         kind = segment_kind(seg)
         s_in, s_out = [], []
         if kind == "block":
@@ -94,7 +96,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             inputs=[i.name for i in inputs], outputs=[o.name for o in outputs],
             stream_inputs=s_in, stream_outputs=s_out, num_nodes=len(nodes),
             flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes),
-            lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None))
+            lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None,
+            sent_bytes=str(sent), sent_bytes_tree=to_tree(sent)))
         block_index += kind == "block"
     return specs
 

@@ -79,6 +79,8 @@ class SegmentSpec:
     flops_tree: Any  # the same as an expression tree (dacc.schema.expr) for the runtime
     param_bytes: int
     lowered: LoweredCall | None = None  # the compiled package that runs this segment (lower_segments)
+    sent_bytes: str = "0"  # bytes this rank sends per call under a parallel plan, sympy text
+    sent_bytes_tree: Any = 0  # the same as an expression tree
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.launch import run_local
 from dacc.schema.errors import DaccError
+from dacc.schema.expr import NUMBER, evaluate
 from tests.conftest import fresh_like, rel_err, shared_trace
 
 FLUX = Path(__file__).with_name("models") / "flux_cfg.py"
@@ -234,6 +235,25 @@ def test_ulysses_exchanges_heads_at_every_joint_attention(root, two_ranks):
     batch, heads, head_dim = flux["hidden_states"].shape[0], 2, 16
     sent = results["flux_u2", 0]["bytes"]["_c10d_functional.all_to_all_single.default"]
     assert sent == 4 * _sites(root, "flux_u2") * batch * heads * (tokens // 2) * head_dim * 4
+
+
+def _predicted_sent(root: Path, name: str, inputs: dict) -> float:
+    """The manifest's bytes-sent expressions, summed over the segments, at these input sizes."""
+    program = read_manifest(root / f"{name}.dacc", None).programs[0]
+    env = {s.name: int(inputs[s.input].shape[s.dim]) for s in program.symbols}
+    return sum(evaluate(seg.sent_bytes_tree, env, seg.name, NUMBER) for seg in program.segments)
+
+
+@pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2)])
+def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks, name, world):
+    """What left each rank, from the collectives observed in the run: an all-to-all keeps 1/P of
+    what it is handed, an all-gather hands its input to each of the P-1 others."""
+    results, _, inputs = two_ranks
+    for rank in range(world):
+        handed = results[name, rank]["bytes"]
+        sent = (handed.get("_c10d_functional.all_to_all_single.default", 0) * (world - 1) / world
+                + handed.get("_c10d_functional.all_gather_into_tensor.default", 0) * (world - 1))
+        assert sent > 0 and sent == _predicted_sent(root, name, inputs["flux"])
 
 
 def test_cfg_sends_only_the_output_gather(two_ranks):

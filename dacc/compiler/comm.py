@@ -1,0 +1,35 @@
+"""Symbolic bytes each rank sends per call, from the partitioned graph's per-rank shapes.
+
+The first part of the parallel cost model: an expression per segment over the program's symbols
+(batch, tokens), with the degrees already in it, recorded in the manifest next to the FLOPs.
+What leaves a rank, whatever the collective's algorithm:
+- `dacc.all_to_all` on P ranks keeps 1/P of its input and sends the rest: (P-1)/P of its bytes;
+- `dacc.gather` (an all-gather) hands its input to each of the other P-1 ranks: (P-1)x its bytes;
+- `dacc.shard` keeps a slice of a tensor every rank already holds: nothing.
+"""
+from __future__ import annotations
+
+import sympy
+import torch
+from torch.fx import Node
+from torch.utils._sympy.functions import FloorDiv
+
+from dacc.compiler.ir import ProgramIR
+
+SENT_FRACTION = {  # op -> (numerator, denominator) of the bytes sent per input byte, on P ranks
+    torch.ops.dacc.all_to_all.default: lambda p: (p - 1, p),
+    torch.ops.dacc.gather.default: lambda p: (p - 1, 1),
+    torch.ops.dacc.shard.default: lambda p: (0, 1),
+}
+
+
+def node_sent_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
+    fraction = SENT_FRACTION.get(node.target) if node.op == "call_function" else None
+    if fraction is None:
+        return sympy.Integer(0)
+    x = node.args[0]
+    num, den = fraction(int(node.args[-1]))
+    total = sympy.Mul(*ir.shape(x)) * x.meta["val"].element_size() * num
+    # an integer division, not a rational: expression trees evaluate in integers (the all-to-all's
+    # input splits into P equal shares, so nothing is lost)
+    return FloorDiv(total, den) if den != 1 else total

@@ -140,9 +140,15 @@ def repropagate(ir: ProgramIR, divided: set[sympy.Symbol], world: int) -> None:
     gm = ir.ep.graph_module
     gm.recompile()
     cache, mode.cache_enabled = mode.cache_enabled, False  # one pass over each node: caching only costs
+    # conditions torch assumes while propagating at the scaled sizes (a per-rank size is not 1,
+    # say) are about those sizes, not about the program: it runs op by op at any size, and a
+    # CFG pair's per-rank batch *is* 1. The program's conditions stay those of its trace, plus
+    # the divisibility the partition passes add.
+    kept = len(env.guards)
     try:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*(n.meta.get("val") for n in placeholders))
     finally:
+        del env.guards[kept:]
         mode.cache_enabled = cache
         for sym, hint in hints.items():
             values[sym] = sympy.Integer(hint)

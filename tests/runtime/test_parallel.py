@@ -166,18 +166,18 @@ def _spawn(root: Path, world: int, jobs: dict, out: Path) -> dict:
     return results
 
 
-def _inputs(path: Path, seed: int, **override) -> dict:
+def _inputs(path: Path, seed: int, first: bool = False) -> dict:
+    """Fresh values in the shapes of an example (the first: a batch of 2, one CFG pair)."""
     from dacc.compiler.model_file import load_model_file
 
     mf = load_model_file(path)
-    base = fresh_like(mf.more_example_inputs()[0], seed)
-    return {**base, **override}
+    return fresh_like(mf.example_inputs() if first else mf.more_example_inputs()[0], seed)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(root, tmp_path_factory):
-    flux = _inputs(FLUX, 11)
-    odd = {**flux, "hidden_states": torch.randn(4, 63, 16), "img_ids": torch.zeros(63, 3)}
+    flux = _inputs(FLUX, 11, first=True)  # a CFG pair: each cfg rank holds a batch of 1
+    odd = {**flux, "hidden_states": torch.randn(2, 63, 16), "img_ids": torch.zeros(63, 3)}
     jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             DIE: ("flux_u2.dacc", [flux])}
@@ -262,7 +262,8 @@ def test_cfg_sends_only_the_output_gather(two_ranks):
     assert calls.get("_c10d_functional.all_to_all_single.default", 0) == 0
     assert calls["_c10d_functional.all_gather_into_tensor.default"] == 1
     half = inputs["flux"]["hidden_states"].shape[0] // 2
-    assert sent["_c10d_functional.all_gather_into_tensor.default"] == half * 60 * 16 * 4  # [B/2, tokens, C] out
+    tokens = inputs["flux"]["hidden_states"].shape[1]
+    assert sent["_c10d_functional.all_gather_into_tensor.default"] == half * tokens * 16 * 4  # [B/2, tokens, C] out
 
 
 def test_cached_ulysses_skips_like_one_process_and_reduces_each_gated_step(root, two_ranks):

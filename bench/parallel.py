@@ -1,9 +1,10 @@
 """Parallel plans on local processes (gloo on CPU): one CFG-pair call of the larger Flux config
 (bench/flux_large.py: hidden 1024, 1024 image + 128 text tokens, batch 2), single process
-against `cfg: 2` and `ulysses: 2` on two ranks, the same cores in total (the single process gets
+against `cfg: 2`, `ulysses: 2` and `ring: 2` on two ranks, the same cores in total (the single process gets
 `--world` torch threads, each rank one). Per variant: the median call time over `--calls` after
 `--warmup`, the largest relative error against the single-process output, each rank's share of
-the matmul FLOPs and the bytes it sends per call (both from the manifest, at these sizes). The
+the matmul FLOPs and the bytes it sends per call (both from the manifest's symbolic counts at
+these sizes; the FLOP formula is the one FlopCounterMode uses, tests/compiler/test_structure.py). The
 single process is timed again at the end; the ratio uses the mean of both medians.
 
     python bench/parallel.py [--calls 3] [--warmup 1] [--world 2]
@@ -36,7 +37,8 @@ from dacc.runtime.launch import run_local  # noqa: E402
 from dacc.schema.expr import NUMBER, evaluate  # noqa: E402
 
 MODEL = Path(__file__).with_name("flux_large.py")
-PLANS = {"single": {}, "cfg2": {"parallel": {"cfg": 2}}, "ulysses2": {"parallel": {"ulysses": 2}}}
+PLANS = {"single": {}, "cfg2": {"parallel": {"cfg": 2}}, "ulysses2": {"parallel": {"ulysses": 2}},
+         "ring2": {"parallel": {"ring": 2}}}
 
 
 def _inputs() -> dict:
@@ -96,7 +98,7 @@ def main() -> None:
         single = dacc.load(paths["single"])
         before, ref = _time_calls(single, inputs, args.calls, args.warmup)
         results = {}
-        for name in ("cfg2", "ulysses2"):
+        for name in ("cfg2", "ulysses2", "ring2"):
             out = str(root / name)
             run_local(_rank, args.world, str(paths[name]), inputs, args.calls, args.warmup, out)
             times = json.loads(Path(out + ".json").read_text())

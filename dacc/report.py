@@ -85,7 +85,7 @@ def _parallel_lines(m: Manifest) -> list[str]:
     p = m.parallel
     if p.world_size == 1:
         return []
-    return ["", f"parallel: cfg {p.cfg} x ulysses {p.ulysses} = {p.world_size} ranks (run under `torchrun "
+    return ["", f"parallel: cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring} = {p.world_size} ranks (run under `torchrun "
             f"--nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
 
 

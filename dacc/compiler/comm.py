@@ -5,7 +5,8 @@ The first part of the parallel cost model: an expression per segment over the pr
 What leaves a rank, whatever the collective's algorithm:
 - `dacc.all_to_all` on P ranks keeps 1/P of its input and sends the rest: (P-1)/P of its bytes;
 - `dacc.gather` (an all-gather) hands its input to each of the other P-1 ranks: (P-1)x its bytes;
-- `dacc.shard` keeps a slice of a tensor every rank already holds: nothing.
+- `dacc.shard` keeps a slice of a tensor every rank already holds: nothing;
+- `dacc.ring_attention` passes its keys and values P-1 times to the next rank.
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ SENT_FRACTION = {  # op -> (numerator, denominator) of the bytes sent per input 
 
 
 def node_sent_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
+    if node.op == "call_function" and node.target is torch.ops.dacc.ring_attention.default:
+        # the local keys and values go around the ring: P-1 hops, each sending one block
+        k, v = node.args[1], node.args[2]
+        block = sum((sympy.Mul(*ir.shape(t)) * t.meta["val"].element_size() for t in (k, v)), sympy.Integer(0))
+        return block * (int(node.args[-1]) - 1)
     fraction = SENT_FRACTION.get(node.target) if node.op == "call_function" else None
     if fraction is None:
         return sympy.Integer(0)

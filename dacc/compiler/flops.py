@@ -39,8 +39,10 @@ def node_flops(ir: ProgramIR, node: Node) -> sympy.Expr:
     if t in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default):
         w = ir.shape(node.args[1])
         return 2 * _prod(out) * _prod(w[1:])
-    if t in (aten.scaled_dot_product_attention.default,):
+    if t in (aten.scaled_dot_product_attention.default, torch.ops.dacc.ring_attention.default):
         q, k, v = (ir.shape(a) for a in node.args[:3])
         batch_heads = _prod(q[:-2])
-        return 2 * batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+        # ring attention holds one block of keys at a time and sees all P of them
+        blocks = int(node.args[-1]) if t is not aten.scaled_dot_product_attention.default else 1
+        return 2 * batch_heads * q[-2] * k[-2] * blocks * (q[-1] + v[-1])
     return sympy.Integer(0)

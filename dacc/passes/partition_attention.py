@@ -1,6 +1,9 @@
-"""Ulysses sequence parallelism (plan `parallel.ulysses: P`): each of P ranks runs the blocks on
+"""Sequence parallelism. Ulysses (plan `parallel.ulysses: P`): each of P ranks runs the blocks on
 1/P of the tokens; at each attention site an all-to-all turns the token shards into head shards
-(every rank then attends over all tokens for H/P heads) and another turns them back.
+(every rank then attends over all tokens for H/P heads) and another turns them back. Ring
+(`parallel.ring: P`): the same shards, and each attention site becomes `dacc.ring_attention`,
+which passes the keys and values around the ranks and merges partial outputs by log-sum-exp
+(dacc/kernels/ring.py); no head count needs to divide P.
 
 Where: every value that enters the blocks from the prologue with a sequence dim is sharded there
 (`dacc.shard`), and every value that leaves the blocks for the epilogue with one is gathered
@@ -30,22 +33,21 @@ from dacc.compiler.passes import PassResult
 from dacc.compiler.sharding import (SizeEmitter, check_examples, insert_op, is_inner, redirect, rename_gate_values, rename_output,
                                     repropagate, terms)
 from dacc.compiler.segments import segment_kind, segment_of
+from dacc.kernels.ring import default_scale
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
 
 aten = torch.ops.aten
-GROUP = "ulysses"
-
-
 def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
-    world = plan.parallel.ulysses
+    par = plan.parallel  # plan checks: at most one of the two is above 1
+    group, world = ("ulysses", par.ulysses) if par.ulysses > 1 else ("ring", par.ring)
     if world == 1:
-        return PassResult(False, ["parallel.ulysses 1"])
+        return PassResult(False, ["parallel.ulysses 1, parallel.ring 1"])
     sites = [n for n in ir.compute_nodes() if ir.info(n).role == "attention"]
     tokens = _sequence_symbols(ir, sites)
     if not tokens:
-        raise DaccError("parallel.ulysses: no self-attention site has a dynamic token count", "partition_attention",
-                        "keep the token dims dynamic in dynamic_shapes(), or set parallel.ulysses: 1")
+        raise DaccError(f"parallel.{group}: no self-attention site has a dynamic token count", "partition_attention",
+                        f"keep the token dims dynamic in dynamic_shapes(), or set parallel.{group}: 1")
     nodes = list(ir.graph.nodes)
     first_inner = next(n for n in nodes if is_inner(ir, n))
     first_epilogue = next(n for n in nodes if segment_of(ir, n) == "epilogue")
@@ -69,17 +71,17 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
             guard_terms.update(ir.expr(n.meta["val"].shape[d]) for n, d in parts)
             part_nodes = [sizes.emit(ir.expr(n.meta["val"].shape[d])) for n, d in parts]
             shard = insert_op(ir, first_inner, torch.ops.dacc.shard.default,
-                              (value, dim, part_nodes, GROUP, world), prologue)
+                              (value, dim, part_nodes, group, world), prologue)
             redirect(ir, value, shard, keep=lambda u: not is_inner(ir, u))
             rename_gate_values(ir, value.name, shard.name)
             shard_count += 1
-    check_examples(ir, sorted(guard_terms, key=str), world, f"parallel.ulysses {world}",
+    check_examples(ir, sorted(guard_terms, key=str), world, f"parallel.{group} {world}",
                    f"give example inputs whose token counts (text and image) are multiples of {world}")
-    exchanged = _exchange_at_sites(ir, sites, world)
-    gathered = _gather_exits(ir, first_epilogue, tokens, world)
+    exchanged = _exchange_at_sites(ir, sites, group, world)
+    gathered = _gather_exits(ir, first_epilogue, tokens, group, world)
     ir.partition_guards += [sympy.Eq(sympy.Mod(t, world), 0) for t in sorted(guard_terms, key=str)]
     repropagate(ir, tokens, world)
-    return PassResult(True, [f"ulysses {world}: {shard_count} values sharded, {exchanged} attention sites "
+    return PassResult(True, [f"{group} {world}: {shard_count} values sharded, {exchanged} attention sites "
                              f"exchanged, {gathered} values gathered; token counts must be multiples of {world}"])
 
 
@@ -104,8 +106,8 @@ def _sequence_symbols(ir: ProgramIR, sites: list[Node]) -> set[sympy.Symbol]:
 def _sequence_dim(ir: ProgramIR, value: Node, tokens: set) -> int | None:
     dims = [d for d, e in enumerate(ir.shape(value)) if e.free_symbols & tokens]
     if len(dims) > 1:
-        raise DaccError(f"parallel.ulysses: {value.name} ({ir.type_text(value)}) has several token dims and "
-                        "cannot be sharded", "partition_attention", "set parallel.ulysses: 1 for this model")
+        raise DaccError(f"parallel.ulysses/ring: {value.name} ({ir.type_text(value)}) has several token dims and "
+                        "cannot be sharded", "partition_attention", "set parallel.ulysses and ring to 1 for this model")
     return dims[0] if dims else None
 
 
@@ -128,9 +130,9 @@ def _ordered_parts(ir: ProgramIR, value: Node, dim: int) -> list[tuple[Node, int
         if step is None:
             break
         node, d = step
-    raise DaccError(f"parallel.ulysses: cannot tell how the token dim of {value.name} ({ir.type_text(value)}) is "
+    raise DaccError(f"parallel.ulysses/ring: cannot tell how the token dim of {value.name} ({ir.type_text(value)}) is "
                     "laid out (no concatenation of its parts found)", "partition_attention",
-                    "set parallel.ulysses: 1 for this model, and report it")
+                    "set parallel.ulysses and ring to 1 for this model, and report it")
 
 
 def _local_size(ir: ProgramIR, sizes: SizeEmitter, value: Node, expr: sympy.Expr, world: int, guard: set) -> Node:
@@ -144,7 +146,7 @@ def _local_size(ir: ProgramIR, sizes: SizeEmitter, value: Node, expr: sympy.Expr
     return total
 
 
-def _exchange_at_sites(ir: ProgramIR, sites: list[Node], world: int) -> int:
+def _exchange_at_sites(ir: ProgramIR, sites: list[Node], group: str, world: int) -> int:
     sharded = {n for n in ir.graph.nodes if n.target is torch.ops.dacc.shard.default}
     touched: set[Node] = set(sharded)
     for node in ir.graph.nodes:
@@ -158,9 +160,13 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], world: int) -> int:
             continue  # untouched, or cross-attention from local queries onto a whole context
         mask = site.args[3] if len(site.args) > 3 else site.kwargs.get("attn_mask")
         if flags != (True, True, True) or (isinstance(mask, Node) and mask in touched):
-            raise DaccError(f"parallel.ulysses: attention {site.name} mixes sharded and whole token sets "
+            raise DaccError(f"parallel.{group}: attention {site.name} mixes sharded and whole token sets "
                             f"({', '.join(ir.type_text(a) for a in (q, k, v))})", "partition_attention",
-                            "set parallel.ulysses: 1 for this model, and report it")
+                            f"set parallel.{group}: 1 for this model, and report it")
+        if group == "ring":
+            _ring_at(ir, site, world)
+            count += 1
+            continue
         for t in (q, k, v):
             heads = t.meta["val"].shape[1]
             if not isinstance(heads, int) or heads % world:
@@ -170,11 +176,11 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], world: int) -> int:
         seg = ir.info(site).segment
         args = list(site.args)
         for i in range(3):
-            args[i] = insert_op(ir, site, torch.ops.dacc.all_to_all.default, (args[i], 1, 2, GROUP, world), seg)
+            args[i] = insert_op(ir, site, torch.ops.dacc.all_to_all.default, (args[i], 1, 2, group, world), seg)
         site.args = tuple(args)
         users = list(site.users)
         with ir.graph.inserting_after(site):
-            back = ir.graph.call_function(torch.ops.dacc.all_to_all.default, (site, 2, 1, GROUP, world))
+            back = ir.graph.call_function(torch.ops.dacc.all_to_all.default, (site, 2, 1, group, world))
         info = ir.info(back)
         info.segment = seg
         ir.set_info(back, info)
@@ -184,7 +190,26 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], world: int) -> int:
     return count
 
 
-def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, world: int) -> int:
+def _ring_at(ir: ProgramIR, site: Node, world: int) -> None:
+    """Replace the attention call by ring attention over the same (sharded) q, k, v."""
+    q, k, v = site.args[:3]
+    kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal"), site.args[3:6]), **site.kwargs)
+    unsupported = {k: v for k, v in kwargs.items()
+                   if (k, v) not in (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False),
+                                     ("enable_gqa", False)) and k != "scale"}
+    if unsupported:
+        raise DaccError(f"parallel.ring: attention {site.name} uses {unsupported}, which ring attention does not "
+                        "support yet", "partition_attention", "use parallel.ulysses for this model")
+    scale = kwargs.get("scale")
+    scale = float(scale) if scale is not None else default_scale(int(q.meta["val"].shape[-1]))
+    with ir.graph.inserting_after(site):
+        ring = ir.graph.call_function(torch.ops.dacc.ring_attention.default, (q, k, v, scale, "ring", world))
+    ring.meta = dict(site.meta)
+    ir.set_info(ring, ir.info(site))  # still the attention site (role, heads, lengths) of its block
+    ir.replace_node(site, ring)
+
+
+def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, group: str, world: int) -> int:
     count = 0
     outputs = next(n for n in reversed(ir.graph.nodes) if n.op == "output")
     for value in [n for n in ir.graph.nodes if is_inner(ir, n)]:
@@ -197,7 +222,7 @@ def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, world: int) 
         parts = _ordered_parts(ir, value, dim)
         sizes = SizeEmitter(ir, first_epilogue, "epilogue")
         part_nodes = [sizes.emit(ir.expr(n.meta["val"].shape[d])) for n, d in parts]
-        gather = insert_op(ir, first_epilogue, torch.ops.dacc.gather.default, (value, dim, part_nodes, GROUP, world),
+        gather = insert_op(ir, first_epilogue, torch.ops.dacc.gather.default, (value, dim, part_nodes, group, world),
                            "epilogue")
         redirect(ir, value, gather, keep=lambda u: u not in leaving)
         if outputs in leaving:

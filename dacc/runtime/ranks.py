@@ -3,7 +3,7 @@ communication ops and cache gates use.
 
 `dacc.load()` calls `bind_mesh`: a parallel artifact needs an initialised process group (torchrun
 sets one up; `torch.distributed.init_process_group` does it by hand) whose world size is the
-product of the plan's degrees. The mesh is `(cfg, ulysses)`; each role is bound to its group for
+product of the plan's degrees. The mesh is `(cfg, ulysses, ring)`; each role is bound to its group for
 the dacc operators (dacc/kernels/collectives.py). Cache gates reduce their probe statistic over
 every rank of the mesh: each rank holds a share of the batch or of the tokens, the statistic is a
 sum over all of them, so every rank takes the single-process decision, and takes it alike.
@@ -28,7 +28,7 @@ def bind_mesh(spec: ParallelSpec, where: str) -> None:
     if spec.world_size == 1:
         bind_groups({})
         return
-    degrees = f"cfg {spec.cfg} x ulysses {spec.ulysses}"
+    degrees = f"cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}"
     if not (dist.is_available() and dist.is_initialized()):
         raise DaccError(f"this artifact runs on {spec.world_size} ranks ({degrees}) and no process group is "
                         "initialised", where,
@@ -43,8 +43,9 @@ def bind_mesh(spec: ParallelSpec, where: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device, (spec.cfg, spec.ulysses), mesh_dim_names=("cfg", "ulysses"))
-    bind_groups({"cfg": mesh.get_group("cfg"), "ulysses": mesh.get_group("ulysses"), GATE: dist.group.WORLD})
+    names = ("cfg", "ulysses", "ring")
+    mesh = init_device_mesh(device, (spec.cfg, spec.ulysses, spec.ring), mesh_dim_names=names)
+    bind_groups({**{name: mesh.get_group(name) for name in names}, GATE: dist.group.WORLD})
 
 
 def gate_group():

@@ -119,13 +119,15 @@ class LoweringSpec:
 @dataclass
 class ParallelSpec:
     """The degrees the programs were partitioned for; they multiply to the world size the
-    artifact runs on, and the runtime builds its device mesh from them (cfg outer, ulysses inner)."""
+    artifact runs on, and the runtime builds its device mesh from them (cfg outer, then ulysses,
+    then ring)."""
     cfg: int = 1
     ulysses: int = 1
+    ring: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.cfg * self.ulysses
+        return self.cfg * self.ulysses * self.ring
 
 
 @dataclass

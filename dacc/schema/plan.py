@@ -89,11 +89,12 @@ def cache_options(plan: "Plan") -> BaseModel:
 class ParallelPlan(_Strict):
     # Degrees multiply to the world size the artifact runs on (torchrun --nproc_per_node).
     # cfg: the two halves of a batched-CFG call on two ranks; ulysses: tokens sharded, heads
-    # exchanged at each attention site (dacc/passes/split_cfg.py, partition_attention.py).
-    # ring, fsdp and vae_patch accept only 1 until they are built.
+    # exchanged at each attention site; ring: tokens sharded, keys and values passed around a ring
+    # (dacc/passes/split_cfg.py, partition_attention.py). fsdp and vae_patch accept only 1 until
+    # they are built.
     cfg: Literal[1, 2] = 1
     ulysses: int = Field(1, ge=1, le=64)
-    ring: Literal[1] = 1
+    ring: int = Field(1, ge=1, le=64)
     fsdp: Literal[1] = 1
     vae_patch: Literal[1] = 1
 

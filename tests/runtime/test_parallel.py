@@ -32,6 +32,7 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_u2": (FLUX, {"parallel": {"ulysses": 2}}),
     "flux_c2": (FLUX, {"parallel": {"cfg": 2}}),
     "flux_c2u2": (FLUX, {"parallel": {"cfg": 2, "ulysses": 2}}),
+    "flux_r2": (FLUX, {"parallel": {"ring": 2}}),
     "flux_db": (FLUX, DBCACHE),
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
@@ -39,7 +40,7 @@ ARTIFACTS = {  # name: (model file, plan)
 }
 DIE = "rank 1 dies"
 TRANSFERS = ("_c10d_functional.all_to_all_single.default", "_c10d_functional.all_gather_into_tensor.default",
-             "c10d.allreduce_.default")
+             "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default")
 
 
 class Artifacts:
@@ -69,7 +70,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
-    return artifacts("flux", "flux_u2", "flux_c2", "flux_db", "flux_db_u2")
+    return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2")
 
 
 class Transfers(TorchDispatchMode):
@@ -85,8 +86,9 @@ class Transfers(TorchDispatchMode):
         name = str(func)
         if name.startswith("dacc.") or name in TRANSFERS:
             self.calls[name] = self.calls.get(name, 0) + 1
-            sent = args[0] if isinstance(args[0], torch.Tensor) else None
-            self.bytes[name] = self.bytes.get(name, 0) + (sent.numel() * sent.element_size() if sent is not None else 0)
+            handed = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]  # send takes a list
+            self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in handed
+                                                             if isinstance(t, torch.Tensor))
         if func.namespace == "dacc":  # run the body with this mode on, so its collectives are seen too
             with self:
                 return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
@@ -178,10 +180,10 @@ def _inputs(path: Path, seed: int, first: bool = False) -> dict:
 def two_ranks(root, tmp_path_factory):
     flux = _inputs(FLUX, 11, first=True)  # a CFG pair: each cfg rank holds a batch of 1
     odd = {**flux, "hidden_states": torch.randn(2, 63, 16), "img_ids": torch.zeros(63, 3)}
-    jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]),
+    jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]), "flux_r2": ("flux_r2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             DIE: ("flux_u2.dacc", [flux])}
-    refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_db_u2": ("flux_db", _generation(flux))}
+    refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]), "flux_db_u2": ("flux_db", _generation(flux))}
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     return results, single, {"flux": flux}
@@ -211,7 +213,7 @@ def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
     assert "c10d.allreduce_.default" not in calls  # no cache gate, nothing reduced
 
 
-@pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_db_u2"])
+@pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2"])
 def test_every_rank_returns_the_single_process_output(two_ranks, name):
     results, single, _ = two_ranks
     _same_outputs(results, name, 2, single[name][0], single[name][2])
@@ -223,6 +225,8 @@ def test_partition_passes_golden(artifacts, golden):
     golden("flux/parallel_cfg2_11_split_cfg.txt", artifacts.graphs["flux_c2"]["11_split_cfg"])
     golden("flux/parallel_ulysses2_12_partition_attention.txt",
            artifacts.graphs["flux_u2"]["12_partition_attention"])
+    artifacts("flux_r2")
+    golden("flux/parallel_ring2_12_partition_attention.txt", artifacts.graphs["flux_r2"]["12_partition_attention"])
     assert artifacts.graphs["flux_c2"]["12_partition_attention"] == artifacts.graphs["flux_c2"]["11_split_cfg"]
 
 
@@ -244,7 +248,7 @@ def _predicted_sent(root: Path, name: str, inputs: dict) -> float:
     return sum(evaluate(seg.sent_bytes_tree, env, seg.name, NUMBER) for seg in program.segments)
 
 
-@pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2)])
+@pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2), ("flux_r2", 2)])
 def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks, name, world):
     """What left each rank, from the collectives observed in the run: an all-to-all keeps 1/P of
     what it is handed, an all-gather hands its input to each of the P-1 others."""
@@ -252,8 +256,19 @@ def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks
     for rank in range(world):
         handed = results[name, rank]["bytes"]
         sent = (handed.get("_c10d_functional.all_to_all_single.default", 0) * (world - 1) / world
-                + handed.get("_c10d_functional.all_gather_into_tensor.default", 0) * (world - 1))
+                + handed.get("_c10d_functional.all_gather_into_tensor.default", 0) * (world - 1)
+                + handed.get("c10d.send.default", 0))
         assert sent > 0 and sent == _predicted_sent(root, name, inputs["flux"])
+
+
+def test_ring_passes_keys_and_values_around_at_every_site(root, two_ranks):
+    results, _, _ = two_ranks
+    calls = results["flux_r2", 0]["calls"]
+    sites = _sites(root, "flux_r2")
+    assert calls["dacc.ring_attention.default"] == sites
+    assert calls["c10d.send.default"] == calls["c10d.recv_.default"] == sites  # P-1 = 1 hop per site
+    assert "_c10d_functional.all_to_all_single.default" not in calls  # no head exchange
+    assert calls["_c10d_functional.all_gather_into_tensor.default"] == 1
 
 
 def test_cfg_sends_only_the_output_gather(two_ranks):

@@ -1,0 +1,99 @@
+"""Ring attention as a dacc operator (plan `parallel.ring: P`).
+
+Each of P ranks holds 1/P of the tokens' queries, keys and values. The keys and values travel
+around the ring by point-to-point sends (rank r sends to r+1 and receives from r-1), P steps in
+all; at each step a rank attends its queries to the block it holds, and the partial outputs are
+merged by their log-sum-exp:
+    lse = logaddexp(lse_a, lse_b);  out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+so the result is softmax attention over every token, exactly (in fp32), in any block order. The
+next block's transfer runs while the current one is attended. No head count needs to divide P.
+
+The merge has a PyTorch reference here; a fused Triton merge is not written yet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from dacc.kernels.collectives import _group
+from dacc.schema.errors import DaccError
+
+
+def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention of q over one block of keys, in fp32, and the log-sum-exp of its scores."""
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float()), lse
+
+
+def merge_by_lse(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial attention outputs over disjoint key blocks -> the output over their union."""
+    total = torch.logaddexp(lse, part_lse)
+    merged = out * torch.exp(lse - total).unsqueeze(-1) + part * torch.exp(part_lse - total).unsqueeze(-1)
+    return merged, total
+
+
+def _failed(role: str, exc: RuntimeError) -> DaccError:
+    return DaccError(f"dacc.ring_attention over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
+                     f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
+                     "names the cause (restart all ranks together)")
+
+
+def _start_exchange(block: Tensor, group: "dist.ProcessGroup", role: str) -> tuple[Tensor, list]:
+    """Start sending `block` to the next rank of the ring and receiving the previous rank's."""
+    rank, size = dist.get_rank(group), group.size()
+    nxt = dist.get_global_rank(group, (rank + 1) % size)
+    prev = dist.get_global_rank(group, (rank - 1) % size)
+    incoming = torch.empty_like(block)
+    try:
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, block, nxt, group),
+                                        dist.P2POp(dist.irecv, incoming, prev, group)])
+    except RuntimeError as exc:
+        raise _failed(role, exc) from None
+    return incoming, works
+
+
+def _finish(works: list, role: str) -> None:
+    try:
+        for work in works:
+            work.wait()
+    except RuntimeError as exc:
+        raise _failed(role, exc) from None
+
+
+@torch.library.custom_op("dacc::ring_attention", mutates_args=())
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: str, world: int) -> Tensor:
+    """q, k, v: [..., tokens on this rank, head dim]; `scale` as in scaled_dot_product_attention."""
+    if world == 1:
+        return attend_with_lse(q, k, v, scale)[0].to(q.dtype)
+    g = _group(group, world)
+    block = torch.stack([k, v]).contiguous()
+    out = lse = None
+    for step in range(world):
+        pending = _start_exchange(block, g, group) if step < world - 1 else None
+        part, part_lse = attend_with_lse(q, block[0], block[1], scale)  # while the next block travels
+        out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
+        if pending is not None:
+            _finish(pending[1], group)
+            block = pending[0]
+    return out.to(q.dtype)
+
+
+@ring_attention.register_fake
+def _(q, k, v, scale, group, world):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@register_flop_formula(torch.ops.dacc.ring_attention)
+def _ring_flops(q_shape, k_shape, v_shape, scale, group, world, *args, **kwargs) -> int:
+    """Like attention over all P blocks of keys (what FlopCounterMode counts for sdpa)."""
+    batch_heads = math.prod(q_shape[:-2])
+    return 2 * batch_heads * q_shape[-2] * k_shape[-2] * world * (q_shape[-1] + v_shape[-1])
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

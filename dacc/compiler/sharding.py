@@ -89,8 +89,8 @@ def insert_op(ir: ProgramIR, before: Node, op: Any, args: tuple, segment: str) -
 
 
 def redirect(ir: ProgramIR, old: Node, new: Node, keep: Callable[[Node], bool]) -> None:
-    """Users of `old` for which `keep(user)` is False read `new` instead (and the cache gate's
-    value names follow when `gate` users move)."""
+    """Users of `old` for which `keep(user)` is False read `new` instead (`new` itself keeps
+    reading `old`). The cache gate's value names are renamed separately (rename_gate_values)."""
     old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and not keep(user))
 
 

@@ -37,7 +37,7 @@ def bound_group(role: str) -> "dist.ProcessGroup | None":
     return _GROUPS.get(role)
 
 
-def _group(role: str, world: int) -> "dist.ProcessGroup":
+def process_group(role: str, world: int) -> "dist.ProcessGroup":
     group = _GROUPS.get(role)
     if group is None:
         raise RuntimeError(f"this program splits work over a '{role}' group of {world} ranks, and no such "
@@ -70,7 +70,7 @@ def _local_parts(parts: list[int], world: int, what: str) -> list[int]:
 def shard(x: Tensor, dim: int, parts: list[int], group: str, world: int) -> Tensor:
     if sum(parts) != x.shape[dim]:
         raise RuntimeError(f"dacc.shard: parts {parts} do not add up to dim {dim} of size {x.shape[dim]}")
-    rank = dist.get_rank(_group(group, world)) if world > 1 else 0
+    rank = dist.get_rank(process_group(group, world)) if world > 1 else 0
     local = _local_parts(parts, world, "dacc.shard")
     pieces = x.split(parts, dim)
     return torch.cat([p.narrow(dim, rank * n, n) for p, n in zip(pieces, local)], dim).contiguous()
@@ -92,7 +92,7 @@ def gather(x: Tensor, dim: int, parts: list[int], group: str, world: int) -> Ten
         raise RuntimeError(f"dacc.gather: local parts {local} do not add up to dim {dim} of size {x.shape[dim]}")
     if world == 1:
         return x.clone()
-    g = _group(group, world)
+    g = process_group(group, world)
     moved = x.movedim(dim, 0).contiguous()
     every = _transfer("gather", group, torch.ops._c10d_functional.all_gather_into_tensor, moved, world, g.group_name)
     ranks = every.chunk(world, 0)  # rank r's local tensor: its chunk of each part, end to end
@@ -115,7 +115,7 @@ def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: str, world: 
                            f"into {world} equal shares")
     if world == 1:
         return x.clone()
-    g = _group(group, world)
+    g = process_group(group, world)
     moved = x.movedim(scatter_dim, 0).contiguous()
     split = [moved.shape[0] // world] * world
     got = _transfer("all_to_all", group, torch.ops._c10d_functional.all_to_all_single, moved, split, split,

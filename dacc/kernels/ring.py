@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from dacc.kernels.collectives import _group
+from dacc.kernels.collectives import process_group
 from dacc.schema.errors import DaccError
 
 
@@ -70,7 +70,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: str, wo
     """q, k, v: [..., tokens on this rank, head dim]; `scale` as in scaled_dot_product_attention."""
     if world == 1:
         return attend_with_lse(q, k, v, scale)[0].to(q.dtype)
-    g = _group(group, world)
+    g = process_group(group, world)
     block = torch.stack([k, v]).contiguous()
     out = lse = None
     for step in range(world):

@@ -36,6 +36,12 @@ def _signature_line(root: Path, trusted_keys) -> str:
     return f"signature {signer}, not verified (pass --trusted-key KEY.pub)"
 
 
+def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:
+    """Rows of text cells as aligned columns."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return [indent + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def _linear_lines(prog: ProgramSpec) -> list[str]:
     done = [s for s in prog.linears if s.quant != "none"]
     if not done:
@@ -47,8 +53,7 @@ def _linear_lines(prog: ProgramSpec) -> list[str]:
     rows += [(s.weight.removesuffix(".weight"), s.quant, f"{s.in_features} x {s.out_features}",
               f"{_human(s.bytes_before, 'B')} -> {_human(s.bytes_after, 'B')}" if s.quant != "none"
               else "full precision", f"{s.weight_error:.2e}" if s.quant != "none" else "-") for s in prog.linears]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return out + ["    " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    return out + _table(rows, "    ")
 
 
 def _quantize_search_lines(q: dict) -> list[str]:
@@ -75,8 +80,7 @@ def _lowering_lines(low: LoweringSpec | None) -> list[str]:
            "0 s: from the compile cache)"]
     rows = [("package", "nodes", "build", "segments")]
     rows += [(p.file, str(p.num_nodes), f"{p.build_seconds:.1f} s", ", ".join(p.segments)) for p in low.packages]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    out += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    out += _table(rows, "  ")
     out += [f"  unlowered {name}: {why}" for name, why in low.unlowered.items()]
     return out
 
@@ -126,9 +130,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
                         + ((seg.lowered.package if seg.lowered else "graph",) if lowered else ()))
         rows.append(("total", "", "", "", "", _human(total_flops, "FLOP"), _human(total_bytes, "B"))
                     + ((_human(total_sent, "B"),) if parallel else ()) + (("",) if lowered else ()))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        for r in rows:
-            out.append("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+        out += _table(rows, "  ")
         attn = ", ".join(f"{a.node}@{a.segment}{' (cross)' if a.cross else ''}" for a in prog.attention)
         out.append(f"  attention sites ({len(prog.attention)}): {attn}")
         out += _linear_lines(prog)

@@ -74,14 +74,22 @@ class ProgramIR:
         """`new` takes `old`'s place everywhere: its users, the program's output signature and the
         cache gate's value names (a rewrite after the cache passes must not orphan them)."""
         old.replace_all_uses_with(new)
-        for spec in self.ep.graph_signature.output_specs:  # e.g. the final projection is an output
-            if getattr(spec.arg, "name", None) == old.name:
-                spec.arg = type(spec.arg)(new.name)
+        self.rename_output(old.name, new.name)
+        self.rename_gate_value(old.name, new.name)
+        self.graph.erase_node(old)
+
+    def rename_output(self, old: str, new: str) -> None:
+        """The output signature names value `new` where it named `old` (e.g. the final projection)."""
+        for spec in self.ep.graph_signature.output_specs:
+            if getattr(spec.arg, "name", None) == old:
+                spec.arg = type(spec.arg)(new)
+
+    def rename_gate_value(self, old: str, new: str) -> None:
+        """The cache gate reads and writes value `new` where it named `old`."""
         gate = self.cache_gate
         if gate is not None:
             for names in (gate.stream_in, gate.stream_out, gate.probe_values, gate.probe_base):
-                names[:] = [new.name if n == old.name else n for n in names]
-        self.graph.erase_node(old)
+                names[:] = [new if n == old else n for n in names]
 
     def output_names(self) -> list[str]:
         out = next(n for n in reversed(self.graph.nodes) if n.op == "output")

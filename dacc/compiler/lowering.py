@@ -31,6 +31,7 @@ from torch.export import Dim
 from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 
 from dacc.compiler.ir import _expr
+from dacc.compiler.trace import rel_error
 from dacc.runtime.inputs import flatten_with_paths
 from dacc.runtime.lowered import cpu_isa, cuda_arch
 from dacc.runtime.stamps import cache_root
@@ -206,17 +207,6 @@ def build(canon: Canonical, args: list[torch.Tensor], out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def relative_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    worst = 0.0
-    for a, b in zip(got, ref, strict=True):
-        if not isinstance(b, torch.Tensor):
-            continue
-        scale = b.detach().abs().max().item() if b.numel() else 0.0
-        diff = (a.float() - b.float()).abs().max().item() if b.numel() else 0.0
-        worst = max(worst, diff / max(scale, 1e-12))
-    return worst
-
-
 def flat_example(inputs, example: dict[str, Any]) -> list[Any]:
     given = dict(flatten_with_paths(example))
     return [given[s.path] if s.kind == "tensor" else s.value for s in inputs]
@@ -302,7 +292,7 @@ def _verify(loader, segment: fx.GraphModule, cases: list[tuple[list[Any], list[t
             got = loader.run(package_args)
             dtype = next((r.dtype for r in ref if isinstance(r, torch.Tensor)), torch.float32)
             tol = TOLERANCE.get(dtype, 1e-2)
-            err = relative_error(got, ref)
+            err = rel_error(got, ref)
             if err > tol:
                 raise NotLowerable(f"the package differs from the graph (relative error {err:.2e} > {tol:g})")
 

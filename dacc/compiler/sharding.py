@@ -29,9 +29,9 @@ def is_inner(ir: ProgramIR, node: Node) -> bool:
     return seg is not None and segment_kind(seg) in INNER_KINDS
 
 
-def label(ir: ProgramIR, node: Node, segment: str, role: str | None = None) -> Node:
+def label(ir: ProgramIR, node: Node, segment: str) -> Node:
     info = ir.info(node)
-    info.segment, info.role = segment, role
+    info.segment = segment
     ir.set_info(node, info)
     return node
 
@@ -90,23 +90,11 @@ def insert_op(ir: ProgramIR, before: Node, op: Any, args: tuple, segment: str) -
 
 def redirect(ir: ProgramIR, old: Node, new: Node, keep: Callable[[Node], bool]) -> None:
     """Users of `old` for which `keep(user)` is False read `new` instead (`new` itself keeps
-    reading `old`). The cache gate's value names are renamed separately (rename_gate_values)."""
+    reading `old`); the output signature follows when the output node moves. The cache gate's
+    value names are renamed separately (`ProgramIR.rename_gate_value`)."""
     old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and not keep(user))
-
-
-def rename_gate_values(ir: ProgramIR, old: str, new: str) -> None:
-    gate = ir.cache_gate
-    if gate is not None:
-        for names in (gate.stream_in, gate.probe_values, gate.probe_base):
-            names[:] = [new if n == old else n for n in names]
-
-
-def rename_output(ir: ProgramIR, old: Node, new: Node) -> None:
-    out = next(n for n in reversed(ir.graph.nodes) if n.op == "output")
-    out.args = (tuple(new if a is old else a for a in out.args[0]),)
-    for spec in ir.ep.graph_signature.output_specs:
-        if getattr(spec.arg, "name", None) == old.name:
-            spec.arg = type(spec.arg)(new.name)
+    if any(u.op == "output" for u in new.users):
+        ir.rename_output(old.name, new.name)
 
 
 def repropagate(ir: ProgramIR, divided: set[sympy.Symbol], world: int) -> None:

@@ -125,13 +125,19 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def rel_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+def rel_error(got: list[Any], ref: list[Any]) -> float:
+    """The largest max|a - b| / max|b| over the tensors of `ref` (other values, a segment's sizes,
+    and empty tensors are skipped); inf when the lists, or a pair's shapes, differ."""
     if len(got) != len(ref):
         return float("inf")
     worst = 0.0
     for a, b in zip(got, ref):
-        if a.shape != b.shape:
+        if not isinstance(b, torch.Tensor):
+            continue
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape:
             return float("inf")
+        if not b.numel():
+            continue
         scale = b.abs().max().clamp_min(1e-12)
         worst = max(worst, float(((a.float() - b.float()).abs().max() / scale)))
     return worst

@@ -48,15 +48,20 @@ def process_group(role: str, world: int) -> "dist.ProcessGroup":
     return group
 
 
+def transfer_failed(what: str, role: str, exc: RuntimeError) -> DaccError:
+    """A failed transfer (a rank that died, or a timeout) as an error naming the op and the group,
+    raised on every rank still alive."""
+    return DaccError(f"dacc.{what} over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
+                     f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
+                     "names the cause (restart all ranks together)")
+
+
 def _transfer(what: str, role: str, start, *args) -> Tensor:
-    """Run one functional collective and wait for it; a failure (a rank that died, or a timeout)
-    becomes an error naming the op and the group, raised on every rank still alive."""
+    """Run one functional collective and wait for it."""
     try:
         return torch.ops._c10d_functional.wait_tensor(start(*args))
     except RuntimeError as exc:
-        raise DaccError(f"dacc.{what} over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
-                        f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
-                        "names the cause (restart all ranks together)") from None
+        raise transfer_failed(what, role, exc) from None
 
 
 def _local_parts(parts: list[int], world: int, what: str) -> list[int]:

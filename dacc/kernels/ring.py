@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from dacc.kernels.collectives import process_group
-from dacc.schema.errors import DaccError
+from dacc.kernels.collectives import process_group, transfer_failed
 
 
 def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -37,12 +36,6 @@ def merge_by_lse(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tu
     return merged, total
 
 
-def _failed(role: str, exc: RuntimeError) -> DaccError:
-    return DaccError(f"dacc.ring_attention over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
-                     f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
-                     "names the cause (restart all ranks together)")
-
-
 def _start_exchange(block: Tensor, group: "dist.ProcessGroup", role: str) -> tuple[Tensor, list]:
     """Start sending `block` to the next rank of the ring and receiving the previous rank's."""
     rank, size = dist.get_rank(group), group.size()
@@ -53,7 +46,7 @@ def _start_exchange(block: Tensor, group: "dist.ProcessGroup", role: str) -> tup
         works = dist.batch_isend_irecv([dist.P2POp(dist.isend, block, nxt, group),
                                         dist.P2POp(dist.irecv, incoming, prev, group)])
     except RuntimeError as exc:
-        raise _failed(role, exc) from None
+        raise transfer_failed("ring_attention", role, exc) from None
     return incoming, works
 
 
@@ -62,7 +55,7 @@ def _finish(works: list, role: str) -> None:
         for work in works:
             work.wait()
     except RuntimeError as exc:
-        raise _failed(role, exc) from None
+        raise transfer_failed("ring_attention", role, exc) from None
 
 
 @torch.library.custom_op("dacc::ring_attention", mutates_args=())

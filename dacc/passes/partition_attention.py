@@ -30,14 +30,16 @@ from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
-from dacc.compiler.sharding import (SizeEmitter, check_examples, insert_op, is_inner, redirect, rename_gate_values, rename_output,
-                                    repropagate, terms)
-from dacc.compiler.segments import segment_kind, segment_of
+from dacc.compiler.segments import segment_of
+from dacc.compiler.sharding import SizeEmitter, check_examples, insert_op, is_inner, redirect, repropagate, terms
 from dacc.kernels.ring import default_scale
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
 
 aten = torch.ops.aten
+PROLOGUE = "prologue"
+
+
 def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
     par = plan.parallel  # plan checks: at most one of the two is above 1
     group, world = ("ulysses", par.ulysses) if par.ulysses > 1 else ("ring", par.ring)
@@ -51,10 +53,9 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
     nodes = list(ir.graph.nodes)
     first_inner = next(n for n in nodes if is_inner(ir, n))
     first_epilogue = next(n for n in nodes if segment_of(ir, n) == "epilogue")
-    prologue = next(segment_of(ir, n) for n in nodes if segment_of(ir, n) and segment_kind(segment_of(ir, n)) == "prologue")
-    sizes = SizeEmitter(ir, first_inner, prologue)
+    sizes = SizeEmitter(ir, first_inner, PROLOGUE)
     shard_count, guard_terms = 0, set()
-    for value in [n for n in nodes if n.op == "placeholder" or segment_of(ir, n) == prologue]:
+    for value in [n for n in nodes if n.op == "placeholder" or segment_of(ir, n) == PROLOGUE]:
         if not any(is_inner(ir, u) for u in value.users):
             continue
         val = value.meta.get("val")
@@ -67,13 +68,12 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
             dim = _sequence_dim(ir, value, tokens)
             if dim is None:
                 continue
-            parts = _ordered_parts(ir, value, dim)
-            guard_terms.update(ir.expr(n.meta["val"].shape[d]) for n, d in parts)
-            part_nodes = [sizes.emit(ir.expr(n.meta["val"].shape[d])) for n, d in parts]
+            parts = _part_sizes(ir, value, dim)
+            guard_terms.update(parts)
             shard = insert_op(ir, first_inner, torch.ops.dacc.shard.default,
-                              (value, dim, part_nodes, group, world), prologue)
+                              (value, dim, [sizes.emit(p) for p in parts], group, world), PROLOGUE)
             redirect(ir, value, shard, keep=lambda u: not is_inner(ir, u))
-            rename_gate_values(ir, value.name, shard.name)
+            ir.rename_gate_value(value.name, shard.name)
             shard_count += 1
     check_examples(ir, sorted(guard_terms, key=str), world, f"parallel.{group} {world}",
                    f"give example inputs whose token counts (text and image) are multiples of {world}")
@@ -111,20 +111,20 @@ def _sequence_dim(ir: ProgramIR, value: Node, tokens: set) -> int | None:
     return dims[0] if dims else None
 
 
-def _ordered_parts(ir: ProgramIR, value: Node, dim: int) -> list[tuple[Node, int]]:
-    """The parts a token dim is made of, in order: itself when its size is one term, else the
-    inputs of the concatenation that built it (found by walking back along that dim)."""
+def _part_sizes(ir: ProgramIR, value: Node, dim: int) -> list[sympy.Expr]:
+    """The sizes of the parts a token dim is made of, in order: its own when it is one term, else
+    those of the inputs of the concatenation that built it (found by walking back along that dim)."""
     expr = ir.expr(value.meta["val"].shape[dim])
     if len(terms(expr)) == 1:
-        return [(value, dim)]
+        return [expr]
     node, d = value, dim
     for _ in range(500):
         if node.target is aten.cat.default:
             cat_dim = node.args[1] if len(node.args) > 1 else 0
             inputs = node.args[0]
-            if cat_dim % len(ir.shape(node)) == d and all(len(terms(ir.expr(i.meta["val"].shape[d]))) == 1
-                                                          for i in inputs):
-                return [(i, d) for i in inputs]
+            sizes = [ir.expr(i.meta["val"].shape[d]) for i in inputs]
+            if cat_dim % len(ir.shape(node)) == d and all(len(terms(size)) == 1 for size in sizes):
+                return sizes
         step = next(((i, k) for i in node.all_input_nodes if isinstance(i.meta.get("val"), torch.Tensor)
                      for k, e in enumerate(ir.shape(i)) if e == expr), None)
         if step is None:
@@ -174,18 +174,10 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], group: str, world: int)
                                 f"of {world}", "partition_attention",
                                 f"choose a ulysses degree that divides the head count ({heads})")
         seg = ir.info(site).segment
-        args = list(site.args)
-        for i in range(3):
-            args[i] = insert_op(ir, site, torch.ops.dacc.all_to_all.default, (args[i], 1, 2, group, world), seg)
-        site.args = tuple(args)
-        users = list(site.users)
-        with ir.graph.inserting_after(site):
-            back = ir.graph.call_function(torch.ops.dacc.all_to_all.default, (site, 2, 1, group, world))
-        info = ir.info(back)
-        info.segment = seg
-        ir.set_info(back, info)
-        for u in users:
-            u.replace_input_with(site, back)
+        site.args = (*(insert_op(ir, site, torch.ops.dacc.all_to_all.default, (t, 1, 2, group, world), seg)
+                       for t in (q, k, v)), *site.args[3:])
+        back = insert_op(ir, site.next, torch.ops.dacc.all_to_all.default, (site, 2, 1, group, world), seg)
+        redirect(ir, site, back, keep=lambda u: False)
         count += 1
     return count
 
@@ -194,9 +186,9 @@ def _ring_at(ir: ProgramIR, site: Node, world: int) -> None:
     """Replace the attention call by ring attention over the same (sharded) q, k, v."""
     q, k, v = site.args[:3]
     kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal"), site.args[3:6]), **site.kwargs)
-    unsupported = {k: v for k, v in kwargs.items()
-                   if (k, v) not in (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False),
-                                     ("enable_gqa", False)) and k != "scale"}
+    unsupported = {name: value for name, value in kwargs.items()
+                   if (name, value) not in (("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False),
+                                            ("enable_gqa", False)) and name != "scale"}
     if unsupported:
         raise DaccError(f"parallel.ring: attention {site.name} uses {unsupported}, which ring attention does not "
                         "support yet", "partition_attention", "use parallel.ulysses for this model")
@@ -212,6 +204,7 @@ def _ring_at(ir: ProgramIR, site: Node, world: int) -> None:
 def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, group: str, world: int) -> int:
     count = 0
     outputs = next(n for n in reversed(ir.graph.nodes) if n.op == "output")
+    sizes = SizeEmitter(ir, first_epilogue, "epilogue")
     for value in [n for n in ir.graph.nodes if is_inner(ir, n)]:
         leaving = [u for u in value.users if u is outputs or (u.op == "call_function" and not is_inner(ir, u))]
         if not leaving or not isinstance(value.meta.get("val"), torch.Tensor):
@@ -219,13 +212,9 @@ def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, group: str, 
         dim = _sequence_dim(ir, value, tokens)
         if dim is None:
             continue
-        parts = _ordered_parts(ir, value, dim)
-        sizes = SizeEmitter(ir, first_epilogue, "epilogue")
-        part_nodes = [sizes.emit(ir.expr(n.meta["val"].shape[d])) for n, d in parts]
+        part_nodes = [sizes.emit(p) for p in _part_sizes(ir, value, dim)]
         gather = insert_op(ir, first_epilogue, torch.ops.dacc.gather.default, (value, dim, part_nodes, group, world),
                            "epilogue")
         redirect(ir, value, gather, keep=lambda u: u not in leaving)
-        if outputs in leaving:
-            rename_output(ir, value, gather)
         count += 1
     return count

@@ -15,8 +15,7 @@ import torch
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
-from dacc.compiler.segments import segment_of
-from dacc.compiler.sharding import SizeEmitter, check_examples, insert_op, redirect, rename_output, repropagate
+from dacc.compiler.sharding import SizeEmitter, check_examples, insert_op, redirect, repropagate
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
 
@@ -38,27 +37,26 @@ def split_cfg(ir: ProgramIR, plan: Plan) -> PassResult:
                    "conditional halves, so even) in example_inputs() and more_example_inputs()")
     nodes = list(ir.graph.nodes)
     first = next(n for n in nodes if n.op == "call_function")
-    prologue = segment_of(ir, first)
-    sizes = SizeEmitter(ir, first, prologue)
-    batch_size = sizes.emit(batch)
+    batch_size = SizeEmitter(ir, first, "prologue").emit(batch)
     sharded = 0
     for ph in tensors:
         dim = next((d for d, e in enumerate(ir.shape(ph)) if e == batch), None)
         if dim is None:
             continue
-        shard = insert_op(ir, first, torch.ops.dacc.shard.default, (ph, dim, [batch_size], GROUP, world), prologue)
+        shard = insert_op(ir, first, torch.ops.dacc.shard.default, (ph, dim, [batch_size], GROUP, world), "prologue")
         redirect(ir, ph, shard, keep=lambda u: u is batch_size)
         sharded += 1
     out = next(n for n in reversed(nodes) if n.op == "output")
+    full = SizeEmitter(ir, out, "epilogue")
     gathered = 0
     for value in [a for a in out.args[0] if isinstance(a, torch.fx.Node)]:
         shape = ir.shape(value) or []
         dim = next((d for d, e in enumerate(shape) if e == batch), None)
         if dim is None:
             continue
-        full = SizeEmitter(ir, out, "epilogue").emit(batch)
-        gather = insert_op(ir, out, torch.ops.dacc.gather.default, (value, dim, [full], GROUP, world), "epilogue")
-        rename_output(ir, value, gather)
+        gather = insert_op(ir, out, torch.ops.dacc.gather.default, (value, dim, [full.emit(batch)], GROUP, world),
+                           "epilogue")
+        redirect(ir, value, gather, keep=lambda u: u is not out)
         gathered += 1
     ir.partition_guards.append(sympy.Eq(sympy.Mod(batch, world), 0))
     repropagate(ir, {batch}, world)

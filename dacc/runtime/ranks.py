@@ -53,11 +53,7 @@ def gate_group():
     return bound_group(GATE)
 
 
-def timeout_seconds() -> float:
-    """How long a collective waits for a rank that died before the others fail
-    (`DACC_COLLECTIVE_TIMEOUT`, seconds; torchrun's process group sets its own otherwise)."""
-    return float(os.environ.get("DACC_COLLECTIVE_TIMEOUT", "60"))
-
-
 def default_timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=timeout_seconds())
+    """How long a collective of a group dacc starts waits for a rank that died before the others
+    fail (`DACC_COLLECTIVE_TIMEOUT`, seconds; torchrun's process group sets its own)."""
+    return datetime.timedelta(seconds=float(os.environ.get("DACC_COLLECTIVE_TIMEOUT", "60")))

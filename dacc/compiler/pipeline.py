@@ -44,7 +44,7 @@ PIPELINE: list[PassEntry] = [
     PassEntry("split_cfg", split_cfg,
               "cfg: the two halves of a batched-CFG call run on two ranks"),
     PassEntry("partition_attention", partition_attention,
-              "ulysses: each rank runs the blocks on its share of the tokens, attention exchanges heads"),
+              "ulysses/ring/both: each rank runs the blocks on its share of the tokens; attention exchanges heads or passes keys around"),
     # lower
     PassEntry("lower_segments", lower_segments,
               "generated kernels instead of op-by-op dispatch; identical segments share one package"),

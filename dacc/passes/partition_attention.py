@@ -3,7 +3,12 @@
 (every rank then attends over all tokens for H/P heads) and another turns them back. Ring
 (`parallel.ring: P`): the same shards, and each attention site becomes `dacc.ring_attention`,
 which passes the keys and values around the ranks and merges partial outputs by log-sum-exp
-(dacc/kernels/ring.py); no head count needs to divide P.
+(dacc/kernels/ring.py); no head count needs to divide P. Both (USP, `ulysses: U, ring: R`): the
+tokens are sharded over the U x R ranks of the "sequence" group (the two mesh dims flattened);
+at each site an all-to-all over the ulysses group turns U token shards into H/U heads over U
+times the tokens, ring attention over the ring group covers the rest, and an all-to-all turns
+the heads back. Every rank's queries, keys and values pass through the same exchanges, so they
+stay in one token order, and attention does not depend on the order of keys.
 
 Where: every value that enters the blocks from the prologue with a sequence dim is sharded there
 (`dacc.shard`), and every value that leaves the blocks for the epilogue with one is gathered
@@ -41,8 +46,8 @@ PROLOGUE = "prologue"
 
 
 def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
-    par = plan.parallel  # plan checks: at most one of the two is above 1
-    group, world = ("ulysses", par.ulysses) if par.ulysses > 1 else ("ring", par.ring)
+    par = plan.parallel
+    group, world = sequence_group(par.ulysses, par.ring)
     if world == 1:
         return PassResult(False, ["parallel.ulysses 1, parallel.ring 1"])
     sites = [n for n in ir.compute_nodes() if ir.info(n).role == "attention"]
@@ -77,12 +82,20 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
             shard_count += 1
     check_examples(ir, sorted(guard_terms, key=str), world, f"parallel.{group} {world}",
                    f"give example inputs whose token counts (text and image) are multiples of {world}")
-    exchanged = _exchange_at_sites(ir, sites, group, world)
+    exchanged = _exchange_at_sites(ir, sites, par.ulysses, par.ring)
     gathered = _gather_exits(ir, first_epilogue, tokens, group, world)
     ir.partition_guards += [sympy.Eq(sympy.Mod(t, world), 0) for t in sorted(guard_terms, key=str)]
     repropagate(ir, tokens, world)
     return PassResult(True, [f"{group} {world}: {shard_count} values sharded, {exchanged} attention sites "
                              f"exchanged, {gathered} values gathered; token counts must be multiples of {world}"])
+
+
+def sequence_group(ulysses: int, ring: int) -> tuple[str, int]:
+    """The group the token dim is sharded over, and its size: the one degree above 1, or the two
+    flattened ("sequence", ulysses x ring)."""
+    if ulysses > 1 and ring > 1:
+        return "sequence", ulysses * ring
+    return ("ulysses", ulysses) if ulysses > 1 else ("ring", ring)
 
 
 def _sequence_symbols(ir: ProgramIR, sites: list[Node]) -> set[sympy.Symbol]:
@@ -146,7 +159,8 @@ def _local_size(ir: ProgramIR, sizes: SizeEmitter, value: Node, expr: sympy.Expr
     return total
 
 
-def _exchange_at_sites(ir: ProgramIR, sites: list[Node], group: str, world: int) -> int:
+def _exchange_at_sites(ir: ProgramIR, sites: list[Node], ulysses: int, ring: int) -> int:
+    group = sequence_group(ulysses, ring)[0]
     sharded = {n for n in ir.graph.nodes if n.target is torch.ops.dacc.shard.default}
     touched: set[Node] = set(sharded)
     for node in ir.graph.nodes:
@@ -163,26 +177,31 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], group: str, world: int)
             raise DaccError(f"parallel.{group}: attention {site.name} mixes sharded and whole token sets "
                             f"({', '.join(ir.type_text(a) for a in (q, k, v))})", "partition_attention",
                             f"set parallel.{group}: 1 for this model, and report it")
-        if group == "ring":
-            _ring_at(ir, site, world)
-            count += 1
-            continue
-        for t in (q, k, v):
-            heads = t.meta["val"].shape[1]
-            if not isinstance(heads, int) or heads % world:
-                raise DaccError(f"parallel.ulysses {world}: attention {site.name} has {heads} heads, not a multiple "
-                                f"of {world}", "partition_attention",
-                                f"choose a ulysses degree that divides the head count ({heads})")
-        seg = ir.info(site).segment
-        site.args = (*(insert_op(ir, site, torch.ops.dacc.all_to_all.default, (t, 1, 2, group, world), seg)
-                       for t in (q, k, v)), *site.args[3:])
-        back = insert_op(ir, site.next, torch.ops.dacc.all_to_all.default, (site, 2, 1, group, world), seg)
-        redirect(ir, site, back, keep=lambda u: False)
+        head_dim = int(q.meta["val"].shape[-1])  # an all-to-all leaves it as it is
+        if ulysses > 1:
+            _ulysses_at(ir, site, ulysses)
+        if ring > 1:
+            _ring_at(ir, site, ring, head_dim)
         count += 1
     return count
 
 
-def _ring_at(ir: ProgramIR, site: Node, world: int) -> None:
+def _ulysses_at(ir: ProgramIR, site: Node, world: int) -> None:
+    """Token shards -> head shards for q, k and v before the site, and back after it."""
+    for t in site.args[:3]:
+        heads = t.meta["val"].shape[1]
+        if not isinstance(heads, int) or heads % world:
+            raise DaccError(f"parallel.ulysses {world}: attention {site.name} has {heads} heads, not a multiple "
+                            f"of {world}", "partition_attention",
+                            f"choose a ulysses degree that divides the head count ({heads})")
+    seg = ir.info(site).segment
+    site.args = (*(insert_op(ir, site, torch.ops.dacc.all_to_all.default, (t, 1, 2, "ulysses", world), seg)
+                   for t in site.args[:3]), *site.args[3:])
+    back = insert_op(ir, site.next, torch.ops.dacc.all_to_all.default, (site, 2, 1, "ulysses", world), seg)
+    redirect(ir, site, back, keep=lambda u: False)
+
+
+def _ring_at(ir: ProgramIR, site: Node, world: int, head_dim: int) -> None:
     """Replace the attention call by ring attention over the same (sharded) q, k, v."""
     q, k, v = site.args[:3]
     kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal"), site.args[3:6]), **site.kwargs)
@@ -193,7 +212,7 @@ def _ring_at(ir: ProgramIR, site: Node, world: int) -> None:
         raise DaccError(f"parallel.ring: attention {site.name} uses {unsupported}, which ring attention does not "
                         "support yet", "partition_attention", "use parallel.ulysses for this model")
     scale = kwargs.get("scale")
-    scale = float(scale) if scale is not None else default_scale(int(q.meta["val"].shape[-1]))
+    scale = float(scale) if scale is not None else default_scale(head_dim)
     with ir.graph.inserting_after(site):
         ring = ir.graph.call_function(torch.ops.dacc.ring_attention.default, (q, k, v, scale, "ring", world))
     ring.meta = dict(site.meta)

@@ -4,7 +4,8 @@ communication ops and cache gates use.
 `dacc.load()` calls `bind_mesh`: a parallel artifact needs an initialised process group (torchrun
 sets one up; `torch.distributed.init_process_group` does it by hand) whose world size is the
 product of the plan's degrees. The mesh is `(cfg, ulysses, ring)`; each role is bound to its group for
-the dacc operators (dacc/kernels/collectives.py). Cache gates reduce their probe statistic over
+the dacc operators (dacc/kernels/collectives.py), and under USP the "sequence" group is the
+ulysses and ring dims flattened. Cache gates reduce their probe statistic over
 every rank of the mesh: each rank holds a share of the batch or of the tokens, the statistic is a
 sum over all of them, so every rank takes the single-process decision, and takes it alike.
 An artifact without parallel degrees binds nothing: under torchrun its ranks run independently
@@ -22,6 +23,7 @@ from dacc.schema.errors import DaccError
 from dacc.schema.manifest import ParallelSpec
 
 GATE = "gate"  # the group a cache gate reduces its statistic over
+SEQUENCE = "sequence"  # ulysses x ring flattened: the group USP shards the tokens over
 
 
 def bind_mesh(spec: ParallelSpec, where: str) -> None:
@@ -45,7 +47,10 @@ def bind_mesh(spec: ParallelSpec, where: str) -> None:
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     names = ("cfg", "ulysses", "ring")
     mesh = init_device_mesh(device, (spec.cfg, spec.ulysses, spec.ring), mesh_dim_names=names)
-    bind_groups({**{name: mesh.get_group(name) for name in names}, GATE: dist.group.WORLD})
+    groups = {**{name: mesh.get_group(name) for name in names}, GATE: dist.group.WORLD}
+    if spec.ulysses > 1 and spec.ring > 1:  # USP shards the tokens over both dims at once
+        groups[SEQUENCE] = mesh["ulysses", "ring"]._flatten(SEQUENCE).get_group()
+    bind_groups(groups)
 
 
 def gate_group():

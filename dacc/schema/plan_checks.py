@@ -174,9 +174,6 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         elif knob == "group_size" and q.mode != "int4_weight":
             out.append((("quantize", knob), f"quantize.group_size applies to int4_weight only, not to "
                         f"quantize.mode '{q.mode}' (remove it)"))
-    if plan.parallel.ulysses > 1 and plan.parallel.ring > 1:
-        out.append((("parallel", "ring"), "parallel.ulysses and parallel.ring together (USP on a 2-D mesh) are not "
-                    "built yet; use one of them"))
     if plan.parallel.world_size > 1:
         # both run the artifact in the compiling process, which holds one rank, not the plan's world
         if plan.lower.backend != "none":

@@ -33,6 +33,7 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_c2": (FLUX, {"parallel": {"cfg": 2}}),
     "flux_c2u2": (FLUX, {"parallel": {"cfg": 2, "ulysses": 2}}),
     "flux_r2": (FLUX, {"parallel": {"ring": 2}}),
+    "flux_u2r2": (FLUX, {"parallel": {"ulysses": 2, "ring": 2}}),
     "flux_db": (FLUX, DBCACHE),
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
@@ -225,8 +226,10 @@ def test_partition_passes_golden(artifacts, golden):
     golden("flux/parallel_cfg2_11_split_cfg.txt", artifacts.graphs["flux_c2"]["11_split_cfg"])
     golden("flux/parallel_ulysses2_12_partition_attention.txt",
            artifacts.graphs["flux_u2"]["12_partition_attention"])
-    artifacts("flux_r2")
+    artifacts("flux_r2", "flux_u2r2")
     golden("flux/parallel_ring2_12_partition_attention.txt", artifacts.graphs["flux_r2"]["12_partition_attention"])
+    golden("flux/parallel_usp_u2r2_12_partition_attention.txt",
+           artifacts.graphs["flux_u2r2"]["12_partition_attention"])
     assert artifacts.graphs["flux_c2"]["12_partition_attention"] == artifacts.graphs["flux_c2"]["11_split_cfg"]
 
 
@@ -302,17 +305,29 @@ def test_token_counts_that_do_not_split_are_refused_on_every_rank(two_ranks):
         assert "Mod(s1, 2)" in error and "does not hold" in error
 
 
-@pytest.mark.slow  # 30 s: four processes on two cores
-def test_four_ranks_cfg_times_ulysses_and_a_wrong_world_size(artifacts, tmp_path):
-    root = artifacts("flux", "flux_u2", "flux_c2u2")
+@pytest.mark.slow  # 40 s: four processes on two cores
+def test_four_ranks_cfg_times_ulysses_usp_and_a_wrong_world_size(artifacts, tmp_path):
+    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2")
     flux = _inputs(FLUX, 13)
-    results = _spawn(root, 4, {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2": ("flux_u2", [flux])}, tmp_path)
+    jobs = {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2r2": ("flux_u2r2", [flux]), "flux_u2": ("flux_u2", [flux])}
+    results = _spawn(root, 4, jobs, tmp_path)
     (ref,), _, _ = _run(root, "flux", [flux])
+    sites = _sites(root, "flux_u2r2")
     for rank in range(4):
-        got = results["flux_c2u2", rank]
-        assert "error" not in got, got.get("error")
-        assert rel_err(got["outs"][0], ref) <= 1e-5
-        assert got["calls"]["_c10d_functional.all_gather_into_tensor.default"] == 2  # tokens, then the batch
+        for name in ("flux_c2u2", "flux_u2r2"):
+            got = results[name, rank]
+            assert "error" not in got, got.get("error")
+            assert rel_err(got["outs"][0], ref) <= 1e-5, (name, rank)
+        assert results["flux_c2u2", rank]["calls"]["_c10d_functional.all_gather_into_tensor.default"] == 2
+        # USP: heads exchanged over the ulysses pair, keys passed once around the ring pair, per site
+        usp = results["flux_u2r2", rank]["calls"]
+        assert usp["_c10d_functional.all_to_all_single.default"] == 4 * sites
+        assert usp["dacc.ring_attention.default"] == usp["c10d.send.default"] == sites
+        assert usp["_c10d_functional.all_gather_into_tensor.default"] == 1  # tokens over all four
+        handed = results["flux_u2r2", rank]["bytes"]
+        sent = (handed["_c10d_functional.all_to_all_single.default"] / 2
+                + handed["_c10d_functional.all_gather_into_tensor.default"] * 3 + handed["c10d.send.default"])
+        assert sent == _predicted_sent(root, "flux_u2r2", flux)
         wrong = results["flux_u2", rank].get("error", "")
         assert "compiled for 2 ranks" in wrong and "has 4" in wrong
 

@@ -89,8 +89,16 @@ def _parallel_lines(m: Manifest) -> list[str]:
     p = m.parallel
     if p.world_size == 1:
         return []
-    return ["", f"parallel: cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring} = {p.world_size} ranks (run under `torchrun "
-            f"--nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
+    out = ["", f"parallel: fsdp {p.fsdp} x cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring} = {p.world_size} ranks "
+           f"(run under `torchrun --nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
+    if m.fsdp is not None:
+        stored = sum(u.shard_bytes for u in m.fsdp.units)
+        out.append(f"fsdp: {len(m.fsdp.units)} units; each rank stores at most {_human(stored, 'B')} of them and gathers "
+                   "each unit before the first segment that reads it")
+        rows = [("unit", "modules", "segments", "stored per rank")]
+        rows += [(u.name, str(len(u.modules)), ", ".join(u.segments), _human(u.shard_bytes, "B")) for u in m.fsdp.units]
+        out += _table(rows, "  ")
+    return out
 
 
 def inspect_artifact(path: str | Path, trusted_keys=None) -> str:

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.output import commit, discard, write_error
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import INCOMPLETE, MANIFEST, SIGNATURE, WEIGHTS_FILE, Manifest, dump_manifest, file_sha256
+from dacc.schema.manifest import (INCOMPLETE, MANIFEST, SIGNATURE, WEIGHTS_FILE, Manifest, dump_manifest, file_sha256,
+                                  fsdp_shard)
 from dacc.schema.signature import sign_manifest
 
 
@@ -81,7 +82,13 @@ def write_artifact(tmp: Path, out: Path, manifest: Manifest, irs: list[ProgramIR
         try:
             for spec, ir in zip(manifest.programs, irs):
                 save_program(ir, tmp / spec.file)
-            save_file(collect_weights(irs), str(tmp / WEIGHTS_FILE))
+            weights = collect_weights(irs)
+            if manifest.fsdp is not None:  # each fsdp rank reads only its own shards
+                sharded = [p.name for unit in manifest.fsdp.units for p in unit.params]
+                for rank, name in enumerate(manifest.fsdp.files):
+                    save_file({f: fsdp_shard(weights[f], rank, manifest.fsdp.degree) for f in sharded}, str(tmp / name))
+                weights = {f: t for f, t in weights.items() if f not in set(sharded)}
+            save_file(weights, str(tmp / WEIGHTS_FILE))
             for name, text in texts.items():
                 (tmp / name).write_text(text)
             for name, source in (copies or {}).items():  # compiled packages, from the compile cache

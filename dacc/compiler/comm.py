@@ -6,7 +6,9 @@ What leaves a rank, whatever the collective's algorithm:
 - `dacc.all_to_all` on P ranks keeps 1/P of its input and sends the rest: (P-1)/P of its bytes;
 - `dacc.gather` (an all-gather) hands its input to each of the other P-1 ranks: (P-1)x its bytes;
 - `dacc.shard` keeps a slice of a tensor every rank already holds: nothing;
-- `dacc.ring_attention` passes its keys and values P-1 times to the next rank.
+- `dacc.ring_attention` passes its keys and values P-1 times to the next rank;
+- an FSDP unit's gather (before the first segment that reads it) hands each rank's shard to the
+  other P-1 ranks of the fsdp group: (P-1)x the shard bytes, whatever the inputs' sizes.
 """
 from __future__ import annotations
 
@@ -39,3 +41,11 @@ def node_sent_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
     # an integer division, not a rational: expression trees evaluate in integers (the all-to-all's
     # input splits into P equal shares, so nothing is lost)
     return FloorDiv(total, den) if den != 1 else total
+
+
+def unit_gather_bytes(ir: ProgramIR) -> dict[str, int]:
+    """Segment -> bytes this rank sends gathering the FSDP units that segment is the first to read."""
+    out: dict[str, int] = {}
+    for unit in ir.fsdp_units or []:
+        out[unit.segments[0]] = out.get(unit.segments[0], 0) + unit.shard_bytes * (ir.fsdp_degree - 1)
+    return out

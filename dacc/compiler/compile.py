@@ -28,8 +28,8 @@ from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
 from dacc.runtime.launch import run_local
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, Manifest, OutputType, ParallelSpec,
-                                  PassRecord, ProgramSpec)
+from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, FsdpSpec, Manifest, OutputType,
+                                  ParallelSpec, PassRecord, ProgramSpec, fsdp_file)
 from dacc.schema.plan import Plan, load_plan
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -189,7 +189,18 @@ def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], out
         passes=[PassRecord(p.name, p.reason) for p in PIPELINE], num_inference_steps=plan.num_inference_steps,
         timestep_input=next((n for n in TIMESTEP_NAMES if n in paths), None), output_type=output_type,
         programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={},
-        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring))
+        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring, plan.parallel.fsdp),
+        fsdp=fsdp_spec(irs, plan.parallel.fsdp, where))
+
+
+def fsdp_spec(irs: list[ProgramIR], degree: int, where: str) -> FsdpSpec | None:
+    if degree == 1:
+        return None
+    if len(irs) > 1:  # the units name program 0's segments; the runtime shards one module tree
+        raise DaccError(f"parallel.fsdp {degree}: the model traced into {len(irs)} programs, and fsdp serves one",
+                        where, "give example inputs that one program serves (the same input structure), or "
+                        "set parallel.fsdp: 1")
+    return FsdpSpec(degree, irs[0].fsdp_units, [fsdp_file(r, degree) for r in range(degree)])
 
 
 QUANTIZED_TOL = 0.05  # a quantized artifact differs from eager by design; past this it is broken

@@ -46,6 +46,8 @@ class ProgramIR:
         self.symbols = self._canonical_symbols()
         self.cache_gate: CacheGate | None = None  # set by the cache-gate passes
         self.partition_guards: list[sympy.Basic] = []  # sizes a parallel plan must split evenly
+        self.fsdp_units: list | None = None  # set by annotate_fsdp_units (dacc.schema.manifest.FsdpUnit)
+        self.fsdp_degree = 1
         self.lowering = None  # set by lower_segments (dacc.compiler.lowering.ProgramLowering)
         self.log: Callable[[str], None] = lambda message: None  # progress of long passes
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dacc.compiler.passes import PassEntry
+from dacc.passes.annotate_fsdp_units import annotate_fsdp_units
 from dacc.passes.annotate_structure import annotate_structure
 from dacc.passes.apply_step_mask import apply_step_mask
 from dacc.passes.hoist_cache_probe import hoist_cache_probe
@@ -45,6 +46,8 @@ PIPELINE: list[PassEntry] = [
               "cfg: the two halves of a batched-CFG call run on two ranks"),
     PassEntry("partition_attention", partition_attention,
               "ulysses/ring/both: each rank runs the blocks on its share of the tokens; attention exchanges heads or passes keys around"),
+    PassEntry("annotate_fsdp_units", annotate_fsdp_units,
+              "fsdp: each rank stores 1/P of every unit's weights and gathers a unit just before it runs"),
     # lower
     PassEntry("lower_segments", lower_segments,
               "generated kernels instead of op-by-op dispatch; identical segments share one package"),

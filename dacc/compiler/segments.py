@@ -13,7 +13,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from dacc.compiler.comm import node_sent_bytes
+from dacc.compiler.comm import node_sent_bytes, unit_gather_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
 from dacc.schema.expr import to_tree
@@ -60,6 +60,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
 
     gate_reads = ir.cache_gate.reads() if ir.cache_gate is not None else set()
     specs, block_index = [], 0
+    fsdp_gathers = unit_gather_bytes(ir)
     for seg in order:
         nodes = members[seg]
         inside = {n.name for n in nodes}
@@ -72,7 +73,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         params = {inp for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
         param_bytes = sum(t.numel() * t.element_size() for t in map(ir.param_tensor, params) if t is not None)
         flops = sympy.expand(ir.upper_bound(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0))))
-        sent = sympy.expand(sum((node_sent_bytes(ir, n) for n in nodes), sympy.Integer(0)))
+        sent = sympy.expand(sum((node_sent_bytes(ir, n) for n in nodes), sympy.Integer(0)) + fsdp_gathers.get(seg, 0))
         kind = segment_kind(seg)
         s_in, s_out = [], []
         if kind == "block":

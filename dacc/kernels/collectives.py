@@ -28,9 +28,14 @@ _GROUPS: dict[str, "dist.ProcessGroup"] = {}
 
 
 def bind_groups(groups: dict[str, "dist.ProcessGroup"]) -> None:
-    """Bind plan roles to process groups (the runtime does this when it builds the mesh)."""
-    _GROUPS.clear()
-    _GROUPS.update(groups)
+    """Bind plan roles to process groups: the runtime does it when it builds an artifact's mesh,
+    and again whenever another loaded artifact (another mesh) runs in between."""
+    global _GROUPS
+    _GROUPS = groups
+
+
+def bound_groups() -> dict[str, "dist.ProcessGroup"]:
+    return _GROUPS
 
 
 def bound_group(role: str) -> "dist.ProcessGroup | None":

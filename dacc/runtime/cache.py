@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dacc.kernels import l1_change
-from dacc.runtime.ranks import gate_group
+from dacc.runtime.ranks import fsdp_group, gate_group
 from dacc.schema.manifest import CacheGate
 
 
@@ -66,7 +66,13 @@ def _ratio(stats: list[torch.Tensor]) -> float:
     if group is not None:
         dist.all_reduce(total, group=group)  # in place: every stats tensor is fresh from l1_change, owned here
     num, den = total.tolist()
-    return num / max(den, 1e-12)
+    ratio = num / max(den, 1e-12)
+    shared = fsdp_group()
+    if shared is not None:  # ranks with shared weight shards take one decision: the most cautious
+        most = torch.tensor([ratio], dtype=torch.float64, device=total.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=shared)
+        ratio = float(most.item())
+    return ratio
 
 
 def rel_l1(current: list[torch.Tensor], previous: list[torch.Tensor]) -> float:

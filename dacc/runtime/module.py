@@ -15,6 +15,8 @@ from dacc.kernels.ops import missing_support
 from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
 from dacc.runtime.inputs import flatten_with_paths
+from dacc.kernels.collectives import bind_groups, bound_groups
+from dacc.runtime.fsdp import ShardedWeights, meta_weights
 from dacc.runtime.lowered import LoweredMode, load_packages
 from dacc.runtime.program import ProgramRunner
 from dacc.runtime.ranks import bind_mesh
@@ -33,8 +35,10 @@ except ImportError:  # pragma: no cover - diffusers is a dependency, but stay us
 
 
 class CompiledTransformer(torch.nn.Module):
-    def __init__(self, manifest: Manifest, runners: list[ProgramRunner], out_specs: list[Any], source: str):
+    def __init__(self, manifest: Manifest, runners: list[ProgramRunner], out_specs: list[Any], source: str,
+                 groups: dict | None = None):
         super().__init__()
+        self._groups = groups or {}  # this artifact's process groups by role (dacc/runtime/ranks.py)
         self.manifest = manifest
         self.source = source
         self.programs = torch.nn.ModuleList(runners)
@@ -137,6 +141,8 @@ class CompiledTransformer(torch.nn.Module):
             raise DaccError(f"{len(args)} positional argument(s) given to a compiled transformer",
                             self.source, "call it with keyword arguments, as diffusers pipelines do")
         return_dict = kwargs.pop("return_dict", True)
+        if bound_groups() is not self._groups:  # another artifact, on another mesh, ran in between
+            bind_groups(self._groups)
         flat = self._flatten(kwargs)
         index, runner = self._select(flat)
         counter = self._counters.setdefault(self._context, StepCounter(self.manifest.num_inference_steps))
@@ -145,7 +151,11 @@ class CompiledTransformer(torch.nn.Module):
         # this call starts a new generation instead of mixing the two
         counter.advance(self._timestep(flat), shapes)
         with torch.no_grad():
-            outs = self._execute(index, runner, flat, counter)
+            try:
+                outs = self._execute(index, runner, flat, counter)
+            finally:
+                if runner.sharded is not None:
+                    runner.sharded.release()
         result = pytree.tree_unflatten(outs, self._out_specs[index])
         if return_dict and self._output_cls is not None:
             fields = self.manifest.output_type.fields
@@ -312,16 +322,22 @@ def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *, low
                         "pass lowered=\"use\", \"fallback\" or \"off\"")
     manifest = read_manifest(root, trusted_keys, allow_incomplete=_allow_incomplete)
     _check_kernels(manifest, str(root))
-    bind_mesh(manifest.parallel, str(root))  # before anything heavy: a wrong world size fails at once
+    mesh, groups = bind_mesh(manifest.parallel, str(root))  # before anything heavy: a wrong world size fails at once
     loaders = load_packages(root, manifest, lowered, trusted_keys is not None or allow_native_code)
     weights = load_weights(root, WEIGHTS_FILE)
+    shards = meta_weights(manifest.fsdp) if manifest.fsdp else {}  # placed per rank once the units exist
     shared: dict[str, torch.nn.Parameter] = {}
     runners, out_specs = [], []
     for spec in manifest.programs:
-        ep = load_program(root, spec.file, weights, shared)
+        ep = load_program(root, spec.file, {**weights, **shards}, shared)
         runners.append(ProgramRunner(ep, spec, str(root / spec.file), loaders))
         out_specs.append(ep.call_spec.out_spec)
+    if manifest.fsdp is not None:  # one program (the compiler checks)
+        fsdp_mesh = mesh["fsdp"]
+        name = manifest.fsdp.files[fsdp_mesh.get_local_rank()]
+        runners[0].sharded = ShardedWeights(runners[0].weights, manifest.fsdp, fsdp_mesh, weights, root / name,
+                                            manifest.files[name], [s.name for s in manifest.programs[0].segments])
     if manifest.lowering is not None:  # weights load on the CPU: CUDA packages wait for .to("cuda")
         for runner in runners:
             runner.use_packages(torch.device("cpu"), manifest.lowering.device)
-    return CompiledTransformer(manifest, runners, out_specs, str(root))
+    return CompiledTransformer(manifest, runners, out_specs, str(root), groups)

@@ -92,6 +92,7 @@ class ProgramRunner(torch.nn.Module):
         self._carriers: dict[str, torch.Tensor] = {}
         self._carrier_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._accepted: set[tuple] = set()
+        self.sharded = None  # ShardedWeights under parallel.fsdp (dacc/runtime/fsdp.py), set by load()
 
     def refresh_weights(self) -> None:
         """Re-read each segment's weight tensors (after .to() and friends replaced them)."""
@@ -145,6 +146,9 @@ class ProgramRunner(torch.nn.Module):
         return sum(p is not None for p in self._lowered)
 
     def run_segment(self, i: int, inputs: list[Any]) -> tuple | list:
+        if self.sharded is not None:  # gather the segment's unit; its parameters are whole until freed
+            self.sharded.enter(self.spec.segments[i].name)
+            return self.segments[i].forward(*inputs, *(_fetch(self.weights, t) for t in self._weight_targets[i]))
         package = self._lowered[i]
         if package is not None:
             return package([*inputs, *self._weights[i]], self._carriers)

@@ -3,11 +3,13 @@ communication ops and cache gates use.
 
 `dacc.load()` calls `bind_mesh`: a parallel artifact needs an initialised process group (torchrun
 sets one up; `torch.distributed.init_process_group` does it by hand) whose world size is the
-product of the plan's degrees. The mesh is `(cfg, ulysses, ring)`; each role is bound to its group for
-the dacc operators (dacc/kernels/collectives.py), and under USP the "sequence" group is the
-ulysses and ring dims flattened. Cache gates reduce their probe statistic over
-every rank of the mesh: each rank holds a share of the batch or of the tokens, the statistic is a
-sum over all of them, so every rank takes the single-process decision, and takes it alike.
+product of the plan's degrees. The mesh is `(fsdp, cfg, ulysses, ring)`; each role is bound to its
+group for the dacc operators (dacc/kernels/collectives.py), and under USP the "sequence" group is
+the ulysses and ring dims flattened. The ranks of one fsdp index serve one request together.
+Cache gates sum their probe statistic over those ranks (the "gate" group): each holds a share of
+the batch or of the tokens, so every rank takes the single-process decision, and takes it alike.
+Ranks along the fsdp dim serve different requests, yet must gather the same weights at the same
+time: they share one decision, the most cautious (the largest change, `GATE_MAX`).
 An artifact without parallel degrees binds nothing: under torchrun its ranks run independently
 (data parallel), each gate deciding on its own inputs.
 """
@@ -22,15 +24,18 @@ from dacc.kernels.collectives import bind_groups, bound_group
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import ParallelSpec
 
-GATE = "gate"  # the group a cache gate reduces its statistic over
+GATE = "gate"  # the group a cache gate sums its statistic over (the ranks serving one request)
+GATE_MAX = "fsdp"  # then takes the largest over (ranks serving other requests with shared weights)
 SEQUENCE = "sequence"  # ulysses x ring flattened: the group USP shards the tokens over
 
 
-def bind_mesh(spec: ParallelSpec, where: str) -> None:
+def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
+    """The device mesh (None for a one-rank artifact) and its groups by role, bound for the
+    dacc operators (the loaded module binds them again before each call: `bind_groups`)."""
     if spec.world_size == 1:
         bind_groups({})
-        return
-    degrees = f"cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}"
+        return None, {}
+    degrees = f"fsdp {spec.fsdp} x cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}"
     if not (dist.is_available() and dist.is_initialized()):
         raise DaccError(f"this artifact runs on {spec.world_size} ranks ({degrees}) and no process group is "
                         "initialised", where,
@@ -45,17 +50,28 @@ def bind_mesh(spec: ParallelSpec, where: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    names = ("cfg", "ulysses", "ring")
-    mesh = init_device_mesh(device, (spec.cfg, spec.ulysses, spec.ring), mesh_dim_names=names)
-    groups = {**{name: mesh.get_group(name) for name in names}, GATE: dist.group.WORLD}
+    names = ("fsdp", "cfg", "ulysses", "ring")
+    mesh = init_device_mesh(device, (spec.fsdp, spec.cfg, spec.ulysses, spec.ring), mesh_dim_names=names)
+    groups = {name: mesh.get_group(name) for name in names}
     if spec.ulysses > 1 and spec.ring > 1:  # USP shards the tokens over both dims at once
         groups[SEQUENCE] = mesh["ulysses", "ring"]._flatten(SEQUENCE).get_group()
+    if spec.fsdp == 1:
+        groups[GATE] = dist.group.WORLD
+    elif spec.world_size > spec.fsdp:
+        groups[GATE] = mesh["cfg", "ulysses", "ring"]._flatten(GATE).get_group()
     bind_groups(groups)
+    return mesh, groups
 
 
 def gate_group():
-    """The group cache gates reduce over; None when the artifact is not parallel."""
+    """The group cache gates sum over; None when no two ranks serve one request."""
     return bound_group(GATE)
+
+
+def fsdp_group():
+    """The ranks that share weight shards (and so gate decisions); None without fsdp."""
+    group = bound_group(GATE_MAX)
+    return group if group is not None and group.size() > 1 else None
 
 
 def default_timeout() -> datetime.timedelta:

@@ -10,3 +10,14 @@ _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", t
 
 def dtype_text(dtype: torch.dtype) -> str:
     return _DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """The inverse of dtype_text (manifest fields naming a dtype)."""
+    for dtype, name in _DTYPES.items():
+        if name == text:
+            return dtype
+    found = getattr(torch, text, None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"unknown dtype {text!r}")
+    return found

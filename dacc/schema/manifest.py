@@ -119,15 +119,56 @@ class LoweringSpec:
 @dataclass
 class ParallelSpec:
     """The degrees the programs were partitioned for; they multiply to the world size the
-    artifact runs on, and the runtime builds its device mesh from them (cfg outer, then ulysses,
-    then ring)."""
+    artifact runs on, and the runtime builds its device mesh from them (fsdp outer, then cfg,
+    ulysses, ring)."""
     cfg: int = 1
     ulysses: int = 1
     ring: int = 1
+    fsdp: int = 1
 
     @property
     def world_size(self) -> int:
-        return self.cfg * self.ulysses * self.ring
+        return self.fsdp * self.cfg * self.ulysses * self.ring
+
+
+@dataclass
+class FsdpParam:
+    name: str  # fully qualified name, as in the program's signature
+    shape: list[int]  # the whole tensor's; rank r stores chunk r of dim 0 (torch.chunk, as FSDP2 does)
+    dtype: str
+
+
+@dataclass
+class FsdpUnit:
+    """One `fully_shard` unit: the modules owning the parameters of the segments in `segments`,
+    gathered before the first of them runs and freed after the last."""
+    name: str
+    modules: list[str]  # module paths in the program's module tree ("" is the root)
+    params: list[FsdpParam]
+    segments: list[str]  # the segments of program 0 that read these parameters, in order
+    shard_bytes: int  # bytes one rank stores (the largest shard); each gather sends these to P-1 ranks
+
+
+def fsdp_file(rank: int, degree: int) -> str:
+    return f"weights.fsdp{rank}of{degree}.safetensors"
+
+
+def fsdp_shard(t, rank: int, degree: int):
+    """Rank `rank`'s share of `t`: chunk `rank` of dim 0 as torch.chunk cuts it (FSDP2's layout),
+    empty (0 rows) past the last chunk."""
+    import torch
+
+    chunks = torch.chunk(t, degree, 0)
+    return chunks[rank].contiguous() if rank < len(chunks) else t.new_empty((0, *t.shape[1:]))
+
+
+@dataclass
+class FsdpSpec:
+    """Plan `parallel.fsdp: P`: parameters sharded over the fsdp dim of the mesh; rank r of that
+    dim reads only `files[r]` (its shards) and the weights file (buffers and constants)."""
+    degree: int
+    units: list[FsdpUnit]
+    files: list[str]
 
 
 @dataclass
@@ -235,6 +276,7 @@ class Manifest:
     quantize_search: dict[str, Any] = field(default_factory=dict)
     lowering: LoweringSpec | None = None  # compiled packages (plan `lower`); None: segments run as graphs
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    fsdp: FsdpSpec | None = None  # parameter shards (plan `parallel.fsdp`)
     digest: str = ""  # sha256 of this manifest's canonical JSON with digest=""
 
 
@@ -287,6 +329,7 @@ def parse_manifest(raw: bytes, where: str) -> Manifest:
     unlisted = [p.file for p in manifest.programs if p.file not in manifest.files]
     unlisted += [WEIGHTS_FILE] if WEIGHTS_FILE not in manifest.files else []
     unlisted += [f for f in package_files(manifest) if f not in manifest.files]
+    unlisted += [f for f in (manifest.fsdp.files if manifest.fsdp else []) if f not in manifest.files]
     if unlisted:
         raise DaccError(f"the manifest names files it does not list with a hash: "
                         f"{', '.join(repr(u[:60]) for u in unlisted[:3])}", where, RECOMPILE)

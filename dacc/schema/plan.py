@@ -90,12 +90,13 @@ class ParallelPlan(_Strict):
     # Degrees multiply to the world size the artifact runs on (torchrun --nproc_per_node).
     # cfg: the two halves of a batched-CFG call on two ranks; ulysses: tokens sharded, heads
     # exchanged at each attention site; ring: tokens sharded, keys and values passed around a ring;
-    # both: USP, tokens over ulysses x ring (dacc/passes/split_cfg.py, partition_attention.py). fsdp and vae_patch accept only 1 until
-    # they are built.
+    # both: USP, tokens over ulysses x ring (dacc/passes/split_cfg.py, partition_attention.py);
+    # fsdp: parameters sharded over P data-parallel ranks, gathered per block (annotate_fsdp_units.py).
+    # vae_patch accepts only 1 until it is built.
     cfg: Literal[1, 2] = 1
     ulysses: int = Field(1, ge=1, le=64)
     ring: int = Field(1, ge=1, le=64)
-    fsdp: Literal[1] = 1
+    fsdp: int = Field(1, ge=1, le=64)
     vae_patch: Literal[1] = 1
 
     @property

@@ -39,13 +39,14 @@ def test_matches_eager_at_two_token_counts(compiled, family):
 def test_goldens_for_every_pass(compiled, golden, family):
     """Each pass that rewrites the graph under the empty plan has a golden; the cache passes
     quantize and partition passes must leave it untouched (their goldens, with their plans, are
-    in test_cache_passes.py, test_quantize.py and test_parallel.py), and lowering never rewrites it."""
+    in test_cache_passes.py, test_quantize.py and test_parallel.py), and neither the fsdp
+    annotation nor lowering ever rewrites it."""
     c = compiled(family)
     previous = None
     for i, name in enumerate(PASS_NAMES):
         text = c.graphs[(0, i, name)]
         if name in ("hoist_cache_probe",) or name.startswith(("insert_", "apply_", "quantize_", "lower_")) \
-                or name in ("split_cfg", "partition_attention"):
+                or name in ("split_cfg", "partition_attention", "annotate_fsdp_units"):
             assert text == previous, f"{name} changed the graph under the empty plan"
         else:
             golden(f"{family}/{i:02d}_{name}.txt", text)

@@ -34,14 +34,17 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_c2u2": (FLUX, {"parallel": {"cfg": 2, "ulysses": 2}}),
     "flux_r2": (FLUX, {"parallel": {"ring": 2}}),
     "flux_u2r2": (FLUX, {"parallel": {"ulysses": 2, "ring": 2}}),
+    "flux_f2u2": (FLUX, {"parallel": {"fsdp": 2, "ulysses": 2}}),
+    "flux_f2": (FLUX, {"parallel": {"fsdp": 2}}),
     "flux_db": (FLUX, DBCACHE),
+    "flux_db_f2": (FLUX, {**DBCACHE, "parallel": {"fsdp": 2}}),
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
     "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
 }
 DIE = "rank 1 dies"
 TRANSFERS = ("_c10d_functional.all_to_all_single.default", "_c10d_functional.all_gather_into_tensor.default",
-             "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default")
+             "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default", "c10d._allgather_base_.default")
 
 
 class Artifacts:
@@ -71,7 +74,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
-    return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2")
+    return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2")
 
 
 class Transfers(TorchDispatchMode):
@@ -87,7 +90,8 @@ class Transfers(TorchDispatchMode):
         name = str(func)
         if name.startswith("dacc.") or name in TRANSFERS:
             self.calls[name] = self.calls.get(name, 0) + 1
-            handed = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]  # send takes a list
+            given = args[1] if name == "c10d._allgather_base_.default" else args[0]  # (output, input)
+            handed = given if isinstance(given, (list, tuple)) else [given]  # send takes a list
             self.bytes[name] = self.bytes.get(name, 0) + sum(t.numel() * t.element_size() for t in handed
                                                              if isinstance(t, torch.Tensor))
         if func.namespace == "dacc":  # run the body with this mode on, so its collectives are seen too
@@ -96,14 +100,14 @@ class Transfers(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _generation(inputs: dict, steps: int = STEPS) -> list[dict]:
+def _generation(inputs: dict, steps: int = STEPS, pace: float = 0.01) -> list[dict]:
     """A denoising loop's calls: the latent drifts a little each step, timesteps fall slowly
     (slowly enough that the gate skips some steps and computes others)."""
     calls, g = [], torch.Generator().manual_seed(7)
     drift = torch.randn(inputs["hidden_states"].shape, generator=g)
     for k in range(steps):
         call = dict(inputs)
-        call["hidden_states"] = inputs["hidden_states"] + 0.01 * k * drift
+        call["hidden_states"] = inputs["hidden_states"] + pace * k * drift
         call["timestep"] = torch.full_like(inputs["timestep"], 0.9 - 0.01 * k)
         calls.append(call)
     return calls
@@ -133,9 +137,13 @@ def _run(root: Path, name: str, calls: list[dict]) -> tuple[list[torch.Tensor], 
 def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
     dying = jobs.pop(DIE, None)
     for name, (artifact, calls) in jobs.items():
+        calls = calls[rank] if isinstance(calls, dict) else calls  # {rank: calls}: each rank its own request
         try:
             outs, spy, stats = _run(Path(root), artifact, calls)
-            result = {"calls": spy.calls, "bytes": spy.bytes, "decisions": stats["decisions"]}
+            params = list(_load(Path(root) / f"{artifact}.dacc").parameters())
+            result = {"calls": spy.calls, "bytes": spy.bytes, "decisions": stats["decisions"],
+                      "stored": sum(_local(p).numel() * p.element_size() for p in params),
+                      "sharded": sum(type(p).__name__ == "DTensor" for p in params), "params": len(params)}
             save_file({f"out{i}": o.contiguous() for i, o in enumerate(outs)}, f"{out}/{name}.{rank}.safetensors")
         except DaccError as exc:
             result = {"error": str(exc)}
@@ -152,6 +160,10 @@ def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = time.monotonic() - start
         Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def _spawn(root: Path, world: int, jobs: dict, out: Path) -> dict:
@@ -184,7 +196,15 @@ def two_ranks(root, tmp_path_factory):
     jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]), "flux_r2": ("flux_r2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             DIE: ("flux_u2.dacc", [flux])}
-    refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]), "flux_db_u2": ("flux_db", _generation(flux))}
+    refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]),
+            "flux_db_u2": ("flux_db", _generation(flux))}
+    # fsdp ranks serve different requests: rank 1's latent changes faster, so its gate computes more
+    other = _inputs(FLUX, 21, first=True)
+    requests = {0: [flux], 1: [other]}
+    generations = {0: _generation(flux), 1: _generation(other, pace=0.05)}
+    jobs.update({"flux_f2": ("flux_f2", requests), "flux_db_f2": ("flux_db_f2", generations)})
+    for rank in range(2):
+        refs.update({f"flux_f2.{rank}": ("flux", requests[rank]), f"flux_db_f2.{rank}": ("flux_db", generations[rank])})
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     return results, single, {"flux": flux}
@@ -306,12 +326,15 @@ def test_token_counts_that_do_not_split_are_refused_on_every_rank(two_ranks):
 
 
 @pytest.mark.slow  # 40 s: four processes on two cores
-def test_four_ranks_cfg_times_ulysses_usp_and_a_wrong_world_size(artifacts, tmp_path):
-    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2")
-    flux = _inputs(FLUX, 13)
-    jobs = {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2r2": ("flux_u2r2", [flux]), "flux_u2": ("flux_u2", [flux])}
+def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts, tmp_path):
+    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2", "flux_f2u2")
+    flux, other = _inputs(FLUX, 13), _inputs(FLUX, 14)
+    jobs = {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2r2": ("flux_u2r2", [flux]), "flux_u2": ("flux_u2", [flux]),
+            # the mesh is (fsdp, cfg, ulysses, ring): ranks 0-1 serve one request, ranks 2-3 another
+            "flux_f2u2": ("flux_f2u2", {0: [flux], 1: [flux], 2: [other], 3: [other]})}
     results = _spawn(root, 4, jobs, tmp_path)
     (ref,), _, _ = _run(root, "flux", [flux])
+    (ref_other,), _, _ = _run(root, "flux", [other])
     sites = _sites(root, "flux_u2r2")
     for rank in range(4):
         for name in ("flux_c2u2", "flux_u2r2"):
@@ -330,6 +353,11 @@ def test_four_ranks_cfg_times_ulysses_usp_and_a_wrong_world_size(artifacts, tmp_
         assert sent == _predicted_sent(root, "flux_u2r2", flux)
         wrong = results["flux_u2", rank].get("error", "")
         assert "compiled for 2 ranks" in wrong and "has 4" in wrong
+        hybrid = results["flux_f2u2", rank]
+        assert "error" not in hybrid, hybrid.get("error")
+        assert rel_err(hybrid["outs"][0], ref if rank < 2 else ref_other) <= 1e-5, rank
+        assert hybrid["sharded"] == hybrid["params"] and hybrid["calls"]["c10d._allgather_base_.default"] == 6
+        assert hybrid["calls"]["_c10d_functional.all_to_all_single.default"] == 4 * sites
 
 
 @pytest.mark.slow  # 25 s: a second family's trace and two-rank run
@@ -361,3 +389,35 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(two_ranks):
     assert died["error"] is not None and "DaccError" in died["error"], died
     assert "dacc.all_to_all over the 'ulysses' group failed" in died["error"]
     assert died["seconds"] < 30  # gloo sees the closed peer; DACC_COLLECTIVE_TIMEOUT bounds any wait
+
+
+def test_fsdp_ranks_serve_their_own_requests_storing_half_the_weights(root, two_ranks):
+    results, single, inputs = two_ranks
+    fsdp = read_manifest(root / "flux_f2.dacc", None).fsdp
+    whole = sum(p.numel() * p.element_size() for p in _load(root / "flux.dacc").parameters())
+    for rank in range(2):
+        got = results["flux_f2", rank]
+        assert "error" not in got, got.get("error")
+        (out,), (ref,) = got["outs"], single[f"flux_f2.{rank}"][0]
+        assert rel_err(out, ref) <= 1e-5, (rank, rel_err(out, ref))
+        assert got["sharded"] == got["params"] > 0  # every parameter is an FSDP2 DTensor
+        assert abs(got["stored"] - whole / 2) <= 0.02 * whole  # about 1/P of the bytes on each rank
+        # one gather per unit and call (prologue, each block, epilogue), each handing over one shard
+        assert got["calls"]["c10d._allgather_base_.default"] == len(fsdp.units) == 6
+        sent = got["bytes"]["c10d._allgather_base_.default"]
+        assert sent == sum(u.shard_bytes for u in fsdp.units)
+        assert sent == _predicted_sent(root, "flux_f2", inputs["flux"])
+    assert rel_err(results["flux_f2", 0]["outs"][0], results["flux_f2", 1]["outs"][0]) > 1e-2  # two requests
+
+
+def test_fsdp_ranks_share_the_most_cautious_gate_decision(two_ranks):
+    """Ranks with shared weights must gather the same units at the same steps: they take one
+    decision, computing whenever either rank's own gate would."""
+    results, single, _ = two_ranks
+    mine = [next(iter(single[f"flux_db_f2.{r}"][2]["decisions"].values())) for r in range(2)]
+    shared = [next(iter(results["flux_db_f2", r]["decisions"].values())) for r in range(2)]
+    assert shared[0] == shared[1]
+    assert mine[0] != mine[1] and "reused" in shared[0]  # the requests differ, and the gate still skips
+    assert shared[0] == mine[1]  # rank 1's latent changes faster: its decisions are the cautious ones
+    for a, b in zip(results["flux_db_f2", 1]["outs"], single["flux_db_f2.1"][0]):
+        assert rel_err(a, b) <= 1e-5

@@ -50,7 +50,14 @@ def _sign(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from dacc.report import inspect_artifact, write_decision_map
 
-    sys.stdout.write(inspect_artifact(args.artifact, args.trusted_key))
+    at = {}
+    for item in args.at or []:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise DaccError(f"--at {item!r} is not NAME=INTEGER", "dacc inspect", "e.g. --at s1=4096")
+        at[name] = int(value)
+    sys.stdout.write(inspect_artifact(args.artifact, args.trusted_key, memory=args.memory, at=at,
+                                      memory_png=args.memory_png))
     if args.decision_map:
         print(write_decision_map(args.artifact, args.decision_map))
     return 0
@@ -115,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse the artifact unless signed by this public key (repeatable)")
     i.add_argument("--decision-map", metavar="PNG",
                    help="draw step x segment: what the target_psnr search measured, else the planned schedule")
+    i.add_argument("--memory", action="store_true",
+                   help="per-rank memory at each segment: weights, gathered fsdp units, values, intermediates, cache")
+    i.add_argument("--at", action="append", metavar="SYMBOL=N",
+                   help="evaluate FLOPs, bytes and memory at this size instead of the example's (repeatable)")
+    i.add_argument("--memory-png", metavar="PNG", help="draw the memory map (implies --memory)")
     i.set_defaults(func=_inspect)
     g = sub.add_parser("keygen", help="write an ed25519 key pair for signing artifacts",
                        description="Write NAME (private key, PEM, mode 0600) and NAME.pub (public key, hex). "

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
-from dacc.schema.expr import NUMBER, evaluate
+from dacc.schema.errors import DaccError
+from dacc.schema.expr import BOOL, NUMBER, evaluate
 from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, LoweringSpec, Manifest, ProgramSpec
 from dacc.schema.signature import fingerprint
 
@@ -101,7 +102,10 @@ def _parallel_lines(m: Manifest) -> list[str]:
     return out
 
 
-def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
+def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, at: dict[str, int] | None = None,
+                     memory_png: str | Path | None = None) -> str:
+    """The report, its figures at the example's sizes or at `at` (symbol -> size); with `memory`,
+    each program's per-rank memory map, drawn to `memory_png` when given."""
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
     out = [f"artifact  {root}", _signature_line(root, trusted_keys),
@@ -115,6 +119,16 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
     out += _parallel_lines(m)
     for i, prog in enumerate(m.programs):
         env = example_symbols(prog)
+        unknown = sorted(set(at or {}) - set(env))
+        if unknown:
+            raise DaccError(f"--at names {', '.join(unknown)}, not symbols of program {i}", str(root / prog.file),
+                            f"use the program's symbols: {', '.join(env)}")
+        env.update(at or {})
+        broken = [text for tree, text in zip(prog.guards, prog.guard_text) if at and not evaluate(tree, env, text, BOOL)]
+        if broken:
+            raise DaccError(f"--at sizes {at} break program {i}'s shape condition {broken[0]}", str(root / prog.file),
+                            "give every size the condition ties together (the symbols and guards are listed by "
+                            "`dacc inspect`)")
         out += ["", f"program {i} ({prog.file})"]
         out += [f"  input {s.path}: {s.dtype}[{', '.join(s.shape)}]" if s.kind == "tensor"
                 else f"  input {s.path} = {s.value!r} (constant)" for s in prog.inputs]
@@ -144,7 +158,19 @@ def inspect_artifact(path: str | Path, trusted_keys=None) -> str:
         out += _linear_lines(prog)
         if prog.cache is not None:
             out += _gate_lines(prog, m.num_inference_steps)
+        if memory or memory_png:
+            out += _memory(m, prog, i, env, memory_png)
     return "\n".join(out) + "\n"
+
+
+def _memory(m: Manifest, prog: ProgramSpec, index: int, env: dict[str, int], png) -> list[str]:
+    from dacc.memory_map import draw_memory_map, memory_lines, memory_map
+
+    out = memory_lines(m, prog, env)
+    if png and index == 0:
+        sizes = ", ".join(f"{k}={v}" for k, v in env.items())
+        out.append(f"  drew {draw_memory_map(memory_map(m, prog, env), png, f'memory per rank, {sizes}')}")
+    return out
 
 
 def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:

@@ -16,6 +16,7 @@ from torch.fx import Node
 from dacc.compiler.comm import node_sent_bytes, unit_gather_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
+from dacc.compiler.memory import example_symbols, transient_peak, value_bytes
 from dacc.schema.expr import to_tree
 from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec, node_segment
 
@@ -61,6 +62,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
     gate_reads = ir.cache_gate.reads() if ir.cache_gate is not None else set()
     specs, block_index = [], 0
     fsdp_gathers = unit_gather_bytes(ir)
+    example = example_symbols(ir)
     for seg in order:
         nodes = members[seg]
         inside = {n.name for n in nodes}
@@ -75,6 +77,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         flops = sympy.expand(ir.upper_bound(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0))))
         sent = sympy.expand(sum((node_sent_bytes(ir, n) for n in nodes), sympy.Integer(0)) + fsdp_gathers.get(seg, 0))
         kind = segment_kind(seg)
+        held = sympy.expand(sum((value_bytes(ir, o) for o in outputs), sympy.Integer(0)))
+        transient = transient_peak(ir, nodes, example)
         s_in, s_out = [], []
         if kind == "block":
             here = position[seg]
@@ -98,7 +102,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             stream_inputs=s_in, stream_outputs=s_out, num_nodes=len(nodes),
             flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes),
             lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None,
-            sent_bytes=str(sent), sent_bytes_tree=to_tree(sent)))
+            sent_bytes=str(sent), sent_bytes_tree=to_tree(sent), value_bytes=str(held), value_bytes_tree=to_tree(held),
+            transient_bytes=str(transient), transient_bytes_tree=to_tree(transient)))
         block_index += kind == "block"
     return specs
 

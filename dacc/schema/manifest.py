@@ -81,6 +81,12 @@ class SegmentSpec:
     lowered: LoweredCall | None = None  # the compiled package that runs this segment (lower_segments)
     sent_bytes: str = "0"  # bytes this rank sends per call under a parallel plan, sympy text
     sent_bytes_tree: Any = 0  # the same as an expression tree
+    # memory one rank needs (dacc/compiler/memory.py): bytes of the values the segment hands on,
+    # and of the intermediates alive at once inside it; sympy text and expression tree
+    value_bytes: str = "0"
+    value_bytes_tree: Any = 0
+    transient_bytes: str = "0"
+    transient_bytes_tree: Any = 0
 
 
 @dataclass

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dacc
 from dacc.compiler.compile import compile_model
+from dacc.memory_map import memory_map
 from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.launch import run_local
@@ -408,6 +409,10 @@ def test_fsdp_ranks_serve_their_own_requests_storing_half_the_weights(root, two_
         assert sent == sum(u.shard_bytes for u in fsdp.units)
         assert sent == _predicted_sent(root, "flux_f2", inputs["flux"])
     assert rel_err(results["flux_f2", 0]["outs"][0], results["flux_f2", 1]["outs"][0]) > 1e-2  # two requests
+    # the memory map's stored weights: rank 0 holds the largest shard of every weight
+    manifest = read_manifest(root / "flux_f2.dacc", None)
+    env = {s.name: int(inputs["flux"][s.input].shape[s.dim]) for s in manifest.programs[0].symbols}
+    assert memory_map(manifest, manifest.programs[0], env)[0].parts["weights"] == results["flux_f2", 0]["stored"]
 
 
 def test_fsdp_ranks_share_the_most_cautious_gate_decision(two_ranks):

@@ -1,6 +1,7 @@
 """`dacc inspect --memory`: what one rank holds at each segment of a call, from the manifest's
 expressions (dacc/compiler/memory.py), evaluated at the example's sizes or at sizes given with
-`--at s1=4096`; printed as a table and drawn as a PNG (one stacked bar per segment).
+`--at s1=4096`; dacc/report.py prints it as a table, `draw_memory_map` as a PNG (one stacked
+bar per segment).
 
 At segment i a rank holds:
 - its stored weights (the whole model, or under fsdp its shards plus the unsharded rest);
@@ -13,9 +14,11 @@ At segment i a rank holds:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dacc.schema.dtypes import parse_dtype
 from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import Manifest, ProgramSpec
 
@@ -39,7 +42,7 @@ def memory_map(m: Manifest, prog: ProgramSpec, env: dict[str, int]) -> list[Segm
     whole = sum(s.param_bytes for s in segs)
     stored, unit_whole = float(whole), []
     if m.fsdp is not None:
-        unit_whole = [sum(_numel(p.shape) * _itemsize(p.dtype) for p in u.params) for u in m.fsdp.units]
+        unit_whole = [sum(math.prod(p.shape) * parse_dtype(p.dtype).itemsize for p in u.params) for u in m.fsdp.units]
         stored = whole - sum(unit_whole) + sum(u.shard_bytes for u in m.fsdp.units)
     cache = _cache_bytes(prog, env)
     out, held = [], 0.0
@@ -57,17 +60,6 @@ def memory_map(m: Manifest, prog: ProgramSpec, env: dict[str, int]) -> list[Segm
         out.append(SegmentMemory(seg.name, {"weights": stored, "gathered": gathered, "values": held,
                                             "transient": transient, "cache": cache}))
     return out
-
-
-def memory_lines(m: Manifest, prog: ProgramSpec, env: dict[str, int]) -> list[str]:
-    from dacc.report import _human, _table
-
-    rows_mem = memory_map(m, prog, env)
-    rows = [("segment", *PARTS, "total")]
-    rows += [(r.segment, *(_human(r.parts[p], "B") for p in PARTS), _human(r.total, "B")) for r in rows_mem]
-    peak = max(rows_mem, key=lambda r: r.total)
-    at = ", ".join(f"{k}={v}" for k, v in env.items())
-    return [f"  memory per rank at {at} (peak {_human(peak.total, 'B')} in {peak.segment}):"] + _table(rows, "    ")
 
 
 def draw_memory_map(rows: list[SegmentMemory], path: str | Path, title: str) -> Path:
@@ -110,15 +102,3 @@ def _cache_bytes(prog: ProgramSpec, env: dict[str, int]) -> float:
 def _eval(tree, env: dict[str, int], name: str) -> float:
     return float(evaluate(tree, env, f"memory of {name}", NUMBER))
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: str) -> int:
-    from dacc.schema.dtypes import parse_dtype
-
-    return parse_dtype(dtype).itemsize

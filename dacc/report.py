@@ -164,12 +164,16 @@ def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, 
 
 
 def _memory(m: Manifest, prog: ProgramSpec, index: int, env: dict[str, int], png) -> list[str]:
-    from dacc.memory_map import draw_memory_map, memory_lines, memory_map
+    from dacc.memory_map import PARTS, draw_memory_map, memory_map
 
-    out = memory_lines(m, prog, env)
+    segments = memory_map(m, prog, env)
+    rows = [("segment", *PARTS, "total")]
+    rows += [(r.segment, *(_human(r.parts[p], "B") for p in PARTS), _human(r.total, "B")) for r in segments]
+    peak = max(segments, key=lambda r: r.total)
+    sizes = ", ".join(f"{k}={v}" for k, v in env.items())
+    out = [f"  memory per rank at {sizes} (peak {_human(peak.total, 'B')} in {peak.segment}):"] + _table(rows, "    ")
     if png and index == 0:
-        sizes = ", ".join(f"{k}={v}" for k, v in env.items())
-        out.append(f"  drew {draw_memory_map(memory_map(m, prog, env), png, f'memory per rank, {sizes}')}")
+        out.append(f"  drew {draw_memory_map(segments, png, f'memory per rank, {sizes}')}")
     return out
 
 

@@ -47,18 +47,21 @@ def transient_peak(ir: ProgramIR, nodes: list[Node], example: dict[sympy.Symbol,
         for inp in node.all_input_nodes:
             if inp in inside:
                 last_use[inp] = i
+    # sizes at the example, summed as the scan goes; the expression is built once, at the peak
     live: dict[Node, sympy.Expr] = {}
-    best, best_at = sympy.Integer(0), -1
+    at: dict[Node, int] = {}
+    running, best_at, peak = 0, -1, {}
     for i, node in enumerate(nodes):
         live[node] = allocated_bytes(ir, node)
-        total = ir.upper_bound(sympy.Add(*live.values()))  # data-dependent sizes at their bound
-        at = int(total.subs(example)) if total.free_symbols else int(total)
-        if at > best_at:
-            best, best_at = total, at
+        at[node] = int(live[node].xreplace(example))
+        running += at[node]
+        if running > best_at:
+            best_at, peak = running, dict(live)
         for inp in node.all_input_nodes:
-            if last_use.get(inp) == i and not any(u not in inside for u in inp.users):
-                live.pop(inp, None)
-    return sympy.expand(best)
+            if last_use.get(inp) == i and inp in live and not any(u not in inside for u in inp.users):
+                running -= at.pop(inp)
+                del live[inp]
+    return sympy.expand(sympy.Add(*peak.values()))
 
 
 def example_symbols(ir: ProgramIR) -> dict[sympy.Symbol, int]:

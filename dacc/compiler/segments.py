@@ -41,15 +41,17 @@ def _shape_key(ir: ProgramIR, node: Node) -> str | None:
     return ir.type_text(node) if isinstance(val, torch.Tensor) else None
 
 
-def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
-    order: list[str] = []
+def segment_members(ir: ProgramIR) -> dict[str, list[Node]]:
+    """Each segment's compute nodes, segments in graph order."""
     members: dict[str, list[Node]] = {}
     for node in ir.compute_nodes():
-        seg = segment_of(ir, node)
-        if seg not in members:
-            order.append(seg)
-            members[seg] = []
-        members[seg].append(node)
+        members.setdefault(segment_of(ir, node), []).append(node)
+    return members
+
+
+def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
+    members = segment_members(ir)
+    order = list(members)
     position = {s: i for i, s in enumerate(order)}
     used_by: dict[str, set[int]] = {}
     for node in ir.graph.nodes:

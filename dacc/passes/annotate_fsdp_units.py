@@ -15,9 +15,9 @@ from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
-from dacc.compiler.segments import segment_of
+from dacc.compiler.segments import segment_members, segment_of
 from dacc.schema.dtypes import dtype_text
-from dacc.schema.manifest import FsdpParam, FsdpUnit
+from dacc.schema.manifest import FsdpParam, FsdpUnit, fsdp_shard
 from dacc.schema.plan import Plan
 
 
@@ -25,7 +25,7 @@ def annotate_fsdp_units(ir: ProgramIR, plan: Plan) -> PassResult:
     world = plan.parallel.fsdp
     if world == 1:
         return PassResult(False, ["parallel.fsdp 1"])
-    order = _segment_order(ir)
+    order = {seg: i for i, seg in enumerate(segment_members(ir))}
     first_reader: dict[str, str] = {}  # weight fqn -> the first segment reading it
     readers: dict[str, set[str]] = {}
     for node in ir.graph.nodes:
@@ -62,22 +62,14 @@ def annotate_fsdp_units(ir: ProgramIR, plan: Plan) -> PassResult:
         fqns = sorted(groups[lead])
         segs = sorted(set().union(*(readers[f] for f in fqns)), key=order.__getitem__)
         params = [FsdpParam(f, list(_tensor(ir, f).shape), dtype_text(_tensor(ir, f).dtype)) for f in fqns]
+        # rank 0 holds the largest chunk (the layout the artifact writes and FSDP2 pads to)
         units.append(FsdpUnit(name=lead, modules=sorted({_owner(f) for f in fqns}), params=params, segments=segs,
-                              shard_bytes=sum(_shard_bytes(_tensor(ir, f), world) for f in fqns)))
+                              shard_bytes=sum(_nbytes(fsdp_shard(_tensor(ir, f), 0, world)) for f in fqns)))
     ir.fsdp_units, ir.fsdp_degree = units, world
-    total = sum(p.numel() * p.element_size() for f in first_reader for p in [_tensor(ir, f)])
+    total = sum(_nbytes(_tensor(ir, f)) for f in first_reader)
     per_rank = sum(u.shard_bytes for u in units)
     return PassResult(True, [f"fsdp {world}: {len(units)} units, {total / 2**20:.2f} MiB of weights, "
                              f"{per_rank / 2**20:.2f} MiB stored per rank"])
-
-
-def _segment_order(ir: ProgramIR) -> dict[str, int]:
-    order: dict[str, int] = {}
-    for node in ir.graph.nodes:
-        seg = segment_of(ir, node)
-        if seg is not None and seg not in order:
-            order[seg] = len(order)
-    return order
 
 
 def _sharded_weight(ir: ProgramIR, node: Node) -> str | None:
@@ -96,7 +88,6 @@ def _owner(fqn: str) -> str:
     return fqn.rsplit(".", 1)[0] if "." in fqn else ""
 
 
-def _shard_bytes(t, world: int) -> int:
-    rows = -(-t.shape[0] // world)  # torch.chunk's chunk size: rank 0 stores the largest shard
-    return rows * (t.numel() // max(t.shape[0], 1)) * t.element_size()
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
 

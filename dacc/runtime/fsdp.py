@@ -40,6 +40,7 @@ class ShardedWeights:
         _restore(root, whole, device)  # what to_empty wiped that is not sharded
         _place_shards(root, spec, shard_file, digest)
         self.handles = [root.get_submodule(unit.modules[0]) for unit in spec.units]  # one per unit
+        self.names = segment_names
         self.order = {name: i for i, name in enumerate(segment_names)}
         self.needed = {name: [u for u, unit in enumerate(spec.units) if name in unit.segments] for name in self.order}
         self.last_use = [max(self.order[s] for s in unit.segments) for unit in spec.units]
@@ -54,8 +55,7 @@ class ShardedWeights:
         for u in self.needed[segment]:
             self._gather(u)
             self._wait(u)
-        following = [s for s, i in self.order.items() if i == here + 1]
-        for u in self.needed[following[0]] if following else []:
+        for u in self.needed[self.names[here + 1]] if here + 1 < len(self.names) else []:
             self._gather(u, async_op=True)
 
     def release(self) -> None:

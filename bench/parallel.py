@@ -12,6 +12,10 @@ single process is timed again at the end; the ratio uses the mean of both median
 Writes bench/results/parallel.json. On two CPU cores this measures the overhead of the
 partition (collectives over loopback TCP, the prologue and epilogue repeated on every rank), not
 the speed-up on GPUs, where each rank has a device of its own.
+
+It also checks the step-time model (dacc/cost/step_time.py) on this machine: this machine's
+profile is measured first (`dacc profile-device`, with the single process's and a rank's thread
+counts) and each variant's predicted call time is written beside the measured one.
 """
 from __future__ import annotations
 
@@ -34,6 +38,9 @@ from common import RESULTS  # noqa: E402
 from dacc.compiler.compile import compile_model  # noqa: E402
 from dacc.runtime.artifact import read_manifest  # noqa: E402
 from dacc.runtime.launch import run_local  # noqa: E402
+from dacc.schema.serial import to_dict  # noqa: E402
+from dacc.cost.measure import measure_device  # noqa: E402
+from dacc.cost.step_time import step_time, total_seconds  # noqa: E402
 from dacc.schema.expr import NUMBER, evaluate  # noqa: E402
 
 MODEL = Path(__file__).with_name("flux_large.py")
@@ -70,12 +77,22 @@ def _rank(rank: int, world: int, path: str, inputs: dict, calls: int, warmup: in
         Path(out + ".json").write_text(json.dumps(times))
 
 
-def _per_rank(path: Path, inputs: dict) -> dict:
-    program = read_manifest(path, None).programs[0]
+def _per_rank(path: Path, inputs: dict, profile) -> dict:
+    manifest = read_manifest(path, None)
+    program = manifest.programs[0]
     env = {s.name: int(inputs[s.input].shape[s.dim]) for s in program.symbols}
     flops = sum(evaluate(s.flops_tree, env, s.name, NUMBER) for s in program.segments)
     sent = sum(evaluate(s.sent_bytes_tree, env, s.name, NUMBER) for s in program.segments)
-    return {"matmul_flops_per_rank": float(flops), "bytes_sent_per_rank": float(sent)}
+    predicted = total_seconds(step_time(manifest, program, env, profile))
+    return {"matmul_flops_per_rank": float(flops), "bytes_sent_per_rank": float(sent), "predicted_s": predicted}
+
+
+def _profiles(world: int) -> dict:
+    out = {}
+    for threads in sorted({1, world}):
+        torch.set_num_threads(threads)
+        out[threads] = measure_device(f"this-machine-{threads}t", log=lambda m: None)
+    return out
 
 
 def main() -> None:
@@ -85,6 +102,7 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     args = ap.parse_args()
     inputs = _inputs()
+    profiles = _profiles(args.world)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = {}
@@ -105,7 +123,8 @@ def main() -> None:
             got = load_file(out + ".safetensors")["out"]
             err = float((got - ref).abs().max() / ref.abs().max())
             results[name] = {"median_s": statistics.median(times), "times_s": times, "max_rel_error": err,
-                             **_per_rank(paths[name], inputs)}
+                             **_per_rank(paths[name], inputs, profiles[1])}
+            results[name]["predicted_over_measured"] = results[name]["predicted_s"] / results[name]["median_s"]
             print(f"{name}: {results[name]['median_s']:.3f} s, rel error {err:.2e}", flush=True)
         torch.set_num_threads(args.world)
         after, _ = _time_calls(single, inputs, args.calls, args.warmup)
@@ -113,8 +132,10 @@ def main() -> None:
         report = {
             "device": "cpu", "world": args.world, "torch_threads_single": args.world, "torch_threads_per_rank": 1,
             "model": "bench/flux_large.py (batch 2, 1024 image + 128 text tokens)",
+            "profiles": {t: to_dict(p) for t, p in profiles.items()},
             "single": {"median_s_first": statistics.median(before), "median_s_last": statistics.median(after),
-                       **_per_rank(paths["single"], inputs)},
+                       **(single_row := _per_rank(paths["single"], inputs, profiles[args.world])),
+                       "predicted_over_measured": single_row["predicted_s"] / base},
             **{name: {**r, "speedup_vs_single": base / r["median_s"]} for name, r in results.items()},
         }
     RESULTS.mkdir(exist_ok=True)

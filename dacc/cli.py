@@ -57,7 +57,7 @@ def _inspect(args: argparse.Namespace) -> int:
             raise DaccError(f"--at {item!r} is not NAME=INTEGER", "dacc inspect", "e.g. --at s1=4096")
         at[name] = int(value)
     sys.stdout.write(inspect_artifact(args.artifact, args.trusted_key, memory=args.memory, at=at,
-                                      memory_png=args.memory_png))
+                                      memory_png=args.memory_png, device=args.device))
     if args.decision_map:
         print(write_decision_map(args.artifact, args.decision_map))
     return 0
@@ -101,6 +101,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_device(args: argparse.Namespace) -> int:
+    import torch
+
+    from dacc.cost.devices import save_profile
+    from dacc.cost.measure import measure_device
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    profile = measure_device(args.name, log=lambda msg: print(msg, file=sys.stderr))
+    print(f"wrote {save_profile(profile, args.output)} (use it with `dacc inspect --device {args.output}` "
+          f"or parallel.auto.device)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dacc", description="Ahead-of-time compiler for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,7 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--at", action="append", metavar="SYMBOL=N",
                    help="evaluate FLOPs, bytes and memory at this size instead of the example's (repeatable)")
     i.add_argument("--memory-png", metavar="PNG", help="draw the memory map (implies --memory)")
+    i.add_argument("--device", metavar="NAME|FILE",
+                   help="predict each segment's time on this device: a built-in profile (h100-sxm, h200, l20) "
+                        "or a file from `dacc profile-device`")
     i.set_defaults(func=_inspect)
+    p = sub.add_parser("profile-device", help="measure this machine's device profile for the step-time model",
+                       description="Time a matmul, a memory copy, op dispatch, and an all-to-all between two local "
+                                   "processes; write the profile that `dacc inspect --device` and "
+                                   "parallel.auto.device accept.")
+    p.add_argument("-o", "--output", required=True, help="profile YAML to write")
+    p.add_argument("--name", default="this-machine", help="the profile's name (default this-machine)")
+    p.add_argument("--threads", type=int, help="intra-op threads to measure with (default torch's)")
+    p.set_defaults(func=_profile_device)
     g = sub.add_parser("keygen", help="write an ed25519 key pair for signing artifacts",
                        description="Write NAME (private key, PEM, mode 0600) and NAME.pub (public key, hex). "
                                    "Sign with `dacc compile --sign-key NAME` or `dacc sign`; users load with "

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dacc.cost.devices import load_profile
+from dacc.cost.sizes import sizes_at
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
 from dacc.schema.errors import DaccError
-from dacc.schema.expr import BOOL, NUMBER, evaluate
+from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, LoweringSpec, Manifest, ProgramSpec
 from dacc.schema.signature import fingerprint
 
@@ -19,10 +21,6 @@ def _human(n: float, unit: str = "") -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {suffix}{unit}"
     return f"{n:.0f} {unit}".rstrip()
-
-
-def example_symbols(program: ProgramSpec) -> dict[str, int]:
-    return {s.name: program.example_shapes[s.input][s.dim] for s in program.symbols}
 
 
 def _signature_line(root: Path, trusted_keys) -> str:
@@ -89,7 +87,7 @@ def _lowering_lines(low: LoweringSpec | None) -> list[str]:
 def _parallel_lines(m: Manifest) -> list[str]:
     p = m.parallel
     if p.world_size == 1:
-        return []
+        return _choice_lines(m)
     out = ["", f"parallel: fsdp {p.fsdp} x cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring} = {p.world_size} ranks "
            f"(run under `torchrun --nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
     if m.fsdp is not None:
@@ -99,13 +97,31 @@ def _parallel_lines(m: Manifest) -> list[str]:
         rows = [("unit", "modules", "segments", "stored per rank")]
         rows += [(u.name, str(len(u.modules)), ", ".join(u.segments), _human(u.shard_bytes, "B")) for u in m.fsdp.units]
         out += _table(rows, "  ")
+    out += _choice_lines(m)
     return out
 
 
+def _choice_lines(m: Manifest) -> list[str]:
+    ch = m.parallel_choice
+    if ch is None:
+        return []
+    sizes = ", ".join(f"{k}={v}" for k, v in ch.at.items())
+    rows = [("fsdp", "cfg", "ulysses", "ring", "step (predicted)", "peak/rank", "sent/rank", "verdict")]
+    for c in sorted(ch.candidates, key=lambda c: (c.verdict == "invalid", c.step_seconds)):
+        timed = c.verdict != "invalid"
+        rows.append((str(c.fsdp), str(c.cfg), str(c.ulysses), str(c.ring),
+                     f"{c.step_seconds * 1e3:.3g} ms" if timed else "-", _human(c.peak_bytes, "B") if timed else "-",
+                     _human(c.sent_bytes, "B") if timed else "-", f"{c.verdict}: {c.why}" if c.why else c.verdict))
+    return ["", f"parallel.auto: {len(ch.candidates)} split(s) of {ch.world_size} rank(s) predicted on {ch.device} "
+            f"at {sizes}:"] + _table(rows, "  ")
+
+
 def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, at: dict[str, int] | None = None,
-                     memory_png: str | Path | None = None) -> str:
+                     memory_png: str | Path | None = None, device: str | None = None) -> str:
     """The report, its figures at the example's sizes or at `at` (symbol -> size); with `memory`,
-    each program's per-rank memory map, drawn to `memory_png` when given."""
+    each program's per-rank memory map, drawn to `memory_png` when given; with `device` (a
+    profile name or file), each segment's predicted time on it."""
+    profile = load_profile(device) if device else None  # a bad name fails before the report
     root = Path(path)
     m = read_manifest(root, trusted_keys or None)
     out = [f"artifact  {root}", _signature_line(root, trusted_keys),
@@ -118,17 +134,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, 
     out += _lowering_lines(m.lowering)
     out += _parallel_lines(m)
     for i, prog in enumerate(m.programs):
-        env = example_symbols(prog)
-        unknown = sorted(set(at or {}) - set(env))
-        if unknown:
-            raise DaccError(f"--at names {', '.join(unknown)}, not symbols of program {i}", str(root / prog.file),
-                            f"use the program's symbols: {', '.join(env)}")
-        env.update(at or {})
-        broken = [text for tree, text in zip(prog.guards, prog.guard_text) if at and not evaluate(tree, env, text, BOOL)]
-        if broken:
-            raise DaccError(f"--at sizes {at} break program {i}'s shape condition {broken[0]}", str(root / prog.file),
-                            "give every size the condition ties together (the symbols and guards are listed by "
-                            "`dacc inspect`)")
+        env = sizes_at(prog, at, str(root / prog.file))
         out += ["", f"program {i} ({prog.file})"]
         out += [f"  input {s.path}: {s.dtype}[{', '.join(s.shape)}]" if s.kind == "tensor"
                 else f"  input {s.path} = {s.value!r} (constant)" for s in prog.inputs]
@@ -160,11 +166,13 @@ def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, 
             out += _gate_lines(prog, m.num_inference_steps)
         if memory or memory_png:
             out += _memory(m, prog, i, env, memory_png)
+        if profile is not None:
+            out += _time(m, prog, env, profile)
     return "\n".join(out) + "\n"
 
 
 def _memory(m: Manifest, prog: ProgramSpec, index: int, env: dict[str, int], png) -> list[str]:
-    from dacc.memory_map import PARTS, draw_memory_map, memory_map
+    from dacc.cost.memory_map import PARTS, draw_memory_map, memory_map
 
     segments = memory_map(m, prog, env)
     rows = [("segment", *PARTS, "total")]
@@ -175,6 +183,21 @@ def _memory(m: Manifest, prog: ProgramSpec, index: int, env: dict[str, int], png
     if png and index == 0:
         out.append(f"  drew {draw_memory_map(segments, png, f'memory per rank, {sizes}')}")
     return out
+
+
+def _time(m: Manifest, prog: ProgramSpec, env: dict[str, int], profile) -> list[str]:
+    from dacc.cost.step_time import step_time, total_seconds
+
+    rows = step_time(m, prog, env, profile)
+
+    def ms(x: float) -> str:
+        return f"{x * 1e3:.3g}"
+    table = [("segment", "compute ms", "memory ms", "dispatch ms", "comm ms", "fsdp gather ms", "step ms")]
+    table += [(r.segment, ms(r.compute), ms(r.memory), ms(r.dispatch), ms(r.comm), ms(r.gather), ms(r.total))
+              for r in rows]
+    sizes = ", ".join(f"{k}={v}" for k, v in env.items())
+    return [f"  predicted computed step on {profile.name} at {sizes}: {total_seconds(rows) * 1e3:.4g} ms per rank "
+            f"({profile.source})"] + _table(table, "    ")
 
 
 def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:

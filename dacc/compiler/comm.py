@@ -43,6 +43,16 @@ def node_sent_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
     return FloorDiv(total, den) if den != 1 else total
 
 
+def node_messages(node: Node) -> int:
+    """Collective calls a rank makes for this op (each pays the link's latency): one per exchange,
+    P-1 for a ring's hops."""
+    if node.op != "call_function":
+        return 0
+    if node.target is torch.ops.dacc.ring_attention.default:
+        return int(node.args[-1]) - 1
+    return int(node.target in SENT_FRACTION and node.target is not torch.ops.dacc.shard.default)
+
+
 def unit_gather_bytes(ir: ProgramIR) -> dict[str, int]:
     """Segment -> bytes this rank sends gathering the FSDP units that segment is the first to read."""
     out: dict[str, int] = {}

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 import dacc
+from dacc.compiler.choose_parallel import choose_parallel
 from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
 from dacc.compiler.artifact import model_config, write_artifact
 from dacc.compiler.output import check_output_path, deferred_signals, discard, reserve
@@ -21,7 +22,7 @@ from dacc.compiler.lowering import lowering_spec
 from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.quant_search import choose_exclusions
-from dacc.compiler.pipeline import PIPELINE
+from dacc.compiler.pipeline import PIPELINE, UNLOWERED
 from dacc.compiler.printer import print_graph
 from dacc.compiler.segments import segment_specs, sites
 from dacc.compiler.trace import eager_reference, rel_error, tolerance, trace
@@ -130,8 +131,7 @@ def compile_model(model_path: str | Path, plan_path: str | Path | None, out: str
             traced = trace_model(model_path, log, built)
             programs = traced.programs
         else:
-            programs = [Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes, t.also_serves)
-                        for t in traced.programs]
+            programs = [_copy(t) for t in traced.programs]
         return _compile_into(tmp, out, traced, programs, plan, model_path, verify, log, sign_key, on_graph)
     except BaseException:
         if tmp is not None:
@@ -146,20 +146,16 @@ def _state_bytes(model: torch.nn.Module) -> int:
 def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Traced], plan: Plan, model_path,
                   verify: bool, log: Callable[[str], None], sign_key, on_graph) -> Manifest:
     mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
-    user_plan, quantize_search = plan, {}
+    user_plan, quantize_search, parallel_choice = plan, {}, None
     if plan.quantize.mode != "none" and plan.quantize.target_psnr is not None:
         plan, quantize_search = choose_exclusions(plan, model, mf.sample, log)
-    irs = []
-    for i, t in enumerate(programs):
-        ir = ProgramIR(t)
-        ir.log = log
-        hook = (lambda k, name, text, i=i: on_graph(i, k, name, text)) if on_graph else None
-        results = run_pipeline(ir, plan, PIPELINE, check_invariants, tag=f"program{i}", on_graph=hook)
-        for entry, res in zip(PIPELINE, results):
-            log(f"program {i}: {entry.name}: {'; '.join(res.notes)}")
-        irs.append(ir)
+    if plan.parallel.auto is not None:
+        plan, parallel_choice = choose_parallel(
+            plan, lambda candidate: partition_manifest(traced, candidate, programs), log, str(model_path))
+    irs = [_run_passes(ProgramIR(t), plan, PIPELINE, i, log, on_graph) for i, t in enumerate(programs)]
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
     manifest.quantize_search = quantize_search
+    manifest.parallel_choice = parallel_choice
     manifest.lowering, packages = lowering_spec(plan.lower.device, [ir.lowering for ir in irs])
     check_calibration_inputs(manifest, plan, mf.sample)  # fail before writing anything
     texts = {PLAN_FILE: user_plan.to_yaml(),
@@ -176,6 +172,27 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     write_artifact(tmp, out, manifest, irs, texts, finalize, Path(sign_key) if sign_key else None, packages)
     log(f"wrote {out}" + (" (signed)" if sign_key else ""))
     return manifest
+
+
+def partition_manifest(traced: TracedModel, plan: Plan, programs: list[Traced] | None = None) -> Manifest:
+    """The manifest `plan` would compile to, without lowering or writing anything: what
+    parallel.auto and the predictions cost. The passes run on copies of the programs."""
+    irs = [_run_passes(ProgramIR(_copy(t)), plan, UNLOWERED, i, lambda m: None, None)
+           for i, t in enumerate(programs or traced.programs)]
+    return build_manifest(traced.model, plan, irs, traced.output_type, str(traced.path))
+
+
+def _copy(t: Traced) -> Traced:
+    return Traced(copy.deepcopy(t.ep), t.example, t.inputs, t.notes, t.also_serves)
+
+
+def _run_passes(ir: ProgramIR, plan: Plan, passes, i: int, log, on_graph) -> ProgramIR:
+    ir.log = log
+    hook = (lambda k, name, text: on_graph(i, k, name, text)) if on_graph else None
+    results = run_pipeline(ir, plan, passes, check_invariants, tag=f"program{i}", on_graph=hook)
+    for entry, res in zip(passes, results):
+        log(f"program {i}: {entry.name}: {'; '.join(res.notes)}")
+    return ir
 
 
 def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], output_type, where: str) -> Manifest:

@@ -52,3 +52,6 @@ PIPELINE: list[PassEntry] = [
     PassEntry("lower_segments", lower_segments,
               "generated kernels instead of op-by-op dispatch; identical segments share one package"),
 ]
+
+# what costing a candidate plan needs (parallel.auto): every rewrite, no kernels built
+UNLOWERED: list[PassEntry] = [p for p in PIPELINE if p.name != "lower_segments"]

@@ -13,7 +13,7 @@ import sympy
 import torch
 from torch.fx import Node
 
-from dacc.compiler.comm import node_sent_bytes, unit_gather_bytes
+from dacc.compiler.comm import node_messages, node_sent_bytes, unit_gather_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.memory import example_symbols, transient_peak, value_bytes
@@ -104,7 +104,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             stream_inputs=s_in, stream_outputs=s_out, num_nodes=len(nodes),
             flops=str(flops), flops_tree=to_tree(flops), param_bytes=int(param_bytes),
             lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None,
-            sent_bytes=str(sent), sent_bytes_tree=to_tree(sent), value_bytes=str(held), value_bytes_tree=to_tree(held),
+            sent_bytes=str(sent), sent_bytes_tree=to_tree(sent), messages=sum(map(node_messages, nodes)),
+            value_bytes=str(held), value_bytes_tree=to_tree(held),
             transient_bytes=str(transient), transient_bytes_tree=to_tree(transient)))
         block_index += kind == "block"
     return specs

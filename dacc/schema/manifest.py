@@ -81,6 +81,7 @@ class SegmentSpec:
     lowered: LoweredCall | None = None  # the compiled package that runs this segment (lower_segments)
     sent_bytes: str = "0"  # bytes this rank sends per call under a parallel plan, sympy text
     sent_bytes_tree: Any = 0  # the same as an expression tree
+    messages: int = 0  # collective calls per call (ring hops count one each); each pays the link latency
     # memory one rank needs (dacc/compiler/memory.py): bytes of the values the segment hands on,
     # and of the intermediates alive at once inside it; sympy text and expression tree
     value_bytes: str = "0"
@@ -135,6 +136,28 @@ class ParallelSpec:
     @property
     def world_size(self) -> int:
         return self.fsdp * self.cfg * self.ulysses * self.ring
+
+
+@dataclass
+class ParallelCandidate:
+    """One split of the world size that plan `parallel.auto` weighed (dacc/compiler/choose_parallel.py)."""
+    cfg: int
+    ulysses: int
+    ring: int
+    fsdp: int
+    verdict: Literal["chosen", "slower", "over memory", "invalid"]
+    why: str  # the reason for the verdict, one line
+    step_seconds: float = 0.0  # predicted computed step, one rank (0 when invalid)
+    peak_bytes: float = 0.0  # predicted peak memory of one rank
+    sent_bytes: float = 0.0  # bytes one rank sends per step
+
+
+@dataclass
+class ParallelChoice:
+    world_size: int
+    device: str  # the profile's name
+    at: dict[str, int]  # the sizes the predictions are for
+    candidates: list[ParallelCandidate]
 
 
 @dataclass
@@ -283,6 +306,7 @@ class Manifest:
     lowering: LoweringSpec | None = None  # compiled packages (plan `lower`); None: segments run as graphs
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     fsdp: FsdpSpec | None = None  # parameter shards (plan `parallel.fsdp`)
+    parallel_choice: ParallelChoice | None = None  # plan `parallel.auto`: the candidates and the one chosen
     digest: str = ""  # sha256 of this manifest's canonical JSON with digest=""
 
 

@@ -86,6 +86,18 @@ def cache_options(plan: "Plan") -> BaseModel:
     return CACHE_OPTIONS[plan.cache.strategy].model_validate(plan.cache.options)
 
 
+class AutoParallel(_Strict):
+    # the compiler tries every split of world_size into degrees, predicts each one's step time and
+    # memory on `device` at sizes `at` (default: the example's), and compiles the fastest that fits
+    # (dacc/compiler/choose_parallel.py); `dacc inspect` shows every candidate and why it lost
+    world_size: int = Field(ge=1, le=64)
+    device: str = "h100-sxm"  # a built-in profile (dacc/cost/devices.py) or a `dacc profile-device` file
+    at: dict[str, int] = Field(default_factory=dict)  # symbol -> size, e.g. {s1: 4096}
+    # latency: the time of one call (fsdp ranks then only save memory: each serves its own call);
+    # throughput: that time over the calls served at once (the fsdp degree)
+    objective: Literal["latency", "throughput"] = "latency"
+
+
 class ParallelPlan(_Strict):
     # Degrees multiply to the world size the artifact runs on (torchrun --nproc_per_node).
     # cfg: the two halves of a batched-CFG call on two ranks; ulysses: tokens sharded, heads
@@ -98,9 +110,12 @@ class ParallelPlan(_Strict):
     ring: int = Field(1, ge=1, le=64)
     fsdp: int = Field(1, ge=1, le=64)
     vae_patch: Literal[1] = 1
+    auto: AutoParallel | None = None  # choose the degrees above instead of giving them
 
     @property
     def world_size(self) -> int:
+        if self.auto is not None:
+            return self.auto.world_size
         return self.cfg * self.ulysses * self.ring * self.fsdp * self.vae_patch
 
 

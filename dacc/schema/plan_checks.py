@@ -174,6 +174,12 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         elif knob == "group_size" and q.mode != "int4_weight":
             out.append((("quantize", knob), f"quantize.group_size applies to int4_weight only, not to "
                         f"quantize.mode '{q.mode}' (remove it)"))
+    par = plan.parallel
+    if par.auto is not None:
+        for name in ("cfg", "ulysses", "ring", "fsdp"):
+            if getattr(par, name) != 1:
+                out.append((("parallel", name), f"parallel.{name} = {getattr(par, name)} and parallel.auto both "
+                            "set the degrees (give the degrees, or auto with a world_size)"))
     if plan.parallel.world_size > 1:
         # both run the artifact in the compiling process, which holds one rank, not the plan's world
         if plan.lower.backend != "none":

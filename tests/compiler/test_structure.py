@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dacc.models import FAMILIES
-from dacc.report import example_symbols
+from dacc.cost.sizes import example_symbols
 from dacc.schema.expr import evaluate
 
 

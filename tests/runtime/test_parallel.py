@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dacc
 from dacc.compiler.compile import compile_model
-from dacc.memory_map import memory_map
+from dacc.cost.memory_map import memory_map
 from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.launch import run_local
@@ -265,11 +265,13 @@ def test_ulysses_exchanges_heads_at_every_joint_attention(root, two_ranks):
     assert sent == 4 * _sites(root, "flux_u2") * batch * heads * (tokens // 2) * head_dim * 4
 
 
-def _predicted_sent(root: Path, name: str, inputs: dict) -> float:
-    """The manifest's bytes-sent expressions, summed over the segments, at these input sizes."""
+def _predicted_sent(root: Path, name: str, inputs: dict) -> tuple[float, int]:
+    """The manifest's bytes-sent expressions and collective messages, summed over the segments,
+    at these input sizes."""
     program = read_manifest(root / f"{name}.dacc", None).programs[0]
     env = {s.name: int(inputs[s.input].shape[s.dim]) for s in program.symbols}
-    return sum(evaluate(seg.sent_bytes_tree, env, seg.name, NUMBER) for seg in program.segments)
+    return (sum(evaluate(seg.sent_bytes_tree, env, seg.name, NUMBER) for seg in program.segments),
+            sum(seg.messages for seg in program.segments))
 
 
 @pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2), ("flux_r2", 2)])
@@ -277,12 +279,17 @@ def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks
     """What left each rank, from the collectives observed in the run: an all-to-all keeps 1/P of
     what it is handed, an all-gather hands its input to each of the P-1 others."""
     results, _, inputs = two_ranks
+    bytes_predicted, messages_predicted = _predicted_sent(root, name, inputs["flux"])
     for rank in range(world):
-        handed = results[name, rank]["bytes"]
+        handed, calls = results[name, rank]["bytes"], results[name, rank]["calls"]
         sent = (handed.get("_c10d_functional.all_to_all_single.default", 0) * (world - 1) / world
                 + handed.get("_c10d_functional.all_gather_into_tensor.default", 0) * (world - 1)
                 + handed.get("c10d.send.default", 0))
-        assert sent > 0 and sent == _predicted_sent(root, name, inputs["flux"])
+        assert sent > 0 and sent == bytes_predicted
+        # each message pays the link's latency in the step-time model
+        messages = sum(calls.get(k, 0) for k in ("_c10d_functional.all_to_all_single.default",
+                                                 "_c10d_functional.all_gather_into_tensor.default", "c10d.send.default"))
+        assert messages == messages_predicted
 
 
 def test_ring_passes_keys_and_values_around_at_every_site(root, two_ranks):
@@ -351,7 +358,7 @@ def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts,
         handed = results["flux_u2r2", rank]["bytes"]
         sent = (handed["_c10d_functional.all_to_all_single.default"] / 2
                 + handed["_c10d_functional.all_gather_into_tensor.default"] * 3 + handed["c10d.send.default"])
-        assert sent == _predicted_sent(root, "flux_u2r2", flux)
+        assert sent == _predicted_sent(root, "flux_u2r2", flux)[0]
         wrong = results["flux_u2", rank].get("error", "")
         assert "compiled for 2 ranks" in wrong and "has 4" in wrong
         hybrid = results["flux_f2u2", rank]
@@ -407,7 +414,7 @@ def test_fsdp_ranks_serve_their_own_requests_storing_half_the_weights(root, two_
         assert got["calls"]["c10d._allgather_base_.default"] == len(fsdp.units) == 6
         sent = got["bytes"]["c10d._allgather_base_.default"]
         assert sent == sum(u.shard_bytes for u in fsdp.units)
-        assert sent == _predicted_sent(root, "flux_f2", inputs["flux"])
+        assert sent == _predicted_sent(root, "flux_f2", inputs["flux"])[0]
     assert rel_err(results["flux_f2", 0]["outs"][0], results["flux_f2", 1]["outs"][0]) > 1e-2  # two requests
     # the memory map's stored weights: rank 0 holds the largest shard of every weight
     manifest = read_manifest(root / "flux_f2.dacc", None)

@@ -37,13 +37,15 @@ class SegmentMemory:
         return sum(self.parts.values())
 
 
-def memory_map(m: Manifest, prog: ProgramSpec, env: dict[str, int]) -> list[SegmentMemory]:
+def memory_map(m: Manifest, prog: ProgramSpec, env: dict[str, int],
+               runs: dict[str, float] | None = None) -> list[SegmentMemory]:
+    """`runs`: how many identical segments a segment stands for (step_time.step_time's)."""
     segs = prog.segments
-    whole = sum(s.param_bytes for s in segs)
-    stored, unit_whole = float(whole), []
+    times = {s.name: (runs or {}).get(s.name, 1) for s in segs}
+    stored, unit_whole = float(sum(s.param_bytes * times[s.name] for s in segs)), []
     if m.fsdp is not None:
         unit_whole = [sum(math.prod(p.shape) * parse_dtype(p.dtype).itemsize for p in u.params) for u in m.fsdp.units]
-        stored = whole - sum(unit_whole) + sum(u.shard_bytes for u in m.fsdp.units)
+        stored -= sum((full - u.shard_bytes) * times[u.segments[0]] for u, full in zip(m.fsdp.units, unit_whole))
     cache = _cache_bytes(prog, env)
     out, held = [], 0.0
     order = {s.name: i for i, s in enumerate(segs)}
@@ -56,7 +58,7 @@ def memory_map(m: Manifest, prog: ProgramSpec, env: dict[str, int]) -> list[Segm
                 if min(span) <= i <= max(span) or nxt in unit.segments:
                     gathered += full - unit.shard_bytes
         transient = _eval(seg.transient_bytes_tree, env, seg.name)
-        held += _eval(seg.value_bytes_tree, env, seg.name)
+        held += _eval(seg.value_bytes_tree, env, seg.name) * times[seg.name]
         out.append(SegmentMemory(seg.name, {"weights": stored, "gathered": gathered, "values": held,
                                             "transient": transient, "cache": cache}))
     return out

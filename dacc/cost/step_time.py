@@ -1,0 +1,74 @@
+"""Predicted time of one computed step on a device: the manifest's per-segment expressions
+(FLOPs, bytes sent, collective messages, weight and value bytes, op count) evaluated at given
+sizes and divided by a device profile's rates (devices.py).
+
+Per segment, on one rank:
+- device time: the larger of compute (FLOPs / matmul rate) and memory traffic (weights read plus
+  values written, over the memory bandwidth; a lower bound: intermediates are not counted);
+- dispatch: ops x per-op overhead; overlapped with device time on a GPU (the larger of the two),
+  added to it on a CPU;
+- communication: the graph's collectives (bytes / link rate + messages x latency), not
+  overlapped: the segment waits for each exchange;
+- an fsdp unit's gather is started while the previous segment runs (the runtime prefetches it),
+  so it costs only what it takes beyond that segment; the first one is not hidden.
+A step where the cache gate skips blocks costs the segments that still run; this is the full step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dacc.cost.devices import DeviceProfile
+from dacc.schema.expr import NUMBER, evaluate
+from dacc.schema.manifest import Manifest, ProgramSpec
+
+
+@dataclass
+class SegmentTime:
+    segment: str
+    compute: float
+    memory: float
+    dispatch: float
+    comm: float
+    gather: float  # the fsdp gathers issued for this segment
+    total: float  # what the step spends on this segment, once
+    runs: float = 1  # how many times the step runs it (a stand-in for several identical blocks)
+
+
+def unit_gathers(m: Manifest) -> dict[str, float]:
+    """Segment -> bytes this rank sends gathering the fsdp units it is the first to read."""
+    out: dict[str, float] = {}
+    for unit in (m.fsdp.units if m.fsdp is not None else []):
+        out[unit.segments[0]] = out.get(unit.segments[0], 0.0) + unit.shard_bytes * (m.fsdp.degree - 1)
+    return out
+
+
+def step_time(m: Manifest, prog: ProgramSpec, env: dict[str, int], device: DeviceProfile,
+              runs: dict[str, float] | None = None) -> list[SegmentTime]:
+    """One row per segment; `runs` says how many times a segment stands for (default 1): a model
+    traced with two blocks of a list predicts one with nineteen (bench/predict_flux_dev.py)."""
+    gathers = unit_gathers(m)
+    rows: list[SegmentTime] = []
+    for seg in prog.segments:
+        def ev(tree, what: str) -> float:
+            return float(evaluate(tree, env, f"{what} of {seg.name}", NUMBER))
+        flops, sent = ev(seg.flops_tree, "FLOPs"), ev(seg.sent_bytes_tree, "bytes sent")
+        gathered = gathers.get(seg.name, 0.0)
+        compute = flops / device.matmul_flops
+        memory = (seg.param_bytes + ev(seg.value_bytes_tree, "value bytes")) / device.memory_bandwidth
+        dispatch = seg.num_nodes * device.op_overhead
+        comm = (sent - gathered) / device.link_bandwidth + seg.messages * device.link_latency
+        gather = gathered / device.link_bandwidth + (device.link_latency if gathered else 0.0)
+        busy = max(compute, memory)
+        busy = max(busy, dispatch) if device.async_dispatch else busy + dispatch
+        rows.append(SegmentTime(seg.name, compute, memory, dispatch, comm, gather, busy + comm,
+                                (runs or {}).get(seg.name, 1)))
+    # each gather overlaps the segment before it (the prefetch); only the first waits in full
+    for prev, row in zip(rows, rows[1:]):
+        prev.total = max(prev.total, row.gather)
+    if rows:
+        rows[0].total += rows[0].gather
+    return rows
+
+
+def total_seconds(rows: list[SegmentTime]) -> float:
+    return sum(r.total * r.runs for r in rows)

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 import dacc.kernels.ops  # noqa: E402,F401  registers the dacc:: operators, so saved programs that use them load
 import dacc.kernels.collectives  # noqa: E402,F401  the communication operators of parallel plans
 import dacc.kernels.ring  # noqa: E402,F401  ring attention
+import dacc.kernels.patches  # noqa: E402,F401  halo exchange and GroupNorm over row bands (vae_patch)
 
 
 def load(path, trusted_keys=None, *, lowered="use", allow_native_code=False):

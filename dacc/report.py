@@ -88,7 +88,9 @@ def _parallel_lines(m: Manifest) -> list[str]:
     p = m.parallel
     if p.world_size == 1:
         return _choice_lines(m)
-    out = ["", f"parallel: fsdp {p.fsdp} x cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring} = {p.world_size} ranks "
+    split = (f"vae_patch {p.vae_patch}" if p.vae_patch > 1 else
+             f"fsdp {p.fsdp} x cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring}")
+    out = ["", f"parallel: {split} = {p.world_size} ranks "
            f"(run under `torchrun --nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
     if m.fsdp is not None:
         stored = sum(u.shard_bytes for u in m.fsdp.units)
@@ -192,9 +194,10 @@ def _time(m: Manifest, prog: ProgramSpec, env: dict[str, int], profile) -> list[
 
     def ms(x: float) -> str:
         return f"{x * 1e3:.3g}"
-    table = [("segment", "compute ms", "memory ms", "dispatch ms", "comm ms", "fsdp gather ms", "step ms")]
-    table += [(r.segment, ms(r.compute), ms(r.memory), ms(r.dispatch), ms(r.comm), ms(r.gather), ms(r.total))
-              for r in rows]
+    table = [("segment", "matmul ms", "weights ms", "other ops ms", "dispatch ms", "comm ms", "fsdp gather ms",
+              "step ms")]
+    table += [(r.segment, ms(r.compute), ms(r.weights), ms(r.traffic), ms(r.dispatch), ms(r.comm), ms(r.gather),
+               ms(r.total)) for r in rows]
     sizes = ", ".join(f"{k}={v}" for k, v in env.items())
     return [f"  predicted computed step on {profile.name} at {sizes}: {total_seconds(rows) * 1e3:.4g} ms per rank "
             f"({profile.source})"] + _table(table, "    ")

@@ -70,20 +70,18 @@ def choose_parallel(plan: Plan, partition: Callable[[Plan], Manifest], log: Call
         try:
             cand = _with_degrees(plan, degrees)
             m = partition(cand)
-            if env is None:  # the sizes are the same for every candidate: check them once
-                env = sizes_at(m.programs[0], auto.at, where, "parallel.auto.at")
-            seconds, peak, sent = measure(m, env, device, runs)
-        except DaccError as exc:
-            if "parallel.auto.at" in exc.what:
-                raise
+        except DaccError as exc:  # the passes refuse this split
             candidates.append(ParallelCandidate(**degrees, verdict="invalid", why=exc.what.splitlines()[0]))
             plans.append(None)
             log(f"parallel.auto [{k}/{len(options)}] {label}: invalid ({exc.what.splitlines()[0]})")
             continue
+        if env is None:  # the same sizes for every split; wrong ones are the plan's error, not a split's
+            env = sizes_at(m.programs[0], auto.at, where, "parallel.auto.at")
+        seconds, peak, sent = measure(m, env, device, runs)
         fits = peak <= device.memory_bytes
         candidates.append(ParallelCandidate(**degrees, verdict="slower" if fits else "over memory",
                                             why="" if fits else f"needs {peak / 2**30:.1f} GiB of "
-                                            f"{device.memory_bytes / 2**30:.0f}",
+                                            f"{device.memory_bytes / 2**30:.0f} GiB",
                                             step_seconds=seconds, peak_bytes=peak, sent_bytes=sent))
         plans.append(cand)
         log(f"parallel.auto [{k}/{len(options)}] {label}: {seconds * 1e3:.3g} ms/step, peak "

@@ -7,6 +7,9 @@ What leaves a rank, whatever the collective's algorithm:
 - `dacc.gather` (an all-gather) hands its input to each of the other P-1 ranks: (P-1)x its bytes;
 - `dacc.shard` keeps a slice of a tensor every rank already holds: nothing;
 - `dacc.ring_attention` passes its keys and values P-1 times to the next rank;
+- `dacc.halo` all-gathers each band's two edges of `rows` rows: (P-1)x those edges;
+- `dacc.group_norm` all-reduces two [batch, groups] fp32 sums; a ring all-reduce sends
+  2(P-1)/P of what it reduces;
 - an FSDP unit's gather (before the first segment that reads it) hands each rank's shard to the
   other P-1 ranks of the fsdp group: (P-1)x the shard bytes, whatever the inputs' sizes.
 """
@@ -32,6 +35,14 @@ def node_sent_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
         k, v = node.args[1], node.args[2]
         block = sum((sympy.Mul(*ir.shape(t)) * t.meta["val"].element_size() for t in (k, v)), sympy.Integer(0))
         return block * (int(node.args[-1]) - 1)
+    if node.op == "call_function" and node.target is torch.ops.dacc.halo.default:
+        x, dim, rows, world = node.args[0], node.args[1], int(node.args[2]), int(node.args[-1])
+        shape = list(ir.shape(x))
+        shape[dim] = 2 * rows
+        return sympy.Mul(*shape) * x.meta["val"].element_size() * (world - 1)
+    if node.op == "call_function" and node.target is torch.ops.dacc.group_norm.default:
+        x, groups, world = node.args[0], int(node.args[1]), int(node.args[-1])
+        return FloorDiv(2 * ir.shape(x)[0] * groups * 4 * 2 * (world - 1), world)
     fraction = SENT_FRACTION.get(node.target) if node.op == "call_function" else None
     if fraction is None:
         return sympy.Integer(0)
@@ -50,6 +61,10 @@ def node_messages(node: Node) -> int:
         return 0
     if node.target is torch.ops.dacc.ring_attention.default:
         return int(node.args[-1]) - 1
+    if node.target is torch.ops.dacc.group_norm.default:  # the mean, then the variance
+        return 2
+    if node.target is torch.ops.dacc.halo.default:
+        return 1
     return int(node.target in SENT_FRACTION and node.target is not torch.ops.dacc.shard.default)
 
 

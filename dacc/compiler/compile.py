@@ -206,7 +206,8 @@ def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], out
         passes=[PassRecord(p.name, p.reason) for p in PIPELINE], num_inference_steps=plan.num_inference_steps,
         timestep_input=next((n for n in TIMESTEP_NAMES if n in paths), None), output_type=output_type,
         programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={},
-        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring, plan.parallel.fsdp),
+        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring, plan.parallel.fsdp,
+                              plan.parallel.vae_patch),
         fsdp=fsdp_spec(irs, plan.parallel.fsdp, where))
 
 

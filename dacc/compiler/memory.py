@@ -8,11 +8,14 @@ read by `dacc inspect --memory`.
   scan in graph order. Views allocate nothing. The peak is taken where it is largest at the
   example's sizes and recorded as that point's sum, which scales with batch and tokens like the
   true peak as long as the segment's shape stays the same;
+- a segment's *traffic*: the bytes its ops without FLOPs write and read, for the step-time model;
 - a data-dependent size (an unbacked symbol) counts at its upper bound, as for FLOPs;
 - weights are counted from the tensors themselves (dacc/report.py adds them up, with FSDP's
   shards and gathers).
 """
 from __future__ import annotations
+
+import operator
 
 import sympy
 import torch
@@ -38,6 +41,16 @@ def value_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
 def allocated_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
     """The bytes an op allocates: a view allocates nothing."""
     return sympy.Integer(0) if node.target in VIEWS else value_bytes(ir, node)
+
+
+def traffic_bytes(ir: ProgramIR, node: Node) -> sympy.Expr:
+    """The bytes an op moves through memory: what it writes and what it reads. Views and tuple
+    picks move nothing. The step-time model charges it to ops it counts no FLOPs for (the
+    elementwise and normalisation work between the matmuls; dacc/cost/step_time.py)."""
+    if node.target in VIEWS or node.target is operator.getitem:
+        return sympy.Integer(0)
+    reads = sum((value_bytes(ir, i) for i in node.all_input_nodes), sympy.Integer(0))
+    return allocated_bytes(ir, node) + reads
 
 
 def transient_peak(ir: ProgramIR, nodes: list[Node], example: dict[sympy.Symbol, int]) -> sympy.Expr:

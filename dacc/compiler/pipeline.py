@@ -11,6 +11,7 @@ from dacc.passes.insert_taylorseer_gate import insert_taylorseer_gate
 from dacc.passes.insert_teacache_gate import insert_teacache_gate
 from dacc.passes.lower_segments import lower_segments
 from dacc.passes.partition_attention import partition_attention
+from dacc.passes.partition_patches import partition_patches
 from dacc.passes.quantize_linears import quantize_linears
 from dacc.passes.remove_assertions import remove_assertions
 from dacc.passes.remove_identity_ops import remove_identity_ops
@@ -46,6 +47,8 @@ PIPELINE: list[PassEntry] = [
               "cfg: the two halves of a batched-CFG call run on two ranks"),
     PassEntry("partition_attention", partition_attention,
               "ulysses/ring/both: each rank runs the blocks on its share of the tokens; attention exchanges heads or passes keys around"),
+    PassEntry("partition_patches", partition_patches,
+              "vae_patch: each rank decodes a band of rows; convolutions borrow their neighbours' edge rows"),
     PassEntry("annotate_fsdp_units", annotate_fsdp_units,
               "fsdp: each rank stores 1/P of every unit's weights and gathers a unit just before it runs"),
     # lower

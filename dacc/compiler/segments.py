@@ -16,7 +16,7 @@ from torch.fx import Node
 from dacc.compiler.comm import node_messages, node_sent_bytes, unit_gather_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
-from dacc.compiler.memory import example_symbols, transient_peak, value_bytes
+from dacc.compiler.memory import example_symbols, traffic_bytes, transient_peak, value_bytes
 from dacc.schema.expr import to_tree
 from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec, node_segment
 
@@ -76,7 +76,9 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
         outputs = [n for n in nodes if any(u.name not in inside for u in n.users) or n.name in gate_reads]
         params = {inp for n in nodes for inp in n.all_input_nodes if ir.is_param(inp)}
         param_bytes = sum(t.numel() * t.element_size() for t in map(ir.param_tensor, params) if t is not None)
-        flops = sympy.expand(ir.upper_bound(sum((node_flops(ir, n) for n in nodes), sympy.Integer(0))))
+        per_node = [node_flops(ir, n) for n in nodes]
+        flops = sympy.expand(ir.upper_bound(sum(per_node, sympy.Integer(0))))
+        traffic = sympy.expand(sum((traffic_bytes(ir, n) for n, f in zip(nodes, per_node) if f == 0), sympy.Integer(0)))
         sent = sympy.expand(sum((node_sent_bytes(ir, n) for n in nodes), sympy.Integer(0)) + fsdp_gathers.get(seg, 0))
         kind = segment_kind(seg)
         held = sympy.expand(sum((value_bytes(ir, o) for o in outputs), sympy.Integer(0)))
@@ -106,7 +108,8 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
             lowered=ir.lowering.calls.get(seg) if ir.lowering is not None else None,
             sent_bytes=str(sent), sent_bytes_tree=to_tree(sent), messages=sum(map(node_messages, nodes)),
             value_bytes=str(held), value_bytes_tree=to_tree(held),
-            transient_bytes=str(transient), transient_bytes_tree=to_tree(transient)))
+            transient_bytes=str(transient), transient_bytes_tree=to_tree(transient),
+            traffic_bytes=str(traffic), traffic_bytes_tree=to_tree(traffic)))
         block_index += kind == "block"
     return specs
 

@@ -16,7 +16,7 @@ import yaml
 from dacc.schema.errors import DaccError
 from dacc.schema.serial import from_dict, to_dict
 
-MATMUL_EFFICIENCY = 0.60  # dense bf16 matmul + attention FLOP/s reached, as a fraction of the datasheet's
+MATMUL_EFFICIENCY = 0.43  # dense bf16 matmul + attention FLOP/s reached, as a fraction of the datasheet's
 MEMORY_EFFICIENCY = 0.80  # HBM bandwidth reached by streaming kernels
 LINK_EFFICIENCY = 0.70  # NVLink / PCIe bandwidth reached by NCCL all-to-all and point-to-point
 

@@ -3,8 +3,9 @@
 sizes and divided by a device profile's rates (devices.py).
 
 Per segment, on one rank:
-- device time: the larger of compute (FLOPs / matmul rate) and memory traffic (weights read plus
-  values written, over the memory bandwidth; a lower bound: intermediates are not counted);
+- device time, as op-by-op execution spends it: the matmuls and attention take the larger of
+  their FLOPs over the matmul rate and their weights over the memory bandwidth; every other op
+  (elementwise, norms, rotary, copies) takes the bytes it writes and reads over the bandwidth;
 - dispatch: ops x per-op overhead; overlapped with device time on a GPU (the larger of the two),
   added to it on a CPU;
 - communication: the graph's collectives (bytes / link rate + messages x latency), not
@@ -25,8 +26,9 @@ from dacc.schema.manifest import Manifest, ProgramSpec
 @dataclass
 class SegmentTime:
     segment: str
-    compute: float
-    memory: float
+    compute: float  # FLOPs / matmul rate
+    weights: float  # weight bytes / memory bandwidth
+    traffic: float  # bytes the ops without FLOPs move / memory bandwidth
     dispatch: float
     comm: float
     gather: float  # the fsdp gathers issued for this segment
@@ -54,13 +56,14 @@ def step_time(m: Manifest, prog: ProgramSpec, env: dict[str, int], device: Devic
         flops, sent = ev(seg.flops_tree, "FLOPs"), ev(seg.sent_bytes_tree, "bytes sent")
         gathered = gathers.get(seg.name, 0.0)
         compute = flops / device.matmul_flops
-        memory = (seg.param_bytes + ev(seg.value_bytes_tree, "value bytes")) / device.memory_bandwidth
+        weights = seg.param_bytes / device.memory_bandwidth
+        traffic = ev(seg.traffic_bytes_tree, "traffic") / device.memory_bandwidth
         dispatch = seg.num_nodes * device.op_overhead
         comm = (sent - gathered) / device.link_bandwidth + seg.messages * device.link_latency
         gather = gathered / device.link_bandwidth + (device.link_latency if gathered else 0.0)
-        busy = max(compute, memory)
+        busy = max(compute, weights) + traffic
         busy = max(busy, dispatch) if device.async_dispatch else busy + dispatch
-        rows.append(SegmentTime(seg.name, compute, memory, dispatch, comm, gather, busy + comm,
+        rows.append(SegmentTime(seg.name, compute, weights, traffic, dispatch, comm, gather, busy + comm,
                                 (runs or {}).get(seg.name, 1)))
     # each gather overlaps the segment before it (the prefetch); only the first waits in full
     for prev, row in zip(rows, rows[1:]):

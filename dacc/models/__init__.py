@@ -12,9 +12,11 @@ FAMILIES = ("flux", "sd3", "pixart", "dit", "wan")
 # Families whose graphs are not kept as per-pass goldens (tests/compiler/test_families.py covers
 # FAMILIES); tests/compiler/test_more_families.py checks them against eager and under cache plans.
 MORE_FAMILIES = ("hunyuan_dit", "stable_audio", "mochi", "chroma", "lumina2", "cogview3plus")
+DECODERS = ("vae",)  # what runs after the transformer: compiled on its own (parallel.vae_patch)
 
 
 def model_file(family: str) -> Path:
-    if family not in FAMILIES + MORE_FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES + MORE_FAMILIES)}")
+    known = FAMILIES + MORE_FAMILIES + DECODERS
+    if family not in known:
+        raise KeyError(f"unknown family {family!r}; known: {', '.join(known)}")
     return Path(__file__).with_name(f"{family}.py")

@@ -3,7 +3,7 @@ communication ops and cache gates use.
 
 `dacc.load()` calls `bind_mesh`: a parallel artifact needs an initialised process group (torchrun
 sets one up; `torch.distributed.init_process_group` does it by hand) whose world size is the
-product of the plan's degrees. The mesh is `(fsdp, cfg, ulysses, ring)`; each role is bound to its
+product of the plan's degrees. The mesh is `(fsdp, cfg, ulysses, ring, vae_patch)`; each role is bound to its
 group for the dacc operators (dacc/kernels/collectives.py), and under USP the "sequence" group is
 the ulysses and ring dims flattened. The ranks of one fsdp index serve one request together.
 Cache gates sum their probe statistic over those ranks (the "gate" group): each holds a share of
@@ -35,7 +35,8 @@ def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
     if spec.world_size == 1:
         bind_groups({})
         return None, {}
-    degrees = f"fsdp {spec.fsdp} x cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}"
+    degrees = f"fsdp {spec.fsdp} x cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}" + (
+        f" x vae_patch {spec.vae_patch}" if spec.vae_patch > 1 else "")
     if not (dist.is_available() and dist.is_initialized()):
         raise DaccError(f"this artifact runs on {spec.world_size} ranks ({degrees}) and no process group is "
                         "initialised", where,
@@ -50,15 +51,16 @@ def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
     from torch.distributed.device_mesh import init_device_mesh
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    names = ("fsdp", "cfg", "ulysses", "ring")
-    mesh = init_device_mesh(device, (spec.fsdp, spec.cfg, spec.ulysses, spec.ring), mesh_dim_names=names)
+    names = ("fsdp", "cfg", "ulysses", "ring", "vae_patch")
+    mesh = init_device_mesh(device, (spec.fsdp, spec.cfg, spec.ulysses, spec.ring, spec.vae_patch),
+                            mesh_dim_names=names)
     groups = {name: mesh.get_group(name) for name in names}
     if spec.ulysses > 1 and spec.ring > 1:  # USP shards the tokens over both dims at once
         groups[SEQUENCE] = mesh["ulysses", "ring"]._flatten(SEQUENCE).get_group()
     if spec.fsdp == 1:
         groups[GATE] = dist.group.WORLD
     elif spec.world_size > spec.fsdp:
-        groups[GATE] = mesh["cfg", "ulysses", "ring"]._flatten(GATE).get_group()
+        groups[GATE] = mesh["cfg", "ulysses", "ring", "vae_patch"]._flatten(GATE).get_group()
     bind_groups(groups)
     return mesh, groups
 

@@ -88,6 +88,9 @@ class SegmentSpec:
     value_bytes_tree: Any = 0
     transient_bytes: str = "0"
     transient_bytes_tree: Any = 0
+    # bytes written and read by its ops that count no FLOPs (elementwise, norms): their time
+    traffic_bytes: str = "0"
+    traffic_bytes_tree: Any = 0
 
 
 @dataclass
@@ -132,10 +135,11 @@ class ParallelSpec:
     ulysses: int = 1
     ring: int = 1
     fsdp: int = 1
+    vae_patch: int = 1  # a VAE decoder's row bands (alone: the others split a transformer)
 
     @property
     def world_size(self) -> int:
-        return self.fsdp * self.cfg * self.ulysses * self.ring
+        return self.fsdp * self.cfg * self.ulysses * self.ring * self.vae_patch
 
 
 @dataclass

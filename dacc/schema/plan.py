@@ -104,12 +104,13 @@ class ParallelPlan(_Strict):
     # exchanged at each attention site; ring: tokens sharded, keys and values passed around a ring;
     # both: USP, tokens over ulysses x ring (dacc/passes/split_cfg.py, partition_attention.py);
     # fsdp: parameters sharded over P data-parallel ranks, gathered per block (annotate_fsdp_units.py).
-    # vae_patch accepts only 1 until it is built.
+    # vae_patch: a VAE decoder's rows split in bands over P ranks, halos exchanged
+    # (partition_patches.py); for a decoder model file, alone.
     cfg: Literal[1, 2] = 1
     ulysses: int = Field(1, ge=1, le=64)
     ring: int = Field(1, ge=1, le=64)
     fsdp: int = Field(1, ge=1, le=64)
-    vae_patch: Literal[1] = 1
+    vae_patch: int = Field(1, ge=1, le=64)
     auto: AutoParallel | None = None  # choose the degrees above instead of giving them
 
     @property

@@ -180,6 +180,9 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
             if getattr(par, name) != 1:
                 out.append((("parallel", name), f"parallel.{name} = {getattr(par, name)} and parallel.auto both "
                             "set the degrees (give the degrees, or auto with a world_size)"))
+    if par.vae_patch > 1 and par.world_size > par.vae_patch:
+        out.append((("parallel", "vae_patch"), "parallel.vae_patch splits a VAE decoder, the other degrees a "
+                    "transformer: compile each model with its own degrees (same world size, one artifact each)"))
     if plan.parallel.world_size > 1:
         # both run the artifact in the compiling process, which holds one rank, not the plan's world
         if plan.lower.backend != "none":

@@ -1,6 +1,7 @@
 """The cost model (dacc/compiler/memory.py, dacc/cost/) against what a run holds and counts."""
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dacc
+from dacc.compiler.memory import VIEWS
 from dacc.cost.devices import DeviceProfile
 from dacc.cost.memory_map import memory_map
 from dacc.cost.step_time import step_time, total_seconds
@@ -61,9 +63,27 @@ def test_inspect_memory_draws_the_map_and_refuses_unknown_sizes(compiled, tmp_pa
         inspect_artifact(c.path, memory=True, at={"tokens": 256})
 
 
+aten = torch.ops.aten
+FLOP_OPS = {aten.linear.default, aten.mm.default, aten.bmm.default, aten.addmm.default, aten.matmul.default,
+            aten.scaled_dot_product_attention.default}
 # round rates, so each term is a count divided by a power of ten
 ROUND = DeviceProfile("round", matmul_flops=1e9, memory_bandwidth=1e8, memory_bytes=1e12, link_bandwidth=1e7,
                       link_latency=1e-3, op_overhead=1e-5, async_dispatch=False, source="test")
+
+
+def _nbytes(x) -> int:
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+
+
+class Traffic(torch.fx.Interpreter):
+    """Bytes written and read by the ops that count no FLOPs, at the sizes of this run."""
+    moved = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target not in FLOP_OPS | VIEWS and n.target is not operator.getitem:
+            self.moved += _nbytes(out) + sum(_nbytes(self.env[i]) for i in n.all_input_nodes)
+        return out
 
 
 def _attention_flops(prog, segment: str, env: dict, batch: int) -> int:
@@ -85,12 +105,16 @@ def test_the_predicted_step_divides_what_each_segment_counts_by_the_device_rates
     model = dacc.load(c.path)
     runner = model.programs[0]
     counted: dict[str, int] = {}
+    moved: dict[str, int] = {}
     run = runner.run_segment
 
     def spy(i, inputs):
         with FlopCounterMode(display=False) as counter:
             outs = run(i, inputs)
         counted[runner.spec.segments[i].name] = counter.get_total_flops()
+        traffic = Traffic(runner.segments[i])
+        traffic.run(*inputs, *runner._weights[i])
+        moved[runner.spec.segments[i].name] = traffic.moved
         return outs
     runner.run_segment = spy
     inputs = fresh_like(c.file.more_example_inputs()[0], seed=9)
@@ -103,9 +127,10 @@ def test_the_predicted_step_divides_what_each_segment_counts_by_the_device_rates
     for row, fast, seg in zip(rows, gpu, runner.spec.segments):
         flops = counted[seg.name] + _attention_flops(runner.spec, seg.name, env, batch)
         assert row.compute == pytest.approx(flops / 1e9, rel=1e-12), seg.name
-        moved = seg.param_bytes + evaluate(seg.value_bytes_tree, env, seg.name, NUMBER)
-        assert row.memory == pytest.approx(moved / 1e8, rel=1e-12)
+        assert row.weights == pytest.approx(seg.param_bytes / 1e8, rel=1e-12)
+        assert row.traffic == pytest.approx(moved[seg.name] / 1e8, rel=1e-12) and row.traffic > 0, seg.name
         assert row.comm == row.gather == 0  # one process: nothing crosses a link
-        assert row.total == pytest.approx(max(row.compute, row.memory) + seg.num_nodes * 1e-5)
-        assert fast.total == pytest.approx(max(row.compute, row.memory, seg.num_nodes * 1e-5))
+        device = max(row.compute, row.weights) + row.traffic
+        assert row.total == pytest.approx(device + seg.num_nodes * 1e-5)
+        assert fast.total == pytest.approx(max(device, seg.num_nodes * 1e-5))
     assert total_seconds(rows) > total_seconds(gpu) > 0

@@ -1,6 +1,7 @@
 """Parallel artifacts on real torch.distributed (gloo, CPU processes): every rank returns what the
 single-process artifact returns, the transfers the graph names really run (seen at the
-dispatcher, bytes included), and a wrong launch or a dead rank is a clear error, never a hang."""
+dispatcher, bytes included), and a wrong launch or a dead rank is a clear error, never a hang.
+At the end, parallel.auto, whose candidates are these artifacts' partitions."""
 from __future__ import annotations
 
 import json
@@ -16,13 +17,18 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dacc
-from dacc.compiler.compile import compile_model
+from dacc.compiler.choose_parallel import choose_parallel
+from dacc.compiler.compile import compile_model, partition_manifest
+from dacc.cost.devices import DeviceProfile, save_profile
 from dacc.cost.memory_map import memory_map
+from dacc.compiler.model_file import load_model_file
 from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.launch import run_local
 from dacc.schema.errors import DaccError
+from dacc.report import inspect_artifact
 from dacc.schema.expr import NUMBER, evaluate
+from dacc.schema.plan import parse_plan
 from tests.conftest import fresh_like, rel_err, shared_trace
 
 FLUX = Path(__file__).with_name("models") / "flux_cfg.py"
@@ -42,10 +48,13 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
     "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
+    "vae": (model_file("vae"), {}),
+    "vae_p2": (model_file("vae"), {"parallel": {"vae_patch": 2}}),
 }
 DIE = "rank 1 dies"
 TRANSFERS = ("_c10d_functional.all_to_all_single.default", "_c10d_functional.all_gather_into_tensor.default",
-             "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default", "c10d._allgather_base_.default")
+             "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default", "c10d._allgather_base_.default",
+             "_c10d_functional.all_reduce.default")
 
 
 class Artifacts:
@@ -75,7 +84,8 @@ def artifacts(tmp_path_factory) -> Artifacts:
 
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
-    return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2")
+    return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
+                     "vae", "vae_p2")
 
 
 class Transfers(TorchDispatchMode):
@@ -131,7 +141,8 @@ def _run(root: Path, name: str, calls: list[dict]) -> tuple[list[torch.Tensor], 
     outs = []
     with spy:
         for call in calls:
-            outs.append(model(**call).sample)
+            out = model(**call)
+            outs.append(out.sample if hasattr(out, "sample") else out)  # a VAE decoder returns the image
     return outs, spy, model.stats()
 
 
@@ -206,9 +217,12 @@ def two_ranks(root, tmp_path_factory):
     jobs.update({"flux_f2": ("flux_f2", requests), "flux_db_f2": ("flux_db_f2", generations)})
     for rank in range(2):
         refs.update({f"flux_f2.{rank}": ("flux", requests[rank]), f"flux_db_f2.{rank}": ("flux_db", generations[rank])})
+    # a VAE latent of a size the compile never saw: bands of 5 latent rows, 20 image rows
+    latents = {"latents": torch.randn(2, 4, 10, 6, generator=torch.Generator().manual_seed(13))}
+    jobs["vae_p2"], refs["vae_p2"] = ("vae_p2", [latents]), ("vae", [latents])
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
-    return results, single, {"flux": flux}
+    return results, single, {"flux": flux, "vae": latents}
 
 
 def _sites(root: Path, name: str) -> int:
@@ -252,6 +266,10 @@ def test_partition_passes_golden(artifacts, golden):
     golden("flux/parallel_usp_u2r2_12_partition_attention.txt",
            artifacts.graphs["flux_u2r2"]["12_partition_attention"])
     assert artifacts.graphs["flux_c2"]["12_partition_attention"] == artifacts.graphs["flux_c2"]["11_split_cfg"]
+    # the VAE decoder before and after its rows are split into bands
+    artifacts("vae_p2")
+    golden("vae/12_before_partition_patches.txt", artifacts.graphs["vae_p2"]["12_partition_attention"])
+    golden("vae/parallel_vae_patch2_13_partition_patches.txt", artifacts.graphs["vae_p2"]["13_partition_patches"])
 
 
 def test_ulysses_exchanges_heads_at_every_joint_attention(root, two_ranks):
@@ -290,6 +308,36 @@ def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks
         messages = sum(calls.get(k, 0) for k in ("_c10d_functional.all_to_all_single.default",
                                                  "_c10d_functional.all_gather_into_tensor.default", "c10d.send.default"))
         assert messages == messages_predicted
+
+
+def test_vae_bands_stitch_into_the_single_process_image(root, two_ranks):
+    """vae_patch 2: every rank returns the whole image, equal to the single-process decode (no
+    seams), while decoding the two bands on their own (no halos, per-band GroupNorm) is far off;
+    the exchanges are the graph's, and the bytes the manifest's."""
+    results, single, inputs = two_ranks
+    ref = single["vae_p2"][0][0]
+    for rank in range(2):
+        got = results["vae_p2", rank]
+        assert "error" not in got, got.get("error")
+        assert rel_err(got["outs"][0], ref) <= 1e-5, (rank, rel_err(got["outs"][0], ref))
+    eager = load_model_file(model_file("vae")).build()
+    latents = inputs["vae"]["latents"]
+    with torch.no_grad():
+        bands = torch.cat([eager(latents[:, :, :5]), eager(latents[:, :, 5:])], 2)
+    assert rel_err(bands, ref) > 1e-2  # what the halos and the shared statistics are for
+    graph = (root / "vae_p2.dacc" / "graph.txt").read_text()
+    halos, norms, gathers = (graph.count(f"= dacc.{op}(") for op in ("halo", "group_norm", "gather"))
+    calls = results["vae_p2", 0]["calls"]
+    assert halos > 10 and norms > 10 and gathers == 3  # keys, values, the image
+    assert calls["dacc.halo.default"] == halos and calls["dacc.group_norm.default"] == norms
+    assert calls["_c10d_functional.all_gather_into_tensor.default"] == halos + gathers
+    assert calls["_c10d_functional.all_reduce.default"] == 2 * norms  # the mean, then the variance
+    handed = results["vae_p2", 0]["bytes"]
+    sent = (handed["_c10d_functional.all_gather_into_tensor.default"]
+            + handed["_c10d_functional.all_reduce.default"])  # two ranks: (P-1) = 1, 2(P-1)/P = 1
+    assert (sent, sum(calls.get(k, 0) for k in ("_c10d_functional.all_gather_into_tensor.default",
+                                                 "_c10d_functional.all_reduce.default"))) == \
+        _predicted_sent(root, "vae_p2", inputs["vae"])
 
 
 def test_ring_passes_keys_and_values_around_at_every_site(root, two_ranks):
@@ -433,3 +481,90 @@ def test_fsdp_ranks_share_the_most_cautious_gate_decision(two_ranks):
     assert shared[0] == mine[1]  # rank 1's latent changes faster: its decisions are the cautious ones
     for a, b in zip(results["flux_db_f2", 1]["outs"], single["flux_db_f2.1"][0]):
         assert rel_err(a, b) <= 1e-5
+
+
+# -- parallel.auto (dacc/compiler/choose_parallel.py): every split partitioned for real and weighed
+# by the cost model; the world-2 splits are the artifacts compiled above
+# a free link and no dispatch cost: only compute and memory traffic separate the splits
+FREE_LINK = DeviceProfile("free-link", matmul_flops=1e9, memory_bandwidth=1e12, memory_bytes=1e12,
+                          link_bandwidth=1e15, link_latency=0.0, op_overhead=0.0, async_dispatch=False, source="test")
+
+
+@pytest.fixture(scope="module")
+def partition(root):
+    """A split's manifest: the artifact compiled above for it when there is one (the same passes,
+    unlowered), else the passes run on a copy of the shared trace."""
+    compiled = {(1, 1, 2, 1): "flux_u2", (1, 2, 1, 1): "flux_c2", (1, 1, 1, 2): "flux_r2", (2, 1, 1, 1): "flux_f2"}
+    manifests = {}
+
+    def run(plan):
+        p = plan.parallel
+        key = (p.fsdp, p.cfg, p.ulysses, p.ring)
+        if key not in manifests:
+            manifests[key] = (read_manifest(root / f"{compiled[key]}.dacc", None) if key in compiled
+                              else partition_manifest(shared_trace(FLUX), plan))
+        return manifests[key]
+    return run
+
+
+def _auto(world: int, device: str, **more) -> object:
+    return parse_plan({"num_inference_steps": 4, "parallel": {"auto": {"world_size": world, "device": device, **more}}})
+
+
+def _profile(tmp_path: Path, **changes) -> str:
+    return str(save_profile(DeviceProfile(**{**FREE_LINK.__dict__, **changes}), tmp_path / "device.yaml"))
+
+
+def test_auto_splitting_the_work_beats_fsdp_until_memory_is_short(partition, tmp_path):
+    plan, choice = choose_parallel(_auto(2, _profile(tmp_path)), partition, lambda m: None, "test")
+    by = {(c.fsdp, c.cfg, c.ulysses, c.ring): c for c in choice.candidates}
+    assert set(by) == {(2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)}
+    fsdp = by[2, 1, 1, 1]
+    # fsdp ranks each run the whole call: with a free link, every split of the work is faster
+    assert all(c.step_seconds < fsdp.step_seconds for k, c in by.items() if k != (2, 1, 1, 1))
+    chosen = [c for c in choice.candidates if c.verdict == "chosen"]
+    assert len(chosen) == 1 and chosen[0].step_seconds == min(c.step_seconds for c in choice.candidates)
+    assert (plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring) == (chosen[0].cfg, chosen[0].ulysses,
+                                                                             chosen[0].ring)
+    # fsdp stores half the weights; below what the others need, only it fits
+    assert fsdp.peak_bytes < min(c.peak_bytes for c in by.values() if c is not fsdp)
+    tight = (fsdp.peak_bytes + min(c.peak_bytes for c in by.values() if c is not fsdp)) / 2
+    plan, choice = choose_parallel(_auto(2, _profile(tmp_path, memory_bytes=tight)), partition, lambda m: None, "test")
+    assert plan.parallel.fsdp == 2
+    assert sorted(c.verdict for c in choice.candidates) == ["chosen", "over memory", "over memory", "over memory"]
+    # the throughput objective counts the calls fsdp ranks serve at once
+    # (where reading the weights dominates, and splitting the tokens does not shorten it)
+    slow_memory = _profile(tmp_path, memory_bandwidth=1e5)
+    _, choice = choose_parallel(_auto(2, slow_memory, objective="throughput"), partition, lambda m: None, "t")
+    assert next(c for c in choice.candidates if c.verdict == "chosen").fsdp == 2
+
+
+def test_auto_lists_a_split_the_passes_refuse_with_their_reason(partition, tmp_path):
+    _, choice = choose_parallel(_auto(3, _profile(tmp_path)), partition, lambda m: None, "test")
+    invalid = [c for c in choice.candidates if c.verdict == "invalid"]
+    # the example's 64 image tokens do not split in 3: ring 3 and ulysses 3 are refused, fsdp 3 is not
+    assert [(c.ring, c.ulysses, c.step_seconds) for c in invalid] == [(3, 1, 0.0), (1, 3, 0.0)]
+    assert all("not a multiple of 3" in c.why for c in invalid)
+    assert next(c for c in choice.candidates if c.verdict == "chosen").fsdp == 3
+    with pytest.raises(DaccError, match="no split of 3 ranks fits free-link's"):
+        choose_parallel(_auto(3, _profile(tmp_path, memory_bytes=1.0)), partition, lambda m: None, "test")
+    with pytest.raises(DaccError, match="parallel.auto.at names tokens"):
+        choose_parallel(_auto(3, _profile(tmp_path), at={"tokens": 8}), partition, lambda m: None, "test")
+
+
+def test_auto_compile_records_the_choice_and_inspect_explains_it(tmp_path):
+    # one rank: the wiring from plan to manifest to report (the choice itself is tested above)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"num_inference_steps: 4\nparallel:\n  auto: {{world_size: 1, device: {_profile(tmp_path)}}}\n")
+    m = compile_model(FLUX, plan, tmp_path / "a.dacc", verify=False, log=lambda s: None,
+                      traced=shared_trace(FLUX))
+    chosen = next(c for c in m.parallel_choice.candidates if c.verdict == "chosen")
+    assert (m.parallel.fsdp, m.parallel.cfg, m.parallel.ulysses, m.parallel.ring) == (
+        chosen.fsdp, chosen.cfg, chosen.ulysses, chosen.ring) == (1, 1, 1, 1)
+    text = inspect_artifact(tmp_path / "a.dacc", device=str(tmp_path / "device.yaml"))
+    assert "parallel.auto: 1 split(s) of 1 rank(s) predicted on free-link" in text
+    assert "chosen: fastest that fits on free-link (latency)" in text and "predicted computed step on free-link" in text
+    with pytest.raises(DaccError, match="neither a built-in profile nor a file"):
+        inspect_artifact(tmp_path / "a.dacc", device="h900")
+    with pytest.raises(DaccError, match="parallel.auto both set the degrees"):
+        parse_plan({"parallel": {"ulysses": 2, "auto": {"world_size": 2}}})

@@ -27,7 +27,7 @@ def test_round_trip_through_yaml(tmp_path):
     ({"cache": {"strategy": "fastest"}}, ["cache.strategy", "'fastest'", "'none'"]),
     ({"cache": {"cache_ratio": 1.5}}, ["cache.cache_ratio", "less than or equal to 1"]),
     ({"num_inference_steps": "many"}, ["num_inference_steps", "valid integer"]),
-    ({"parallel": {"vae_patch": 2}}, ["parallel.vae_patch", "1"]),
+    ({"parallel": {"vae_patch": 65}}, ["parallel.vae_patch", "64"]),
     ({"parallel": {"cfg": 4}}, ["parallel.cfg", "1", "2"]),
     ({"parallel": {"ulysses": 0}}, ["parallel.ulysses", "greater than or equal to 1"]),
     ({"parallel": {"ulysses": 2}, "lower": {"backend": "inductor"}}, ["lower.backend", "parallel plans"]),

@@ -112,6 +112,8 @@ def test_other_settings_that_would_be_ignored(tmp_path):
              "calibration_seeds only applies when the rescale polynomial is calibrated")
     _refused(tmp_path, "quantize: {exclude: [proj_out]}\n", "quantize.exclude has no effect with quantize.mode 'none'")
     _refused(tmp_path, "cache: {strategy: teacache, options: {rescale: []}}\n", "cache.options.rescale", "at least 1")
+    _refused(tmp_path, "parallel: {vae_patch: 2, ulysses: 2}\n", "parallel.vae_patch splits a VAE decoder")
+    _refused(tmp_path, "parallel: {fsdp: 2, auto: {world_size: 4}}\n", "parallel.fsdp = 2 and parallel.auto both set")
 
 
 @pytest.mark.parametrize("content, fragment", [

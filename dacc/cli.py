@@ -94,8 +94,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dacc.demo import format_table, run_demo
 
+    if args.nproc < 1:
+        raise DaccError(f"--nproc {args.nproc}: a demo needs at least one process", "dacc demo", "e.g. --nproc 2")
     result = run_demo(args.out, args.plan, per_class=args.per_class, steps=args.steps, seed=args.seed,
-                      log=lambda msg: print(msg, file=sys.stderr))
+                      log=lambda msg: print(msg, file=sys.stderr), nproc=args.nproc)
     print(format_table(result.rows))
     print(f"wrote {args.out}/grid.png (eager | dacc) and {args.out}/demo.dacc")
     return 0
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
     d.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--nproc", type=int, default=1,
+                   help="run the artifact on N local processes (gloo): the plan's parallel degrees, or the split "
+                        "parallel.auto picks on this machine's measured profile (default 1)")
     d.set_defaults(func=_demo)
     return parser
 

@@ -8,7 +8,8 @@ merged by their log-sum-exp:
 so the result is softmax attention over every token, exactly (in fp32), in any block order. The
 next block's transfer runs while the current one is attended. No head count needs to divide P.
 
-The merge has a PyTorch reference here; a fused Triton merge is not written yet.
+The merge has a PyTorch reference here and a fused Triton kernel (ring_triton.py), chosen per
+call by dacc/kernels/dispatch.py (Triton for CUDA tensors).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from dacc.kernels.collectives import process_group, transfer_failed
+from dacc.kernels.dispatch import use_triton
 
 
 def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -31,6 +33,13 @@ def attend_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tens
 
 def merge_by_lse(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
     """Two partial attention outputs over disjoint key blocks -> the output over their union."""
+    if use_triton(out):
+        from dacc.kernels.ring_triton import merge_by_lse_triton
+        return merge_by_lse_triton(out, lse, part, part_lse)
+    return merge_by_lse_reference(out, lse, part, part_lse)
+
+
+def merge_by_lse_reference(out: Tensor, lse: Tensor, part: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
     total = torch.logaddexp(lse, part_lse)
     merged = out * torch.exp(lse - total).unsqueeze(-1) + part * torch.exp(part_lse - total).unsqueeze(-1)
     return merged, total

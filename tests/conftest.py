@@ -108,3 +108,13 @@ def fresh_like(inputs: dict, seed: int) -> dict:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# The longest files start first: each file runs on one worker (--dist loadfile), and a long file
+# handed out last would run alone at the end and set the suite's wall time.
+FIRST = ("tests/runtime/test_parallel.py", "tests/compiler/test_lower.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {path: i for i, path in enumerate(FIRST)}
+    items.sort(key=lambda item: order.get(item.nodeid.split("::")[0], len(FIRST)))  # stable for the rest

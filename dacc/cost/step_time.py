@@ -1,5 +1,5 @@
 """Predicted time of one computed step on a device: the manifest's per-segment expressions
-(FLOPs, bytes sent, collective messages, weight and value bytes, op count) evaluated at given
+(FLOPs, bytes sent, collective messages, weight and traffic bytes, op count) evaluated at given
 sizes and divided by a device profile's rates (devices.py).
 
 Per segment, on one rank:

@@ -88,9 +88,7 @@ def _parallel_lines(m: Manifest) -> list[str]:
     p = m.parallel
     if p.world_size == 1:
         return _choice_lines(m)
-    split = (f"vae_patch {p.vae_patch}" if p.vae_patch > 1 else
-             f"fsdp {p.fsdp} x cfg {p.cfg} x ulysses {p.ulysses} x ring {p.ring}")
-    out = ["", f"parallel: {split} = {p.world_size} ranks "
+    out = ["", f"parallel: {p.describe()} = {p.world_size} ranks "
            f"(run under `torchrun --nproc_per_node {p.world_size}`); the FLOPs below are one rank's share"]
     if m.fsdp is not None:
         stored = sum(u.shard_bytes for u in m.fsdp.units)

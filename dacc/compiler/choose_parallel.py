@@ -19,11 +19,8 @@ from dacc.cost.sizes import sizes_at
 from dacc.cost.step_time import step_time, total_seconds
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import NUMBER, evaluate
-from dacc.schema.manifest import Manifest, ParallelCandidate, ParallelChoice
+from dacc.schema.manifest import Manifest, ParallelCandidate, ParallelChoice, ParallelSpec
 from dacc.schema.plan import Plan, parse_plan
-
-DEGREES = ("fsdp", "cfg", "ulysses", "ring")
-
 
 def splits(world: int) -> list[dict[str, int]]:
     """Every (fsdp, cfg, ulysses, ring) whose product is `world`, cfg in {1, 2}."""
@@ -66,7 +63,7 @@ def choose_parallel(plan: Plan, partition: Callable[[Plan], Manifest], log: Call
     options = splits(auto.world_size)
     env = None
     for k, degrees in enumerate(options, 1):
-        label = " x ".join(f"{name} {degrees[name]}" for name in DEGREES if degrees[name] > 1) or "one rank"
+        label = ParallelSpec(**degrees).describe()
         try:
             cand = _with_degrees(plan, degrees)
             m = partition(cand)
@@ -100,8 +97,7 @@ def choose_parallel(plan: Plan, partition: Callable[[Plan], Manifest], log: Call
                  f"{cost(c) / cost(candidates[best]):.2f}x the chosen {auto.objective} cost")
     candidates[best].verdict = "chosen"
     chosen = candidates[best]
-    log(f"parallel.auto chose fsdp {chosen.fsdp} x cfg {chosen.cfg} x ulysses {chosen.ulysses} x ring {chosen.ring}: "
-        f"{chosen.step_seconds * 1e3:.3g} ms/step predicted on {device.name}")
+    log(f"parallel.auto chose {_degrees(chosen)}: {chosen.step_seconds * 1e3:.3g} ms/step predicted on {device.name}")
     return plans[best], ParallelChoice(auto.world_size, device.name, dict(env or {}), candidates)
 
 
@@ -116,4 +112,4 @@ def _nothing_fits(candidates: list[ParallelCandidate], world: int, device: Devic
 
 
 def _degrees(c: ParallelCandidate) -> str:
-    return f"fsdp {c.fsdp} x cfg {c.cfg} x ulysses {c.ulysses} x ring {c.ring}"
+    return ParallelSpec(c.cfg, c.ulysses, c.ring, c.fsdp).describe()

@@ -67,10 +67,3 @@ def node_messages(node: Node) -> int:
         return 1
     return int(node.target in SENT_FRACTION and node.target is not torch.ops.dacc.shard.default)
 
-
-def unit_gather_bytes(ir: ProgramIR) -> dict[str, int]:
-    """Segment -> bytes this rank sends gathering the FSDP units that segment is the first to read."""
-    out: dict[str, int] = {}
-    for unit in ir.fsdp_units or []:
-        out[unit.segments[0]] = out.get(unit.segments[0], 0) + unit.shard_bytes * (ir.fsdp_degree - 1)
-    return out

@@ -13,12 +13,12 @@ import sympy
 import torch
 from torch.fx import Node
 
-from dacc.compiler.comm import node_messages, node_sent_bytes, unit_gather_bytes
+from dacc.compiler.comm import node_messages, node_sent_bytes
 from dacc.compiler.flops import node_flops
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.memory import example_symbols, traffic_bytes, transient_peak, value_bytes
 from dacc.schema.expr import to_tree
-from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec, node_segment
+from dacc.schema.manifest import AttentionSite, LinearSite, SegmentSpec, node_segment, unit_gather_bytes
 
 
 def segment_of(ir: ProgramIR, node: Node) -> str | None:
@@ -63,7 +63,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
 
     gate_reads = ir.cache_gate.reads() if ir.cache_gate is not None else set()
     specs, block_index = [], 0
-    fsdp_gathers = unit_gather_bytes(ir)
+    fsdp_gathers = unit_gather_bytes(ir.fsdp_units or [], ir.fsdp_degree)
     example = example_symbols(ir)
     for seg in order:
         nodes = members[seg]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from dacc.cost.devices import DeviceProfile
 from dacc.schema.expr import NUMBER, evaluate
-from dacc.schema.manifest import Manifest, ProgramSpec
+from dacc.schema.manifest import Manifest, ProgramSpec, unit_gather_bytes
 
 
 @dataclass
@@ -36,19 +36,11 @@ class SegmentTime:
     runs: float = 1  # how many times the step runs it (a stand-in for several identical blocks)
 
 
-def unit_gathers(m: Manifest) -> dict[str, float]:
-    """Segment -> bytes this rank sends gathering the fsdp units it is the first to read."""
-    out: dict[str, float] = {}
-    for unit in (m.fsdp.units if m.fsdp is not None else []):
-        out[unit.segments[0]] = out.get(unit.segments[0], 0.0) + unit.shard_bytes * (m.fsdp.degree - 1)
-    return out
-
-
 def step_time(m: Manifest, prog: ProgramSpec, env: dict[str, int], device: DeviceProfile,
               runs: dict[str, float] | None = None) -> list[SegmentTime]:
     """One row per segment; `runs` says how many times a segment stands for (default 1): a model
     traced with two blocks of a list predicts one with nineteen (bench/predict_flux_dev.py)."""
-    gathers = unit_gathers(m)
+    gathers = unit_gather_bytes(m.fsdp.units, m.fsdp.degree) if m.fsdp is not None else {}
     rows: list[SegmentTime] = []
     for seg in prog.segments:
         def ev(tree, what: str) -> float:

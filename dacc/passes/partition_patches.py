@@ -143,9 +143,9 @@ def _gather_keys(ir: ProgramIR, site: Node, world: int) -> None:
     row-major with the columns), so rank order is image order."""
     seg = ir.info(site).segment
     q, k, v = site.args[:3]
-    gathered = []
+    gathered, sizes = [], SizeEmitter(ir, site, seg)  # one emitter: k and v share the size nodes
     for t in (k, v):
-        full = SizeEmitter(ir, site, seg).emit(ir.shape(t)[-2])  # still the whole image's count here
+        full = sizes.emit(ir.shape(t)[-2])  # still the whole image's count here
         gathered.append(insert_op(ir, site, torch.ops.dacc.gather.default, (t, -2 % len(ir.shape(t)), [full],
                                                                            GROUP, world), seg))
     site.args = (q, *gathered, *site.args[3:])

@@ -35,8 +35,7 @@ def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
     if spec.world_size == 1:
         bind_groups({})
         return None, {}
-    degrees = f"fsdp {spec.fsdp} x cfg {spec.cfg} x ulysses {spec.ulysses} x ring {spec.ring}" + (
-        f" x vae_patch {spec.vae_patch}" if spec.vae_patch > 1 else "")
+    degrees = spec.describe()
     if not (dist.is_available() and dist.is_initialized()):
         raise DaccError(f"this artifact runs on {spec.world_size} ranks ({degrees}) and no process group is "
                         "initialised", where,

@@ -141,6 +141,12 @@ class ParallelSpec:
     def world_size(self) -> int:
         return self.fsdp * self.cfg * self.ulysses * self.ring * self.vae_patch
 
+    def describe(self) -> str:
+        """The degrees as text: a VAE decoder's bands, else the transformer's four degrees."""
+        if self.vae_patch > 1:
+            return f"vae_patch {self.vae_patch}"
+        return f"fsdp {self.fsdp} x cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring}"
+
 
 @dataclass
 class ParallelCandidate:
@@ -184,6 +190,15 @@ class FsdpUnit:
 
 def fsdp_file(rank: int, degree: int) -> str:
     return f"weights.fsdp{rank}of{degree}.safetensors"
+
+
+def unit_gather_bytes(units: list[FsdpUnit], degree: int) -> dict[str, int]:
+    """Segment -> bytes a rank sends gathering the units that segment is the first to read: its
+    shard to each of the other degree-1 ranks."""
+    out: dict[str, int] = {}
+    for unit in units:
+        out[unit.segments[0]] = out.get(unit.segments[0], 0) + unit.shard_bytes * (degree - 1)
+    return out
 
 
 def fsdp_shard(t, rank: int, degree: int):

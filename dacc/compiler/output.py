@@ -69,16 +69,27 @@ def remove_stale(target: Path) -> list[Path]:
     removed = []
     for tmp in target.parent.glob(_tmp_prefix(target) + "*"):
         marker = tmp / INCOMPLETE
-        if tmp.is_symlink() or not marker.is_file():
-            continue  # not ours
-        try:
-            pid = int(marker.read_text().strip())
-        except ValueError:
+        if tmp.is_symlink() or not tmp.is_dir():
             continue
+        pid = _owner(tmp, marker, target)
+        if pid is None:
+            continue  # not ours
         if not _alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed
+
+
+def _owner(tmp: Path, marker: Path, target: Path) -> int | None:
+    """The compile process that made `tmp`: the marker's pid, or (for a directory killed between
+    being made and being marked, so still empty) the pid its name was given."""
+    if marker.is_file():
+        try:
+            return int(marker.read_text().strip())
+        except ValueError:
+            return None
+    pid = tmp.name[len(_tmp_prefix(target)):].split("-", 1)[0]
+    return int(pid) if pid.isdigit() and not any(tmp.iterdir()) else None
 
 
 def _alive(pid: int) -> bool:

@@ -128,7 +128,7 @@ def _start_compile(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dacc.cli", "compile", str(DIT), "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.dacc.dacc-tmp-*")):
+    while not list(tmp_path.glob(".out.dacc.dacc-tmp-*/INCOMPLETE")):  # made and marked
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -152,3 +152,16 @@ def test_sigkill_leftovers_are_refused_then_cleaned_by_the_next_compile(tmp_path
         dacc.load(left)
     _compile(out)
     assert [p.name for p in tmp_path.iterdir()] == ["out.dacc"]
+
+
+def test_a_directory_killed_before_its_marker_is_cleaned_by_the_next_compile(tmp_path):
+    """SIGKILL between making the temporary directory and marking it leaves it empty: the pid in
+    its name says whose it was; a live process's empty directory and a stranger's are kept."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".out.dacc.dacc-tmp-{int(dead.stdout)}-abc"
+    live = tmp_path / f".out.dacc.dacc-tmp-{os.getpid()}-def"
+    stranger = tmp_path / ".out.dacc.dacc-tmp-notapid"
+    for d in (orphan, live, stranger):
+        d.mkdir()
+    _compile(tmp_path / "out.dacc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.dacc", live.name, stranger.name])

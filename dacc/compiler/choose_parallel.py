@@ -3,7 +3,7 @@
 Every split of the world size into fsdp x cfg x ulysses x ring (cfg at most 2) is partitioned
 by the same passes a given plan would run, and its manifest's expressions are evaluated at the
 requested sizes on the device profile: predicted step time (dacc/cost/step_time.py) and peak
-memory per rank (dacc/cost/memory_map.py). A split the passes refuse (heads that do not divide,
+memory per rank (dacc/cost/memory_map.py). A split the passes refuse (a block reducing over tokens,
 no batched CFG) is invalid, with the passes' own reason; one whose peak exceeds the device's
 memory does not fit. The fastest that fits is chosen (per call, or per call served under the
 throughput objective, where the fsdp ranks' own calls count); ties go to the fewer bytes sent.

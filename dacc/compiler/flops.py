@@ -43,6 +43,6 @@ def node_flops(ir: ProgramIR, node: Node) -> sympy.Expr:
         q, k, v = (ir.shape(a) for a in node.args[:3])
         batch_heads = _prod(q[:-2])
         # ring attention holds one block of keys at a time and sees all P of them
-        blocks = int(node.args[-1]) if t is not aten.scaled_dot_product_attention.default else 1
+        blocks = int(node.args[5]) if t is not aten.scaled_dot_product_attention.default else 1
         return 2 * batch_heads * q[-2] * k[-2] * blocks * (q[-1] + v[-1])
     return sympy.Integer(0)

@@ -9,12 +9,25 @@ included, so the partitioned program keeps exact shapes and saves and loads like
 The bodies call torch's functional collectives (`torch.ops._c10d_functional.*`), so a
 `TorchDispatchMode` sees every transfer, on gloo (CPU) as on NCCL.
 
+Token counts need not divide the group: every part of a sharded dim is padded at its end to a
+multiple of `world` rows (zeros), so each rank holds `ceil(part / world)` rows of each part, a size
+the same on every rank and an expression of the full one. The pad rows are computed like any other
+and never reach a real row: attention leaves them out of its keys (the exchanges below drop them,
+ring attention skips them), every other op in a block is row-wise, and the exit gather drops them.
+
 - `shard(x, dim, parts, group, world)`: this rank's share of `x` along `dim`. The dim is made of
-  `parts` laid end to end (Flux's rotary table: text rows, then image rows); each part is split
-  into `world` equal chunks and the rank keeps chunk `rank` of every part. Local, no transfer.
+  `parts` laid end to end (Flux's rotary table: text rows, then image rows); each part is padded
+  and split into `world` chunks, and the rank keeps chunk `rank` of every part. Local, no transfer.
 - `gather(x, dim, parts, group, world)`: the inverse; `parts` are the full sizes. One all-gather.
-- `all_to_all(x, scatter_dim, gather_dim, group, world)`: Ulysses' exchange. Chunk j of
-  `scatter_dim` goes to rank j; what arrives is laid end to end along `gather_dim` in rank order.
+- `seq_to_heads(x, head_dim, token_dim, parts, group, world)`: Ulysses' exchange in. Heads are
+  padded to a multiple of `world` with zero heads and split; each rank receives every rank's
+  tokens for its heads. With `parts` (the full token counts) the tokens come out in their
+  original order, pad rows dropped; with `parts=[]` (USP: the group holds only some of the token
+  chunks) they stay as they arrive, rank after rank, pads included, for ring attention to skip.
+- `heads_to_seq(x, head_dim, token_dim, parts, heads, group, world)`: the way back, to `heads`
+  heads (the zero heads dropped) and this rank's padded token chunks.
+- `zero_padding(x, dim, parts, group, world)`: `x` with this rank's pad rows zeroed, so a cache
+  probe's statistics over the shard are those of its real rows.
 """
 from __future__ import annotations
 
@@ -69,46 +82,86 @@ def _transfer(what: str, role: str, start, *args) -> Tensor:
         raise transfer_failed(what, role, exc) from None
 
 
-def _local_parts(parts: list[int], world: int, what: str) -> list[int]:
-    for p in parts:
-        if p % world:
-            raise RuntimeError(f"{what}: a size of {p} does not split into {world} equal shares")
-    return [p // world for p in parts]
+def chunk(part, world: int):
+    """Rows of a part of `part` rows that each of `world` ranks holds (the last ones padded)."""
+    return (part + world - 1) // world
+
+
+def valid_rows(part: int, world: int, index: int) -> int:
+    """Real (unpadded) rows in chunk `index` of a part split over `world` ranks."""
+    c = chunk(part, world)
+    return max(0, min(c, part - index * c))
+
+
+def _padded(x: Tensor, dim: int, rows: int) -> Tensor:
+    """`x` with zero rows appended along `dim` up to `rows`."""
+    missing = rows - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim)
+
+
+def _rank_major(x: Tensor, dim: int, parts: list[int], world: int) -> Tensor:
+    """Full (unpadded) parts along `dim` -> every rank's padded chunks, rank after rank."""
+    pieces = [_padded(p, dim, chunk(n, world) * world).chunk(world, dim) for p, n in zip(x.split(parts, dim), parts)]
+    return torch.cat([pieces[k][r] for r in range(world) for k in range(len(parts))], dim)
+
+
+def _original_order(x: Tensor, dim: int, parts: list[int], world: int) -> Tensor:
+    """The inverse of `_rank_major`: the parts in their order, pad rows dropped."""
+    local = [chunk(n, world) for n in parts]
+    per_rank = [r.split(local, dim) for r in x.chunk(world, dim)]
+    return torch.cat([torch.cat([per_rank[r][k] for r in range(world)], dim).narrow(dim, 0, n)
+                      for k, n in enumerate(parts)], dim)
+
+
+def _exchange(x: Tensor, scatter_dim: int, gather_dim: int, group: str, world: int, what: str) -> Tensor:
+    """Chunk j of `scatter_dim` goes to rank j; what arrives is laid end to end along `gather_dim`
+    in rank order. One all-to-all."""
+    g = process_group(group, world)
+    moved = x.movedim(scatter_dim, 0).contiguous()
+    split = [moved.shape[0] // world] * world
+    got = _transfer(what, group, torch.ops._c10d_functional.all_to_all_single, moved, split, split, g.group_name)
+    return torch.cat([p.movedim(0, scatter_dim) for p in got.chunk(world, 0)], gather_dim)
+
+
+def _my_rank(group: str, world: int) -> int:
+    return dist.get_rank(process_group(group, world)) if world > 1 else 0
 
 
 @torch.library.custom_op("dacc::shard", mutates_args=())
 def shard(x: Tensor, dim: int, parts: list[int], group: str, world: int) -> Tensor:
     if sum(parts) != x.shape[dim]:
         raise RuntimeError(f"dacc.shard: parts {parts} do not add up to dim {dim} of size {x.shape[dim]}")
-    rank = dist.get_rank(process_group(group, world)) if world > 1 else 0
-    local = _local_parts(parts, world, "dacc.shard")
-    pieces = x.split(parts, dim)
-    return torch.cat([p.narrow(dim, rank * n, n) for p, n in zip(pieces, local)], dim).contiguous()
+    rank = _my_rank(group, world)
+    pieces = []
+    for p, n in zip(x.split(parts, dim), parts):
+        c = chunk(n, world)
+        pieces.append(_padded(p.narrow(dim, min(rank * c, n), valid_rows(n, world, rank)), dim, c))
+    return torch.cat(pieces, dim).contiguous()
 
 
 @shard.register_fake
 def _(x, dim, parts, group, world):
     shape = list(x.shape)
-    for p in parts:
-        torch._check(p % world == 0, lambda: f"dacc.shard: a part does not split into {world} equal shares")
-    shape[dim] = sum(p // world for p in parts)
+    shape[dim] = sum(chunk(p, world) for p in parts)
     return x.new_empty(shape)
 
 
 @torch.library.custom_op("dacc::gather", mutates_args=())
 def gather(x: Tensor, dim: int, parts: list[int], group: str, world: int) -> Tensor:
-    local = _local_parts(parts, world, "dacc.gather")
-    if sum(local) != x.shape[dim]:
-        raise RuntimeError(f"dacc.gather: local parts {local} do not add up to dim {dim} of size {x.shape[dim]}")
+    local = sum(chunk(p, world) for p in parts)
+    if local != x.shape[dim]:
+        raise RuntimeError(f"dacc.gather: dim {dim} has {x.shape[dim]} rows; parts {parts} over {world} ranks "
+                           f"leave {local} on each")
     if world == 1:
         return x.clone()
     g = process_group(group, world)
     moved = x.movedim(dim, 0).contiguous()
     every = _transfer("gather", group, torch.ops._c10d_functional.all_gather_into_tensor, moved, world, g.group_name)
-    ranks = every.chunk(world, 0)  # rank r's local tensor: its chunk of each part, end to end
-    per_rank = [r.split(local, 0) for r in ranks]
-    ordered = [per_rank[r][k] for k in range(len(parts)) for r in range(world)]
-    return torch.cat(ordered, 0).movedim(0, dim).contiguous()
+    return _original_order(every, 0, parts, world).movedim(0, dim).contiguous()
 
 
 @gather.register_fake
@@ -118,26 +171,53 @@ def _(x, dim, parts, group, world):
     return x.new_empty(shape)
 
 
-@torch.library.custom_op("dacc::all_to_all", mutates_args=())
-def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: str, world: int) -> Tensor:
-    if x.shape[scatter_dim] % world:
-        raise RuntimeError(f"dacc.all_to_all: dim {scatter_dim} of size {x.shape[scatter_dim]} does not split "
-                           f"into {world} equal shares")
-    if world == 1:
-        return x.clone()
-    g = process_group(group, world)
-    moved = x.movedim(scatter_dim, 0).contiguous()
-    split = [moved.shape[0] // world] * world
-    got = _transfer("all_to_all", group, torch.ops._c10d_functional.all_to_all_single, moved, split, split,
-                    g.group_name)
-    pieces = [p.movedim(0, scatter_dim) for p in got.chunk(world, 0)]  # from rank 0, 1, ...
-    return torch.cat(pieces, gather_dim).contiguous()
+@torch.library.custom_op("dacc::seq_to_heads", mutates_args=())
+def seq_to_heads(x: Tensor, head_dim: int, token_dim: int, parts: list[int], group: str, world: int) -> Tensor:
+    if parts and sum(chunk(p, world) for p in parts) != x.shape[token_dim]:
+        raise RuntimeError(f"dacc.seq_to_heads: {x.shape[token_dim]} tokens on this rank; parts {parts} over "
+                           f"{world} ranks leave {sum(chunk(p, world) for p in parts)}")
+    x = _padded(x, head_dim, chunk(x.shape[head_dim], world) * world)
+    got = _exchange(x, head_dim, token_dim, group, world, "seq_to_heads") if world > 1 else x
+    return (_original_order(got, token_dim, parts, world) if parts else got).contiguous()
 
 
-@all_to_all.register_fake
-def _(x, scatter_dim, gather_dim, group, world):
-    torch._check(x.shape[scatter_dim] % world == 0, lambda: "dacc.all_to_all: dim does not split evenly")
+@seq_to_heads.register_fake
+def _(x, head_dim, token_dim, parts, group, world):
     shape = list(x.shape)
-    shape[scatter_dim] = x.shape[scatter_dim] // world
-    shape[gather_dim] = x.shape[gather_dim] * world
+    shape[head_dim] = chunk(x.shape[head_dim], world)
+    shape[token_dim] = sum(parts) if parts else x.shape[token_dim] * world
     return x.new_empty(shape)
+
+
+@torch.library.custom_op("dacc::heads_to_seq", mutates_args=())
+def heads_to_seq(x: Tensor, head_dim: int, token_dim: int, parts: list[int], heads: int, group: str,
+                 world: int) -> Tensor:
+    if x.shape[head_dim] != chunk(heads, world):
+        raise RuntimeError(f"dacc.heads_to_seq: {x.shape[head_dim]} heads on this rank; {heads} over {world} "
+                           f"ranks leave {chunk(heads, world)}")
+    x = _rank_major(x, token_dim, parts, world) if parts else x
+    got = _exchange(x, token_dim, head_dim, group, world, "heads_to_seq") if world > 1 else x
+    return got.narrow(head_dim, 0, heads).contiguous()
+
+
+@heads_to_seq.register_fake
+def _(x, head_dim, token_dim, parts, heads, group, world):
+    shape = list(x.shape)
+    shape[head_dim] = heads
+    shape[token_dim] = sum(chunk(p, world) for p in parts) if parts else x.shape[token_dim] // world
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("dacc::zero_padding", mutates_args=())
+def zero_padding(x: Tensor, dim: int, parts: list[int], group: str, world: int) -> Tensor:
+    rank = _my_rank(group, world)
+    pieces = []
+    for p, n in zip(x.split([chunk(n, world) for n in parts], dim), parts):
+        real = valid_rows(n, world, rank)
+        pieces.append(_padded(p.narrow(dim, 0, real), dim, p.shape[dim]))
+    return torch.cat(pieces, dim).contiguous()
+
+
+@zero_padding.register_fake
+def _(x, dim, parts, group, world):
+    return torch.empty_like(x)

@@ -8,6 +8,12 @@ merged by their log-sum-exp:
 so the result is softmax attention over every token, exactly (in fp32), in any block order. The
 next block's transfer runs while the current one is attended. No head count needs to divide P.
 
+Token counts need not divide P either: each block holds padded chunks of the token parts
+(dacc/kernels/collectives.py), and the pad rows of every block are left out of its keys, so the
+result is attention over the real tokens only. Under USP a block holds `chunks` sequence chunks
+(one per ulysses rank, as the all-to-all laid them out): chunk u of ring rank j is sequence
+chunk u * P + j.
+
 The merge has a PyTorch reference here and a fused Triton kernel (ring_triton.py), chosen per
 call by dacc/kernels/dispatch.py (Triton for CUDA tensors).
 """
@@ -20,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from dacc.kernels.collectives import process_group, transfer_failed
+from dacc.kernels.collectives import chunk, process_group, transfer_failed, valid_rows
 from dacc.kernels.dispatch import use_triton
 
 
@@ -67,18 +73,40 @@ def _finish(works: list, role: str) -> None:
         raise transfer_failed("ring_attention", role, exc) from None
 
 
+def real_keys(block: Tensor, parts: list[int], chunks: int, world: int, source: int) -> Tensor | None:
+    """The rows of ring rank `source`'s block [..., rows, dim] that are real tokens (None: none are).
+    The block is `chunks` sequence chunks, each the padded chunk of every part in turn."""
+    if not parts:
+        return block
+    shards = chunks * world
+    sizes = [chunk(p, shards) for p in parts]
+    keep = [(start + sum(sizes[:k]), valid_rows(p, shards, u * world + source))
+            for u, start in enumerate(range(0, chunks * sum(sizes), sum(sizes))) for k, p in enumerate(parts)]
+    if all(n == sizes[i % len(parts)] for i, (_, n) in enumerate(keep)):
+        return block
+    kept = [block.narrow(-2, s, n) for s, n in keep if n]
+    return torch.cat(kept, -2) if kept else None
+
+
 @torch.library.custom_op("dacc::ring_attention", mutates_args=())
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: str, world: int) -> Tensor:
-    """q, k, v: [..., tokens on this rank, head dim]; `scale` as in scaled_dot_product_attention."""
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: str, world: int, parts: list[int],
+                   chunks: int) -> Tensor:
+    """q, k, v: [..., tokens on this rank, head dim]; `scale` as in scaled_dot_product_attention;
+    `parts`: the full token counts the tokens were sharded from ([]: no padding to skip)."""
     if world == 1:
-        return attend_with_lse(q, k, v, scale)[0].to(q.dtype)
+        block = torch.stack([k, v])
+        real = real_keys(block, parts, chunks, 1, 0)
+        return attend_with_lse(q, real[0], real[1], scale)[0].to(q.dtype)
     g = process_group(group, world)
+    rank = dist.get_rank(g)
     block = torch.stack([k, v]).contiguous()
     out = lse = None
     for step in range(world):
         pending = _start_exchange(block, g, group) if step < world - 1 else None
-        part, part_lse = attend_with_lse(q, block[0], block[1], scale)  # while the next block travels
-        out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
+        real = real_keys(block, parts, chunks, world, (rank - step) % world)
+        if real is not None:  # while the next block travels
+            part, part_lse = attend_with_lse(q, real[0], real[1], scale)
+            out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
         if pending is not None:
             _finish(pending[1], group)
             block = pending[0]
@@ -86,7 +114,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, group: str, wo
 
 
 @ring_attention.register_fake
-def _(q, k, v, scale, group, world):
+def _(q, k, v, scale, group, world, parts, chunks):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -22,8 +22,13 @@ with position tables sharded the same way. The all-to-all then hands every rank 
 rank-major order, the same for queries, keys and values; attention does not depend on the order
 of keys, so the result is exact. Cross-attention onto a context that is not sharded needs no
 exchange. Sizes the blocks receive as integers (the token count a view splits by) are replaced by
-their per-rank values. Token counts must split evenly (a shape condition of the program, checked
-on every call); head counts are checked here.
+their per-rank values.
+
+Any token count serves: each part is padded to a multiple of the group (dacc/kernels/collectives.py
+says how the pad rows are kept out of every real row), and so is a head count that Ulysses does not
+divide (zero heads). A cache probe over sharded tokens reads its values with the pad rows zeroed,
+so its statistics are those of one process. Blocks that reduce over the token dim other than by
+attention (a softmax written by hand, a mean over tokens) cannot be split and are refused.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from torch.fx import Node
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
 from dacc.compiler.segments import segment_of
-from dacc.compiler.sharding import SizeEmitter, check_examples, insert_op, is_inner, redirect, repropagate, terms
+from dacc.compiler.sharding import SizeEmitter, insert_op, is_inner, redirect, repropagate, terms
 from dacc.kernels.ring import default_scale
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
@@ -57,9 +62,11 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
                         f"keep the token dims dynamic in dynamic_shapes(), or set parallel.{group}: 1")
     nodes = list(ir.graph.nodes)
     first_inner = next(n for n in nodes if is_inner(ir, n))
-    first_epilogue = next(n for n in nodes if segment_of(ir, n) == "epilogue")
+    # the epilogue may be empty (the last block's output is the model's): gather before the output
+    first_epilogue = next(n for n in nodes if segment_of(ir, n) == "epilogue" or n.op == "output")
+    _refuse_token_reductions(ir, tokens, group)
     sizes = SizeEmitter(ir, first_inner, PROLOGUE)
-    shard_count, guard_terms = 0, set()
+    shard_count = 0
     for value in [n for n in nodes if n.op == "placeholder" or segment_of(ir, n) == PROLOGUE]:
         if not any(is_inner(ir, u) for u in value.users):
             continue
@@ -67,27 +74,24 @@ def partition_attention(ir: ProgramIR, plan: Plan) -> PassResult:
         if isinstance(val, torch.SymInt):
             expr = ir.expr(val)
             if expr.free_symbols & tokens:
-                local = _local_size(ir, sizes, value, expr, world, guard_terms)
+                local = _local_size(ir, sizes, value, expr, world)
                 redirect(ir, value, local, keep=lambda u: not is_inner(ir, u))
         elif isinstance(val, torch.Tensor) and not ir.is_param(value):
             dim = _sequence_dim(ir, value, tokens)
             if dim is None:
                 continue
-            parts = _part_sizes(ir, value, dim)
-            guard_terms.update(parts)
             shard = insert_op(ir, first_inner, torch.ops.dacc.shard.default,
-                              (value, dim, [sizes.emit(p) for p in parts], group, world), PROLOGUE)
+                              (value, dim, _parts(ir, sizes, value, dim), group, world), PROLOGUE)
             redirect(ir, value, shard, keep=lambda u: not is_inner(ir, u))
             ir.rename_gate_value(value.name, shard.name)
             shard_count += 1
-    check_examples(ir, sorted(guard_terms, key=str), world, f"parallel.{group} {world}",
-                   f"give example inputs whose token counts (text and image) are multiples of {world}")
-    exchanged = _exchange_at_sites(ir, sites, par.ulysses, par.ring)
+    exchanged = _exchange_at_sites(ir, sites, sizes, par.ulysses, par.ring)
+    probes = _zero_probe_padding(ir, sizes, tokens, group, world)
     gathered = _gather_exits(ir, first_epilogue, tokens, group, world)
-    ir.partition_guards += [sympy.Eq(sympy.Mod(t, world), 0) for t in sorted(guard_terms, key=str)]
     repropagate(ir, tokens, world)
     return PassResult(True, [f"{group} {world}: {shard_count} values sharded, {exchanged} attention sites "
-                             f"exchanged, {gathered} values gathered; token counts must be multiples of {world}"])
+                             f"exchanged, {probes} probe values unpadded, {gathered} values gathered; token counts "
+                             f"that {world} does not divide are padded"])
 
 
 def sequence_group(ulysses: int, ring: int) -> tuple[str, int]:
@@ -148,18 +152,25 @@ def _part_sizes(ir: ProgramIR, value: Node, dim: int) -> list[sympy.Expr]:
                     "set parallel.ulysses and ring to 1 for this model, and report it")
 
 
-def _local_size(ir: ProgramIR, sizes: SizeEmitter, value: Node, expr: sympy.Expr, world: int, guard: set) -> Node:
+def _parts(ir: ProgramIR, sizes: SizeEmitter, value: Node, dim: int) -> list:
+    """The full sizes of the parts of `value`'s token dim, as graph values of the prologue."""
+    return [sizes.emit(p) for p in _part_sizes(ir, value, dim)]
+
+
+def _local_size(ir: ProgramIR, sizes: SizeEmitter, value: Node, expr: sympy.Expr, world: int) -> Node:
+    """A token count the blocks receive as an integer -> the rows each rank holds (padded)."""
     parts = terms(expr)
-    guard.update(parts)
     with_self = [value] if len(parts) == 1 else [sizes.emit(t) for t in parts]
-    local = [insert_op(ir, sizes.before, operator.floordiv, (p, world), sizes.segment) for p in with_self]
+    local = [insert_op(ir, sizes.before, operator.floordiv,
+                       (insert_op(ir, sizes.before, operator.add, (p, world - 1), sizes.segment), world), sizes.segment)
+             for p in with_self]
     total = local[0]
     for p in local[1:]:
         total = insert_op(ir, sizes.before, operator.add, (total, p), sizes.segment)
     return total
 
 
-def _exchange_at_sites(ir: ProgramIR, sites: list[Node], ulysses: int, ring: int) -> int:
+def _exchange_at_sites(ir: ProgramIR, sites: list[Node], sizes: SizeEmitter, ulysses: int, ring: int) -> int:
     group = sequence_group(ulysses, ring)[0]
     sharded = {n for n in ir.graph.nodes if n.target is torch.ops.dacc.shard.default}
     touched: set[Node] = set(sharded)
@@ -178,31 +189,35 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], ulysses: int, ring: int
                             f"({', '.join(ir.type_text(a) for a in (q, k, v))})", "partition_attention",
                             f"set parallel.{group}: 1 for this model, and report it")
         head_dim = int(q.meta["val"].shape[-1])  # an all-to-all leaves it as it is
+        parts = _parts(ir, sizes, q, 2)
         if ulysses > 1:
-            _ulysses_at(ir, site, ulysses)
+            _ulysses_at(ir, site, ulysses, parts if ring == 1 else [])
         if ring > 1:
-            _ring_at(ir, site, ring, head_dim)
+            _ring_at(ir, site, ring, head_dim, parts, ulysses)
         count += 1
     return count
 
 
-def _ulysses_at(ir: ProgramIR, site: Node, world: int) -> None:
-    """Token shards -> head shards for q, k and v before the site, and back after it."""
+def _ulysses_at(ir: ProgramIR, site: Node, world: int, parts: list) -> None:
+    """Token shards -> head shards for q, k and v before the site, and back after it. With `parts`
+    (Ulysses alone) the site sees exactly the real tokens; without (USP) the padded chunks."""
+    heads = site.args[0].meta["val"].shape[1]
     for t in site.args[:3]:
-        heads = t.meta["val"].shape[1]
-        if not isinstance(heads, int) or heads % world:
-            raise DaccError(f"parallel.ulysses {world}: attention {site.name} has {heads} heads, not a multiple "
-                            f"of {world}", "partition_attention",
-                            f"choose a ulysses degree that divides the head count ({heads})")
+        if not isinstance(t.meta["val"].shape[1], int) or t.meta["val"].shape[1] != heads:
+            raise DaccError(f"parallel.ulysses {world}: attention {site.name} has head counts "
+                            f"{[a.meta['val'].shape[1] for a in site.args[:3]]}, not one fixed count",
+                            "partition_attention", "set parallel.ulysses: 1 for this model, and report it")
     seg = ir.info(site).segment
-    site.args = (*(insert_op(ir, site, torch.ops.dacc.all_to_all.default, (t, 1, 2, "ulysses", world), seg)
+    site.args = (*(insert_op(ir, site, torch.ops.dacc.seq_to_heads.default, (t, 1, 2, parts, "ulysses", world), seg)
                    for t in site.args[:3]), *site.args[3:])
-    back = insert_op(ir, site.next, torch.ops.dacc.all_to_all.default, (site, 2, 1, "ulysses", world), seg)
+    back = insert_op(ir, site.next, torch.ops.dacc.heads_to_seq.default, (site, 1, 2, parts, heads, "ulysses", world),
+                     seg)
     redirect(ir, site, back, keep=lambda u: False)
 
 
-def _ring_at(ir: ProgramIR, site: Node, world: int, head_dim: int) -> None:
-    """Replace the attention call by ring attention over the same (sharded) q, k, v."""
+def _ring_at(ir: ProgramIR, site: Node, world: int, head_dim: int, parts: list, chunks: int) -> None:
+    """Replace the attention call by ring attention over the same (sharded) q, k, v; each block
+    holds `chunks` token chunks (the ulysses degree), whose pad rows it skips."""
     q, k, v = site.args[:3]
     kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal"), site.args[3:6]), **site.kwargs)
     unsupported = {name: value for name, value in kwargs.items()
@@ -214,7 +229,8 @@ def _ring_at(ir: ProgramIR, site: Node, world: int, head_dim: int) -> None:
     scale = kwargs.get("scale")
     scale = float(scale) if scale is not None else default_scale(head_dim)
     with ir.graph.inserting_after(site):
-        ring = ir.graph.call_function(torch.ops.dacc.ring_attention.default, (q, k, v, scale, "ring", world))
+        ring = ir.graph.call_function(torch.ops.dacc.ring_attention.default,
+                                      (q, k, v, scale, "ring", world, parts, chunks))
     ring.meta = dict(site.meta)
     ir.set_info(ring, ir.info(site))  # still the attention site (role, heads, lengths) of its block
     ir.replace_node(site, ring)
@@ -237,3 +253,46 @@ def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, group: str, 
         redirect(ir, value, gather, keep=lambda u: u not in leaving)
         count += 1
     return count
+
+
+def _zero_probe_padding(ir: ProgramIR, sizes: SizeEmitter, tokens: set, group: str, world: int) -> int:
+    """The cache probe reads its sharded values with their pad rows zeroed (a side copy; the
+    blocks keep reading the values themselves)."""
+    gate = ir.cache_gate
+    if gate is None:
+        return 0
+    nodes = {n.name: n for n in ir.graph.nodes}
+    count = 0
+    for names in (gate.probe_values, gate.probe_base):
+        for i, name in enumerate(names):
+            value = nodes[name]
+            dim = _sequence_dim(ir, value, tokens) if is_inner(ir, value) else None
+            if dim is None:
+                continue
+            zeroed = insert_op(ir, value.next, torch.ops.dacc.zero_padding.default,
+                               (value, dim, _parts(ir, sizes, value, dim), group, world), ir.info(value).segment)
+            names[i] = zeroed.name
+            count += 1
+    return count
+
+
+_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten._softmax.default,
+               aten._log_softmax.default, aten.softmax.int, aten.log_softmax.int, aten.var.correction,
+               aten.var_mean.correction, aten.logsumexp.default, aten.cumsum.default, aten.max.dim, aten.min.dim,
+               aten.sort.default, aten.topk.default, aten.argmax.default, aten.argmin.default, aten.std.correction}
+
+
+def _refuse_token_reductions(ir: ProgramIR, tokens: set, group: str) -> None:
+    """An op in a block that reduces over the token dim would see only this rank's tokens."""
+    for node in ir.graph.nodes:
+        if node.op != "call_function" or node.target not in _REDUCTIONS or not is_inner(ir, node):
+            continue
+        shape = ir.shape(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = range(len(shape)) if dims is None else [dims] if isinstance(dims, int) else dims
+        if shape and any(shape[d % len(shape)].free_symbols & tokens for d in dims):
+            raise DaccError(f"parallel.{group}: {node.name} ({node.target}) in segment {ir.info(node).segment} "
+                            f"reduces over the token dim of {ir.type_text(node.args[0])}; split over ranks it would "
+                            "see only each rank's share", "partition_attention",
+                            f"set parallel.{group}: 1 for this model (attention written as matmul and softmax "
+                            "needs F.scaled_dot_product_attention to be split)")

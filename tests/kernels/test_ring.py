@@ -59,5 +59,5 @@ def test_triton_merge_matches_the_reference_on_odd_shapes(kernels):
 def test_one_rank_ring_attention_is_attention():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 9, 4, generator=g) for _ in range(3))
-    got = torch.ops.dacc.ring_attention(q, k, v, 0.3, "ring", 1)
+    got = torch.ops.dacc.ring_attention(q, k, v, 0.3, "ring", 1, [9], 1)
     assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-6)

@@ -41,6 +41,7 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_c2u2": (FLUX, {"parallel": {"cfg": 2, "ulysses": 2}}),
     "flux_r2": (FLUX, {"parallel": {"ring": 2}}),
     "flux_u2r2": (FLUX, {"parallel": {"ulysses": 2, "ring": 2}}),
+    "flux_u4": (FLUX, {"parallel": {"ulysses": 4}}),  # 2 heads: padded to 4
     "flux_f2u2": (FLUX, {"parallel": {"fsdp": 2, "ulysses": 2}}),
     "flux_f2": (FLUX, {"parallel": {"fsdp": 2}}),
     "flux_db": (FLUX, DBCACHE),
@@ -204,12 +205,14 @@ def _inputs(path: Path, seed: int, first: bool = False) -> dict:
 @pytest.fixture(scope="module")
 def two_ranks(root, tmp_path_factory):
     flux = _inputs(FLUX, 11, first=True)  # a CFG pair: each cfg rank holds a batch of 1
-    odd = {**flux, "hidden_states": torch.randn(2, 63, 16), "img_ids": torch.zeros(63, 3)}
+    odd = _odd_tokens(flux, 63)  # the compile saw 64 and 60: 63 image tokens split 32 + 31 (one pad row)
     jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]), "flux_r2": ("flux_r2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
+            "flux_r2_odd": ("flux_r2", [odd]), "flux_db_u2_odd": ("flux_db_u2", _generation(odd)),
             DIE: ("flux_u2.dacc", [flux])}
     refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]),
-            "flux_db_u2": ("flux_db", _generation(flux))}
+            "flux_db_u2": ("flux_db", _generation(flux)), "flux_u2_odd": ("flux", [odd]),
+            "flux_r2_odd": ("flux", [odd]), "flux_db_u2_odd": ("flux_db", _generation(odd))}
     # fsdp ranks serve different requests: rank 1's latent changes faster, so its gate computes more
     other = _inputs(FLUX, 21, first=True)
     requests = {0: [flux], 1: [other]}
@@ -222,7 +225,15 @@ def two_ranks(root, tmp_path_factory):
     jobs["vae_p2"], refs["vae_p2"] = ("vae_p2", [latents]), ("vae", [latents])
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
-    return results, single, {"flux": flux, "vae": latents}
+    return results, single, {"flux": flux, "odd": odd, "vae": latents}
+
+
+def _odd_tokens(inputs: dict, tokens: int, seed: int = 17) -> dict:
+    """The inputs with `tokens` image tokens (a row of the latent grid, fresh values)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.zeros(tokens), torch.arange(tokens).float() // 9, torch.arange(tokens).float() % 9], -1)
+    batch, _, channels = inputs["hidden_states"].shape
+    return {**inputs, "hidden_states": torch.randn(batch, tokens, channels, generator=g), "img_ids": ids}
 
 
 def _sites(root: Path, name: str) -> int:
@@ -243,13 +254,14 @@ def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
     sites = _sites(root, name)
     assert sites > 0
     # q, k, v in and the output back: four all-to-alls per site, each a real transfer
-    assert calls["dacc.all_to_all.default"] == 4 * sites
+    assert calls["dacc.seq_to_heads.default"] == 3 * sites and calls["dacc.heads_to_seq.default"] == sites
     assert calls["_c10d_functional.all_to_all_single.default"] == 4 * sites
     assert calls["_c10d_functional.all_gather_into_tensor.default"] == 1  # the epilogue's gather
     assert "c10d.allreduce_.default" not in calls  # no cache gate, nothing reduced
 
 
-@pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2"])
+@pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2", "flux_u2_odd", "flux_r2_odd",
+                                  "flux_db_u2_odd"])
 def test_every_rank_returns_the_single_process_output(two_ranks, name):
     results, single, _ = two_ranks
     _same_outputs(results, name, 2, single[name][0], single[name][2])
@@ -292,12 +304,14 @@ def _predicted_sent(root: Path, name: str, inputs: dict) -> tuple[float, int]:
             sum(seg.messages for seg in program.segments))
 
 
-@pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2), ("flux_r2", 2)])
+@pytest.mark.parametrize("name, world", [("flux_u2", 2), ("flux_c2", 2), ("flux_r2", 2), ("flux_u2_odd", 2),
+                                         ("flux_r2_odd", 2)])
 def test_the_bytes_each_rank_sends_match_the_compiled_prediction(root, two_ranks, name, world):
     """What left each rank, from the collectives observed in the run: an all-to-all keeps 1/P of
-    what it is handed, an all-gather hands its input to each of the P-1 others."""
+    what it is handed, an all-gather hands its input to each of the P-1 others (pad rows too)."""
     results, _, inputs = two_ranks
-    bytes_predicted, messages_predicted = _predicted_sent(root, name, inputs["flux"])
+    artifact, odd = name.removesuffix("_odd"), name.endswith("_odd")
+    bytes_predicted, messages_predicted = _predicted_sent(root, artifact, inputs["odd" if odd else "flux"])
     for rank in range(world):
         handed, calls = results[name, rank]["bytes"], results[name, rank]["calls"]
         sent = (handed.get("_c10d_functional.all_to_all_single.default", 0) * (world - 1) / world
@@ -371,28 +385,44 @@ def test_cached_ulysses_skips_like_one_process_and_reduces_each_gated_step(root,
     # the front block (Fn=1) runs every step; the gated blocks only on computed steps
     front = sum(1 for s in read_manifest(root / "flux_db_u2.dacc", None).programs[0].attention
                 if s.segment == "transformer_blocks.0")
-    assert calls["dacc.all_to_all.default"] == 4 * (STEPS * front + computed * (sites - front))
+    exchanges = calls["dacc.seq_to_heads.default"] + calls["dacc.heads_to_seq.default"]
+    assert exchanges == 4 * (STEPS * front + computed * (sites - front))
 
 
-def test_token_counts_that_do_not_split_are_refused_on_every_rank(two_ranks):
-    results, _, _ = two_ranks
+def test_uneven_tokens_are_padded_and_the_pads_never_count(root, two_ranks):
+    """63 tokens over 2 ranks: each holds 32 rows; the exchanges and the probe leave the pad out."""
+    results, single, inputs = two_ranks
+    decisions = next(iter(single["flux_db_u2_odd"][2]["decisions"].values()))
+    assert "reused" in decisions and "computed" in decisions  # the same skips as one process (checked above)
+    tokens = inputs["odd"]["hidden_states"].shape[1] + inputs["odd"]["encoder_hidden_states"].shape[1]
+    assert tokens % 2
     for rank in range(2):
-        error = results["flux_u2_odd", rank].get("error", "")
-        assert "Mod(s1, 2)" in error and "does not hold" in error
+        calls = results["flux_u2_odd", rank]["calls"]
+        _exchanges_at_every_site(root, "flux_u2", calls)
+        # each exchange hands over [B, H, rows per rank, D]: the 63 image tokens as 32 padded rows
+        sent = results["flux_u2_odd", rank]["bytes"]["_c10d_functional.all_to_all_single.default"]
+        assert sent == 4 * _sites(root, "flux_u2") * 2 * 2 * (4 + 32) * 16 * 4
 
 
 @pytest.mark.slow  # 40 s: four processes on two cores
 def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts, tmp_path):
-    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2", "flux_f2u2")
+    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2", "flux_f2u2", "flux_u4")
     flux, other = _inputs(FLUX, 13), _inputs(FLUX, 14)
+    odd = _odd_tokens(flux, 61)  # 61 image tokens: 16 rows per rank, 3 of them pads on the last
     jobs = {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2r2": ("flux_u2r2", [flux]), "flux_u2": ("flux_u2", [flux]),
+            "flux_u2r2_odd": ("flux_u2r2", [odd]), "flux_u4_odd": ("flux_u4", [odd]),
             # the mesh is (fsdp, cfg, ulysses, ring): ranks 0-1 serve one request, ranks 2-3 another
             "flux_f2u2": ("flux_f2u2", {0: [flux], 1: [flux], 2: [other], 3: [other]})}
     results = _spawn(root, 4, jobs, tmp_path)
     (ref,), _, _ = _run(root, "flux", [flux])
     (ref_other,), _, _ = _run(root, "flux", [other])
+    (ref_odd,), _, _ = _run(root, "flux", [odd])
     sites = _sites(root, "flux_u2r2")
     for rank in range(4):
+        for name in ("flux_u2r2_odd", "flux_u4_odd"):  # uneven tokens under USP; 2 heads over 4 ranks
+            got = results[name, rank]
+            assert "error" not in got, got.get("error")
+            assert rel_err(got["outs"][0], ref_odd) <= 1e-5, (name, rank)
         for name in ("flux_c2u2", "flux_u2r2"):
             got = results[name, rank]
             assert "error" not in got, got.get("error")
@@ -443,7 +473,7 @@ def test_loading_on_the_wrong_world_size_is_refused(root, tmp_path):
 def test_a_dead_rank_fails_the_others_with_a_clear_error(two_ranks):
     died = two_ranks[0][DIE]
     assert died["error"] is not None and "DaccError" in died["error"], died
-    assert "dacc.all_to_all over the 'ulysses' group failed" in died["error"]
+    assert "dacc.seq_to_heads over the 'ulysses' group failed" in died["error"]
     assert died["seconds"] < 30  # gloo sees the closed peer; DACC_COLLECTIVE_TIMEOUT bounds any wait
 
 
@@ -539,17 +569,25 @@ def test_auto_splitting_the_work_beats_fsdp_until_memory_is_short(partition, tmp
     assert next(c for c in choice.candidates if c.verdict == "chosen").fsdp == 2
 
 
-def test_auto_lists_a_split_the_passes_refuse_with_their_reason(partition, tmp_path):
-    _, choice = choose_parallel(_auto(3, _profile(tmp_path)), partition, lambda m: None, "test")
+def test_auto_lists_a_split_the_passes_refuse_with_their_reason(tmp_path):
+    """The plain Flux file serves a batch of 3 (no CFG pair): cfg 2 is refused by split_cfg."""
+    plain = shared_trace(model_file("flux"))
+    partitions = {}
+
+    def partition(plan):
+        key = (plan.parallel.fsdp, plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring)
+        if key not in partitions:
+            partitions[key] = partition_manifest(plain, plan)
+        return partitions[key]
+    _, choice = choose_parallel(_auto(2, _profile(tmp_path)), partition, lambda m: None, "test")
     invalid = [c for c in choice.candidates if c.verdict == "invalid"]
-    # the example's 64 image tokens do not split in 3: ring 3 and ulysses 3 are refused, fsdp 3 is not
-    assert [(c.ring, c.ulysses, c.step_seconds) for c in invalid] == [(3, 1, 0.0), (1, 3, 0.0)]
-    assert all("not a multiple of 3" in c.why for c in invalid)
-    assert next(c for c in choice.candidates if c.verdict == "chosen").fsdp == 3
-    with pytest.raises(DaccError, match="no split of 3 ranks fits free-link's"):
-        choose_parallel(_auto(3, _profile(tmp_path, memory_bytes=1.0)), partition, lambda m: None, "test")
+    assert [(c.cfg, c.step_seconds) for c in invalid] == [(2, 0.0)]
+    assert "hidden_states.shape[0] = 3, not a multiple of 2" in invalid[0].why
+    assert next(c for c in choice.candidates if c.verdict == "chosen").cfg == 1
+    with pytest.raises(DaccError, match="no split of 2 ranks fits free-link's"):
+        choose_parallel(_auto(2, _profile(tmp_path, memory_bytes=1.0)), partition, lambda m: None, "test")
     with pytest.raises(DaccError, match="parallel.auto.at names tokens"):
-        choose_parallel(_auto(3, _profile(tmp_path), at={"tokens": 8}), partition, lambda m: None, "test")
+        choose_parallel(_auto(2, _profile(tmp_path), at={"tokens": 8}), partition, lambda m: None, "test")
 
 
 def test_auto_compile_records_the_choice_and_inspect_explains_it(tmp_path):

@@ -59,7 +59,12 @@ def _fresh(t, example: dict, seed: int) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("family", MORE_FAMILIES)
+# `make test` keeps the families the cache tests below also use; the others run in `make test-all`
+SLOW_FAMILIES = ("stable_audio", "mochi", "lumina2")
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
+                                    for f in MORE_FAMILIES])
 def test_empty_plan_matches_eager_on_fresh_inputs(traced, artifact, family):
     t = traced(family)
     model, reference = dacc.load(artifact(family)), _reference_model(t)
@@ -73,6 +78,7 @@ def test_empty_plan_matches_eager_on_fresh_inputs(traced, artifact, family):
         assert rel_err(got, ref) <= 1e-5, f"{family} example {i}"
 
 
+@pytest.mark.slow
 def test_derived_input_sizes_are_static_and_the_rest_dynamic(artifact):
     """Stable Audio's rotary table has tokens + 1 rows: that dim (and the token count it fixes) is
     static, the batch stays one symbol shared by every input."""
@@ -81,6 +87,7 @@ def test_derived_input_sizes_are_static_and_the_rest_dynamic(artifact):
     assert shapes["hidden_states"][0] == shapes["encoder_hidden_states"][0] == "s0"
 
 
+@pytest.mark.slow
 def test_lumina2_as_diffusers_writes_it_names_the_data_dependent_line(traced):
     t = traced("lumina2")
     with pytest.raises(DaccError, match=r"transformer_lumina2\.py:\d+: l_effective_cap_len = .*tolist\(\)") as e:

@@ -39,6 +39,7 @@ def test_baseline_samples_reach_90_percent_conditional_accuracy():
     assert conditional_accuracy(result.images, labels) >= 0.9
 
 
+@pytest.mark.slow  # `make test-all`: the checked-in weights' behaviour, not dacc's
 def test_guidance_matters():
     """Without guidance the classifier agrees less often: the conditioning is learnt, not luck."""
     labels = torch.arange(10).repeat(3)

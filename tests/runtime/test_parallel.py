@@ -32,6 +32,7 @@ from dacc.schema.plan import parse_plan
 from tests.conftest import fresh_like, rel_err, shared_trace
 
 FLUX = Path(__file__).with_name("models") / "flux_cfg.py"
+WAN = Path(__file__).with_name("models") / "wan_cfg.py"  # self-attention over video tokens, cross-attention to text
 STEPS = 6
 DBCACHE = {"num_inference_steps": STEPS, "cache": {"strategy": "dbcache", "options": {"threshold": 0.2}}}
 ARTIFACTS = {  # name: (model file, plan)
@@ -49,6 +50,9 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
     "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
+    "wan": (WAN, {}),
+    "wan_u2": (WAN, {"parallel": {"ulysses": 2}}),
+    "wan_r2": (WAN, {"parallel": {"ring": 2}}),
     "vae": (model_file("vae"), {}),
     "vae_p2": (model_file("vae"), {"parallel": {"vae_patch": 2}}),
 }
@@ -86,7 +90,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
     return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
-                     "vae", "vae_p2")
+                     "vae", "vae_p2", "wan", "wan_u2", "wan_r2")
 
 
 class Transfers(TorchDispatchMode):
@@ -223,6 +227,12 @@ def two_ranks(root, tmp_path_factory):
     # a VAE latent of a size the compile never saw: bands of 5 latent rows, 20 image rows
     latents = {"latents": torch.randn(2, 4, 10, 6, generator=torch.Generator().manual_seed(13))}
     jobs["vae_p2"], refs["vae_p2"] = ("vae_p2", [latents]), ("vae", [latents])
+    # Wan at the example's size and at 45 video tokens (3 frames of 3 x 5 patches: uneven over 2)
+    wan = _inputs(WAN, 15, first=True)
+    wan_odd = {**wan, "hidden_states": torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(16))}
+    for name in ("wan_u2", "wan_r2"):
+        jobs[name], refs[name] = (name, [wan]), ("wan", [wan])
+        jobs[f"{name}_odd"], refs[f"{name}_odd"] = (name, [wan_odd]), ("wan", [wan_odd])
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     return results, single, {"flux": flux, "odd": odd, "vae": latents}
@@ -454,6 +464,23 @@ def test_sd3_joint_attention_under_ulysses(artifacts, tmp_path):
     outs, _, stats = _run(root, "sd3", [sd3])
     _same_outputs(results, "sd3_u2", 2, outs, stats)
     _exchanges_at_every_site(root, "sd3_u2", results["sd3_u2", 0]["calls"])
+
+
+def test_sequence_parallel_on_a_cross_attention_family(root, two_ranks):
+    """Wan: ulysses and ring equal one process, at the example's size and at 45 video tokens
+    (uneven over 2 ranks); only self-attention is exchanged, cross-attention reads the whole text
+    from its local queries. (cfg and fsdp split the batch and the weights, whatever the family:
+    Flux covers them.)"""
+    results, single, _ = two_ranks
+    program = read_manifest(root / "wan_u2.dacc", None).programs[0]
+    self_sites = sum(not s.cross for s in program.attention)
+    assert self_sites and len(program.attention) == 2 * self_sites  # one self and one cross site per block
+    for name in ("wan_u2", "wan_r2", "wan_u2_odd", "wan_r2_odd"):
+        _same_outputs(results, name, 2, single[name][0], single[name][2])
+    for rank in range(2):
+        calls = results["wan_u2_odd", rank]["calls"]
+        assert calls["dacc.seq_to_heads.default"] == 3 * self_sites and calls["dacc.heads_to_seq.default"] == self_sites
+        assert results["wan_r2", rank]["calls"]["dacc.ring_attention.default"] == self_sites
 
 
 def test_loading_without_a_process_group_says_how_to_launch(root):

@@ -1,9 +1,10 @@
-"""Cache strategies on the trained demo model: speed against eager and quality against the
-uncached output, every strategy at several settings, in one run.
+"""Cache strategies on a trained model: speed against eager and quality against the uncached
+output, every strategy at several settings, in one run.
 
-    python bench/cache.py [--per-class 2] [--steps 50] [--repeats 3]
+    python bench/cache.py [--model demo|glyphs] [--per-class 2] [--steps 50] [--repeats 3]
 
-Writes bench/results/cache.json and bench/results/cache.md. Transformer wall time is the median
+Writes bench/results/cache.json and cache.md (the demo), cache_glyphs.json and .md (glyphs).
+The cache constants were chosen on the demo: the other models' figures are the unseen ones. Transformer wall time is the median
 of `repeats` generations after a warm-up; eager is measured first and again last, and speedups
 use the mean of the two. FLOPs (deterministic) are reported beside wall time.
 """
@@ -23,9 +24,8 @@ import torch
 import dacc
 from common import RESULTS, compile_demo, finite, generation_flops
 from dacc.metrics import conditional_accuracy, psnr, ssim
-from dacc.models.demo import load_encoder, load_transformer
-from dacc.models.demo.classifier import load_classifier
-from dacc.models.demo.sampler import generate
+from dacc.models.flow import generate
+from dacc.models.train import trained_models
 
 
 CONFIGS: list[tuple[str, dict | None]] = [
@@ -56,18 +56,19 @@ CONFIGS: list[tuple[str, dict | None]] = [
 ]
 
 
-def timed_generation(model, encoder, labels, steps, seed, repeats):
+def timed_generation(trained, model, encoder, labels, steps, seed, repeats):
     times, result = [], None
     for _ in range(repeats):
         if hasattr(model, "reset"):
             model.reset()
-        result = generate(model, encoder, labels, steps=steps, seed=seed)
+        result = generate(trained, model, encoder, labels, steps=steps, seed=seed)
         times.append(result.transformer_seconds)
     return result, statistics.median(times)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(trained_models()), default="demo")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
@@ -75,23 +76,24 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="substring: run only configs whose name contains it")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    encoder, classifier, eager = load_encoder(), load_classifier(), load_transformer()
-    generate(eager, encoder, labels[:2], steps=2, seed=args.seed)  # warm-up
-    ref, eager_first = timed_generation(eager, encoder, labels, args.steps, args.seed, args.repeats)
-    eager_flops = generation_flops(eager, encoder, labels, args.steps, args.seed)
+    m = trained_models()[args.model]
+    labels = torch.arange(m.classes).repeat_interleave(args.per_class)
+    encoder, classifier, eager = m.load_encoder(), m.load_classifier(), m.load_transformer()
+    generate(m, eager, encoder, labels[:2], steps=2, seed=args.seed)  # warm-up
+    ref, eager_first = timed_generation(m, eager, encoder, labels, args.steps, args.seed, args.repeats)
+    eager_flops = generation_flops(eager, encoder, labels, args.steps, args.seed, trained=m)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, cache in CONFIGS:
             if args.only and args.only not in name:
                 continue
             start = time.perf_counter()
-            model = dacc.load(compile_demo(cache, Path(tmp) / "a.dacc", args.steps))
+            model = dacc.load(compile_demo(cache, Path(tmp) / "a.dacc", args.steps, m))
             compile_s = time.perf_counter() - start
-            generate(model, encoder, labels[:2], steps=2, seed=args.seed)
-            out, seconds = timed_generation(model, encoder, labels, args.steps, args.seed, args.repeats)
+            generate(m, model, encoder, labels[:2], steps=2, seed=args.seed)
+            out, seconds = timed_generation(m, model, encoder, labels, args.steps, args.seed, args.repeats)
             stats = model.stats()
-            flops = generation_flops(model, encoder, labels, args.steps, args.seed)
+            flops = generation_flops(model, encoder, labels, args.steps, args.seed, trained=m)
             gate = model.manifest.programs[0].cache
             rows.append({"name": name, "cache": cache, "seconds": seconds, "flops": flops,
                          "psnr": psnr(out.images, ref.images), "ssim": ssim(out.images, ref.images),
@@ -104,27 +106,28 @@ def main(argv=None) -> int:
                 rows[-1]["chosen"].pop(key, None)
             print(f"{name:42s} {seconds:6.2f}s  PSNR {rows[-1]['psnr']:6.2f}  acc {rows[-1]['accuracy']:.3f}",
                   file=sys.stderr)
-    _, eager_last = timed_generation(eager, encoder, labels, args.steps, args.seed, args.repeats)
+    _, eager_last = timed_generation(m, eager, encoder, labels, args.steps, args.seed, args.repeats)
     eager_s = (eager_first + eager_last) / 2
     eager_acc = conditional_accuracy(ref.images, labels, classifier)
     for r in rows:
         r["speedup"] = eager_s / r["seconds"]
         r["flops_speedup"] = eager_flops / r["flops"]
-    report = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    report = {"model": m.name, "machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "samples": len(labels), "steps": args.steps, "repeats": args.repeats,
               "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
                         "accuracy": eager_acc},
               "configs": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache.json").write_text(json.dumps(finite(report), indent=1) + "\n")
-    (RESULTS / "cache.md").write_text(markdown(report))
+    stem = "cache" if m.name == "demo" else f"cache_{m.name}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(finite(report), indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
 
 def markdown(report: dict) -> str:
     e = report["eager"]
-    lines = [f"Demo model, {report['steps']} steps, {report['samples']} samples (batched CFG), "
+    lines = [f"{report.get('model', 'demo').capitalize()} model, {report['steps']} steps, {report['samples']} samples (batched CFG), "
              f"{report['threads']} CPU threads, median of {report['repeats']}; eager "
              f"{e['seconds_first']:.2f} s first / {e['seconds_last']:.2f} s last, conditional accuracy "
              f"{100 * e['accuracy']:.1f}%.", "",

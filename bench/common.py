@@ -7,8 +7,8 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from dacc.compiler.compile import compile_model
-from dacc.demo import DEMO_MODEL
-from dacc.models.demo.sampler import generate
+from dacc.models import flow
+from dacc.models.demo import DEMO
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -24,18 +24,20 @@ def finite(value):
     return value
 
 
-def compile_demo(cache: dict | None, path: Path, steps: int) -> Path:
-    """Compile the demo model with `cache` as the plan's cache section (None: the empty plan)."""
+def compile_demo(cache: dict | None, path: Path, steps: int, trained: flow.TrainedModel = DEMO) -> Path:
+    """Compile a trained model (the demo's by default) with `cache` as the plan's cache section
+    (None: the empty plan)."""
     plan = path.with_suffix(".yaml")
     plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "cache": cache or {"strategy": "none"}}))
-    compile_model(DEMO_MODEL, plan, path, force=True, log=lambda m: None)
+    compile_model(trained.here / "model.py", plan, path, force=True, log=lambda m: None)
     return path
 
 
-def generation_flops(model, encoder, labels, steps: int, seed: int, on_step=None) -> float:
+def generation_flops(model, encoder, labels, steps: int, seed: int, on_step=None,
+                     trained: flow.TrainedModel = DEMO) -> float:
     """Matmul FLOPs of one generation (deterministic), from a fresh cache state."""
     if hasattr(model, "reset"):
         model.reset()
     with FlopCounterMode(display=False) as counter:
-        generate(model, encoder, labels, steps=steps, seed=seed, on_step=on_step)
+        flow.generate(trained, model, encoder, labels, steps=steps, seed=seed, on_step=on_step)
     return float(counter.get_total_flops())

@@ -33,6 +33,7 @@ def searched(tmp_path_factory):
     return _compile_demo(tmp_path_factory.mktemp("search"), "{strategy: taylorseer, target_psnr: 30, options: {order: 2}}")
 
 
+@pytest.mark.slow  # `make test-all`: 50-step generations of the demo model, 45 s on CI's two cores
 def test_target_psnr_search_is_reproduced_by_the_artifact(searched):
     model = dacc.load(searched)
     gate = model.manifest.programs[0].cache
@@ -44,6 +45,7 @@ def test_target_psnr_search_is_reproduced_by_the_artifact(searched):
     assert abs(measured - search["psnr"]) < 1e-3
 
 
+@pytest.mark.slow  # `make test-all`: shares the search above
 def test_inspect_shows_the_gate_and_draws_what_the_search_measured(searched, tmp_path, capsys):
     png = tmp_path / "map.png"
     assert main(["inspect", str(searched), "--decision-map", str(png)]) == 0

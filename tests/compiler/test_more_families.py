@@ -59,8 +59,8 @@ def _fresh(t, example: dict, seed: int) -> dict:
     return inputs
 
 
-# `make test` keeps the families the cache tests below also use; the others run in `make test-all`
-SLOW_FAMILIES = ("stable_audio", "mochi", "lumina2")
+# `make test` keeps Chroma and CogView3Plus (the cache tests below use them too); all run in `make test-all`
+SLOW_FAMILIES = ("stable_audio", "mochi", "lumina2", "hunyuan_dit")
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f
@@ -158,7 +158,7 @@ def _steps(example: dict, n: int) -> list[dict]:
     return out
 
 
-DBCACHE_FAMILIES = ["chroma", "hunyuan_dit", "cogview3plus"]
+DBCACHE_FAMILIES = ["chroma", pytest.param("hunyuan_dit", marks=pytest.mark.slow), "cogview3plus"]
 
 
 @pytest.mark.parametrize("family", DBCACHE_FAMILIES)

@@ -72,7 +72,8 @@ def _emulate(model, manifest, group=64):
     return model
 
 
-@pytest.mark.parametrize("family, mode", [("flux", m) for m in REFERENCES] + [("sd3", "int8_dynamic")])
+@pytest.mark.parametrize("family, mode", [("flux", m) for m in REFERENCES]
+                         + [pytest.param("sd3", "int8_dynamic", marks=pytest.mark.slow)])
 def test_artifact_matches_the_eager_emulation_on_fresh_inputs(artifacts, family, mode):
     manifest, out, _ = artifacts(family, mode)
     sites = manifest.programs[0].linears

@@ -596,6 +596,7 @@ def test_auto_splitting_the_work_beats_fsdp_until_memory_is_short(partition, tmp
     assert next(c for c in choice.candidates if c.verdict == "chosen").fsdp == 2
 
 
+@pytest.mark.slow  # `make test-all`: a second trace and three partitions
 def test_auto_lists_a_split_the_passes_refuse_with_their_reason(tmp_path):
     """The plain Flux file serves a batch of 3 (no CFG pair): cfg 2 is refused by split_cfg."""
     plain = shared_trace(model_file("flux"))

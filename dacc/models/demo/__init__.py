@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
-from safetensors.torch import load_file
+
+from dacc.models.flow import ClassEncoder, TrainedModel
 
 HERE = Path(__file__).parent
-TRANSFORMER_WEIGHTS = HERE / "transformer.safetensors"
-ENCODER_WEIGHTS = HERE / "class_encoder.safetensors"
-CLASSIFIER_WEIGHTS = HERE / "classifier.safetensors"
 
 IMAGE = 16
 PATCH = 2
@@ -34,32 +32,16 @@ TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=CHANNELS, num_layers=2, num_
                           pooled_projection_dim=POOLED_DIM, axes_dims_rope=(8, 12, 12))
 
 
-class ClassEncoder(torch.nn.Module):
-    """The demo's "text encoder": class label -> prompt tokens and pooled embedding."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens = torch.nn.Embedding(NUM_CLASSES + 1, TEXT_TOKENS * JOINT_DIM)
-        self.pooled = torch.nn.Embedding(NUM_CLASSES + 1, POOLED_DIM)
-
-    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens(labels).view(-1, TEXT_TOKENS, JOINT_DIM), self.pooled(labels)
-
-
 def new_transformer() -> FluxTransformer2DModel:
     return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
 
 
 def load_transformer() -> FluxTransformer2DModel:
-    model = new_transformer()
-    model.load_state_dict({k: v.float() for k, v in load_file(TRANSFORMER_WEIGHTS).items()})
-    return model.eval()
+    return DEMO.load_transformer()
 
 
 def load_encoder() -> ClassEncoder:
-    enc = ClassEncoder()
-    enc.load_state_dict({k: v.float() for k, v in load_file(ENCODER_WEIGHTS).items()})
-    return enc.eval()
+    return DEMO.load_encoder()
 
 
 def image_ids() -> torch.Tensor:
@@ -84,3 +66,20 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
     b = tokens.shape[0]
     x = tokens.view(b, GRID, GRID, PATCH, PATCH).permute(0, 1, 3, 2, 4)
     return x.reshape(b, IMAGE, IMAGE)
+
+
+def _call(transformer, x, prompt, pooled, sigma):
+    """As diffusers' FluxPipeline calls its transformer (it scales the timestep itself)."""
+    return transformer(hidden_states=x, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=sigma,
+                       img_ids=image_ids(), txt_ids=text_ids(), return_dict=False)[0]
+
+
+def _load_data(seed: int):
+    from dacc.models.demo.data import load_digits_16
+    return load_digits_16(seed)
+
+
+DEMO = TrainedModel(name="demo", here=HERE, classes=NUM_CLASSES, image=IMAGE, train_steps=4000,
+                    new_transformer=new_transformer,
+                    new_encoder=lambda: ClassEncoder(NUM_CLASSES, TEXT_TOKENS, JOINT_DIM, POOLED_DIM),
+                    pack=pack, unpack=unpack, call=_call, load_data=_load_data)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import dacc
-from common import RESULTS, compile_demo, finite, generation_flops
+from common import RESULTS, compile_trained, finite, generation_flops
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.flow import generate
 from dacc.models.train import trained_models
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             if args.only and args.only not in name:
                 continue
             start = time.perf_counter()
-            model = dacc.load(compile_demo(cache, Path(tmp) / "a.dacc", args.steps, m))
+            model = dacc.load(compile_trained(cache, Path(tmp) / "a.dacc", args.steps, m))
             compile_s = time.perf_counter() - start
             generate(m, model, encoder, labels[:2], steps=2, seed=args.seed)
             out, seconds = timed_generation(m, model, encoder, labels, args.steps, args.seed, args.repeats)

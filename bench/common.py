@@ -24,7 +24,7 @@ def finite(value):
     return value
 
 
-def compile_demo(cache: dict | None, path: Path, steps: int, trained: flow.TrainedModel = DEMO) -> Path:
+def compile_trained(cache: dict | None, path: Path, steps: int, trained: flow.TrainedModel = DEMO) -> Path:
     """Compile a trained model (the demo's by default) with `cache` as the plan's cache section
     (None: the empty plan)."""
     plan = path.with_suffix(".yaml")

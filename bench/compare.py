@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 import dacc
-from common import RESULTS, compile_demo, finite, generation_flops
+from common import RESULTS, compile_trained, finite, generation_flops
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
@@ -63,7 +63,7 @@ def dacc_configs(tmp: Path) -> list[tuple[str, Callable]]:
         def make(cache=cache, i=i):
             path = tmp / f"dacc{i}.dacc"
             if not path.exists():
-                compile_demo(cache, path, STEPS)
+                compile_trained(cache, path, STEPS)
             return dacc.load(path)
         out.append((name, make))
     return out

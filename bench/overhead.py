@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dacc
-from common import RESULTS, compile_demo
+from common import RESULTS, compile_trained
 from dacc.models.demo import load_transformer
 from dacc.models.demo.model import _call
 
@@ -96,7 +96,7 @@ def run_all(steps: int, rounds: int) -> dict:
         models = {"eager": load_transformer()}
         for name, cache in (("empty plan", {"strategy": "none"}),
                             ("gate never fires", {"strategy": "dbcache", "cache_ratio": 0.0})):
-            models[name] = dacc.load(compile_demo(cache, Path(tmp) / f"{len(models)}.dacc", steps))
+            models[name] = dacc.load(compile_trained(cache, Path(tmp) / f"{len(models)}.dacc", steps))
         out = {}
         for workload, per_class in WORKLOADS.items():
             labels = torch.arange(10).repeat_interleave(per_class) if per_class else torch.tensor([3])

@@ -22,6 +22,7 @@ from torch.fx import Node
 from torch.utils._sympy.functions import FloorDiv
 
 from dacc.compiler.ir import ProgramIR
+from dacc.kernels.collectives import chunk
 
 SENT_FRACTION = {  # op -> (numerator, denominator) of the bytes sent per input byte, on P ranks
     torch.ops.dacc.seq_to_heads.default: lambda p: (p - 1, p),
@@ -66,7 +67,7 @@ def _exchanged_shape(ir: ProgramIR, node: Node, world: int) -> list[sympy.Expr]:
         shape[heads] = FloorDiv(shape[heads] + world - 1, world) * world
     elif node.target is torch.ops.dacc.heads_to_seq.default and node.args[3]:
         tokens = node.args[2]
-        shape[tokens] = sum((FloorDiv(ir.expr(p.meta["val"]) + world - 1, world) if isinstance(p, Node) else -(-p // world)
+        shape[tokens] = sum((FloorDiv(ir.expr(p.meta["val"]) + world - 1, world) if isinstance(p, Node) else chunk(p, world)
                              for p in node.args[3]), sympy.Integer(0)) * world
     return shape
 

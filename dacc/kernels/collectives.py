@@ -173,9 +173,10 @@ def _(x, dim, parts, group, world):
 
 @torch.library.custom_op("dacc::seq_to_heads", mutates_args=())
 def seq_to_heads(x: Tensor, head_dim: int, token_dim: int, parts: list[int], group: str, world: int) -> Tensor:
-    if parts and sum(chunk(p, world) for p in parts) != x.shape[token_dim]:
+    local = sum(chunk(p, world) for p in parts)
+    if parts and local != x.shape[token_dim]:
         raise RuntimeError(f"dacc.seq_to_heads: {x.shape[token_dim]} tokens on this rank; parts {parts} over "
-                           f"{world} ranks leave {sum(chunk(p, world) for p in parts)}")
+                           f"{world} ranks leave {local}")
     x = _padded(x, head_dim, chunk(x.shape[head_dim], world) * world)
     got = _exchange(x, head_dim, token_dim, group, world, "seq_to_heads") if world > 1 else x
     return (_original_order(got, token_dim, parts, world) if parts else got).contiguous()

@@ -79,12 +79,15 @@ def real_keys(block: Tensor, parts: list[int], chunks: int, world: int, source: 
     if not parts:
         return block
     shards = chunks * world
-    sizes = [chunk(p, shards) for p in parts]
-    keep = [(start + sum(sizes[:k]), valid_rows(p, shards, u * world + source))
-            for u, start in enumerate(range(0, chunks * sum(sizes), sum(sizes))) for k, p in enumerate(parts)]
-    if all(n == sizes[i % len(parts)] for i, (_, n) in enumerate(keep)):
+    kept, start, padded = [], 0, False
+    for u in range(chunks):
+        for p in parts:
+            rows, real = chunk(p, shards), valid_rows(p, shards, u * world + source)
+            if real:
+                kept.append(block.narrow(-2, start, real))
+            start, padded = start + rows, padded or real < rows
+    if not padded:
         return block
-    kept = [block.narrow(-2, s, n) for s, n in keep if n]
     return torch.cat(kept, -2) if kept else None
 
 

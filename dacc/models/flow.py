@@ -44,8 +44,8 @@ class ClassEncoder(torch.nn.Module):
 class TrainedModel:
     """One trained model: its files, sizes, and how its transformer is called.
 
-    `call(transformer, x, prompt, pooled, sigma)` returns the predicted velocity in the layout
-    of `x` (the packed latent), calling the transformer as its diffusers pipeline does."""
+    `inputs(x, prompt, pooled, sigma)` are the keyword arguments its diffusers pipeline would pass
+    the transformer for the packed latent `x` at noise levels `sigma` (one per image)."""
     name: str
     here: Path
     classes: int
@@ -54,7 +54,7 @@ class TrainedModel:
     new_encoder: Callable[[], ClassEncoder]
     pack: Callable[[torch.Tensor], torch.Tensor]  # (N, image, image) -> the transformer's latent
     unpack: Callable[[torch.Tensor], torch.Tensor]
-    call: Callable[..., torch.Tensor]
+    inputs: Callable[..., dict]
     load_data: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
     train_steps: int = 3000  # what its checked-in weights were trained for
 
@@ -73,6 +73,10 @@ class TrainedModel:
 
     def load_classifier(self) -> "Classifier":
         return _loaded(Classifier(self.classes, self.image), self.weights("classifier"))
+
+    def call(self, transformer, x, prompt, pooled, sigma) -> torch.Tensor:
+        """The predicted velocity, in the layout of `x`."""
+        return transformer(**self.inputs(x, prompt, pooled, sigma), return_dict=False)[0]
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """The initial latent of `n` images from `seed`."""
@@ -161,6 +165,21 @@ def generate(m: TrainedModel, transformer, encoder: ClassEncoder, labels: torch.
         v_cond, v_uncond = v.chunk(2)
         x = x + (sigmas[i + 1] - sigma) * (v_uncond + guidance * (v_cond - v_uncond))
     return Generation(((m.unpack(x) + 1) / 2).clamp(0, 1), spent)
+
+
+def cfg_inputs(m: TrainedModel, labels: torch.Tensor, sigma: float, seed: int) -> dict:
+    """One batched-CFG call of the sampler (the conditional half, then the unconditional): a model
+    file's example inputs."""
+    n = labels.shape[0]
+    prompt, pooled = m.load_encoder()(torch.cat([labels, torch.full_like(labels, m.null_class)]))
+    x = m.noise(n, seed)
+    return m.inputs(torch.cat([x, x]), prompt.detach(), pooled.detach(), torch.full((2 * n,), sigma))
+
+
+def sample(m: TrainedModel, model, seed: int, steps: int = 50) -> torch.Tensor:
+    """One generation: one image of every class from `seed`, (classes, image, image) in [0, 1]
+    (a model file's `sample`, which calibration runs)."""
+    return generate(m, model, m.load_encoder(), torch.arange(m.classes), steps=steps, seed=seed).images
 
 
 class Classifier(torch.nn.Module):

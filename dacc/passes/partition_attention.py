@@ -18,9 +18,10 @@ a self or joint attention site (or a symbol a shape condition ties to one, as Fl
 
 Joint attention (Flux, SD3: `q_len = s1 + s2`): each part of a joint dim (text, then image) is
 split on its own, so a rank holds its share of both and the blocks' concatenations stay in step
-with position tables sharded the same way. The all-to-all then hands every rank all tokens in a
-rank-major order, the same for queries, keys and values; attention does not depend on the order
-of keys, so the result is exact. Cross-attention onto a context that is not sharded needs no
+with position tables sharded the same way. Ulysses' exchange then hands every rank all tokens
+in their original order (under USP: its group's chunks, rank after rank), the same for queries,
+keys and values; attention does not depend on the order of keys, so the result is exact.
+Cross-attention onto a context that is not sharded needs no
 exchange. Sizes the blocks receive as integers (the token count a view splits by) are replaced by
 their per-rank values.
 
@@ -201,12 +202,14 @@ def _exchange_at_sites(ir: ProgramIR, sites: list[Node], sizes: SizeEmitter, uly
 def _ulysses_at(ir: ProgramIR, site: Node, world: int, parts: list) -> None:
     """Token shards -> head shards for q, k and v before the site, and back after it. With `parts`
     (Ulysses alone) the site sees exactly the real tokens; without (USP) the padded chunks."""
-    heads = site.args[0].meta["val"].shape[1]
-    for t in site.args[:3]:
-        if not isinstance(t.meta["val"].shape[1], int) or t.meta["val"].shape[1] != heads:
-            raise DaccError(f"parallel.ulysses {world}: attention {site.name} has head counts "
-                            f"{[a.meta['val'].shape[1] for a in site.args[:3]]}, not one fixed count",
-                            "partition_attention", "set parallel.ulysses: 1 for this model, and report it")
+    counts = [t.meta["val"].shape[1] for t in site.args[:3]]
+    heads = counts[0]
+    # zero heads pad a count that `world` does not divide; grouped keys and values (fewer heads
+    # than the queries) keep their grouping only when every count splits as it is
+    if not all(isinstance(c, int) for c in counts) or (len(set(counts)) > 1 and any(c % world for c in counts)):
+        raise DaccError(f"parallel.ulysses {world}: attention {site.name} has head counts {counts} (queries, keys, "
+                        f"values): grouped heads must each be a multiple of {world}", "partition_attention",
+                        f"choose a ulysses degree that divides {sorted(set(counts))}, or use parallel.ring")
     seg = ir.info(site).segment
     site.args = (*(insert_op(ir, site, torch.ops.dacc.seq_to_heads.default, (t, 1, 2, parts, "ulysses", world), seg)
                    for t in site.args[:3]), *site.args[3:])
@@ -288,11 +291,20 @@ def _refuse_token_reductions(ir: ProgramIR, tokens: set, group: str) -> None:
         if node.op != "call_function" or node.target not in _REDUCTIONS or not is_inner(ir, node):
             continue
         shape = ir.shape(node.args[0])
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = range(len(shape)) if dims is None else [dims] if isinstance(dims, int) else dims
-        if shape and any(shape[d % len(shape)].free_symbols & tokens for d in dims):
+        if shape and any(shape[d].free_symbols & tokens for d in _reduced_dims(node, len(shape))):
             raise DaccError(f"parallel.{group}: {node.name} ({node.target}) in segment {ir.info(node).segment} "
                             f"reduces over the token dim of {ir.type_text(node.args[0])}; split over ranks it would "
                             "see only each rank's share", "partition_attention",
                             f"set parallel.{group}: 1 for this model (attention written as matmul and softmax "
                             "needs F.scaled_dot_product_attention to be split)")
+
+
+def _reduced_dims(node: Node, rank: int) -> list[int]:
+    """The dims a reduction reads across: its `dim` argument, or its schema's default when not
+    given (None or [] mean every dim)."""
+    schema = node.target._schema.arguments
+    k = next(i for i, a in enumerate(schema) if a.name == "dim")
+    dims = node.args[k] if len(node.args) > k else node.kwargs.get("dim", schema[k].default_value)
+    if dims is None or dims == []:
+        return list(range(rank))
+    return [d % rank for d in ([dims] if isinstance(dims, int) else dims)]

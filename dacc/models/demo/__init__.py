@@ -68,10 +68,10 @@ def unpack(tokens: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, IMAGE, IMAGE)
 
 
-def _call(transformer, x, prompt, pooled, sigma):
+def _inputs(x, prompt, pooled, sigma):
     """As diffusers' FluxPipeline calls its transformer (it scales the timestep itself)."""
-    return transformer(hidden_states=x, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=sigma,
-                       img_ids=image_ids(), txt_ids=text_ids(), return_dict=False)[0]
+    return dict(hidden_states=x, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=sigma,
+                img_ids=image_ids(), txt_ids=text_ids())
 
 
 def _load_data(seed: int):
@@ -82,4 +82,4 @@ def _load_data(seed: int):
 DEMO = TrainedModel(name="demo", here=HERE, classes=NUM_CLASSES, image=IMAGE, train_steps=4000,
                     new_transformer=new_transformer,
                     new_encoder=lambda: ClassEncoder(NUM_CLASSES, TEXT_TOKENS, JOINT_DIM, POOLED_DIM),
-                    pack=pack, unpack=unpack, call=_call, load_data=_load_data)
+                    pack=pack, unpack=unpack, inputs=_inputs, load_data=_load_data)

@@ -26,10 +26,9 @@ TRANSFORMER_CONFIG = dict(sample_size=IMAGE, patch_size=2, in_channels=1, out_ch
                           caption_projection_dim=128, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=IMAGE)
 
 
-def _call(transformer, x, prompt, pooled, sigma):
+def _inputs(x, prompt, pooled, sigma):
     """As diffusers' StableDiffusion3Pipeline calls its transformer (timesteps 0-1000)."""
-    return transformer(hidden_states=x, encoder_hidden_states=prompt, pooled_projections=pooled,
-                       timestep=sigma * 1000, return_dict=False)[0]
+    return dict(hidden_states=x, encoder_hidden_states=prompt, pooled_projections=pooled, timestep=sigma * 1000)
 
 
 def _load_data(seed: int):
@@ -41,5 +40,5 @@ GLYPHS = TrainedModel(
     name="glyphs", here=Path(__file__).parent, classes=10, image=IMAGE,
     new_transformer=lambda: SD3Transformer2DModel(**TRANSFORMER_CONFIG),
     new_encoder=lambda: ClassEncoder(10, TEXT_TOKENS, JOINT_DIM, POOLED_DIM),
-    pack=lambda images: images[:, None], unpack=lambda x: x[:, 0], call=_call, load_data=_load_data,
+    pack=lambda images: images[:, None], unpack=lambda x: x[:, 0], inputs=_inputs, load_data=_load_data,
     train_steps=2400)

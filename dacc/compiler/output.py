@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -105,16 +106,24 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP until the block ends: a signal arriving while the temporary
-    directory is made is delivered once its path is stored where the clean-up can see it."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
-        yield
+    directory is made is delivered once its path is stored where the clean-up can see it.
+
+    Python runs signal handlers in the main thread whichever thread the kernel picked, so masking
+    the signals in this thread is not enough (torch's worker threads would still take them): the
+    handlers themselves are swapped for a recorder, and what it recorded is raised again after."""
+    held = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives Python-level signals
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # now handled as if it came just after the block
 
 
 def reserve(out: Path, force: bool, need_bytes: int) -> Path:

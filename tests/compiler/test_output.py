@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 
@@ -168,3 +169,31 @@ def test_a_directory_killed_before_its_marker_is_cleaned_by_the_next_compile(tmp
         d.mkdir()
     _compile(tmp_path / "out.dacc")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.dacc", live.name, stranger.name])
+
+
+def test_a_signal_taken_by_another_thread_still_waits_for_the_block_to_end():
+    """The kernel may hand SIGTERM to any thread that does not block it (torch has workers), and
+    Python then runs the handler in the main thread at once: the block must still finish first."""
+    gate = threading.Event()
+    worker = threading.Thread(target=gate.wait)
+    worker.start()
+    steps = []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with output_mod.deferred_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(20):  # bytecode boundaries and GIL hand-overs where a handler could run
+                    time.sleep(0.005)
+                    steps.append(0)
+                steps.append("stored")
+            steps.append("after")  # not reached: the held signal is delivered as the block ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        gate.set()
+        worker.join()
+    assert steps[-1] == "stored" and len(steps) == 21
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -79,15 +79,22 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise DaccError("the plan has no cache strategy to calibrate", args.plan or "<empty plan>",
                         "set cache.strategy (and cache.target_psnr to search its knobs)")
     options = {"rescale": gate.rescale} if gate.rescale else {}
+    strategy = gate.strategy
+    if strategy == "schedule":  # as a fixed mask: what a parallel plan, which cannot calibrate, takes
+        strategy, options = "scm", {"mask": gate.mask, **({"taylorseer_order": gate.taylor_order}
+                                                          if gate.taylor_order else {})}
     search = gate.calibration.get("search")
     if search:
         options.update({k: search[k] for k in ("threshold",) if gate.strategy in ("dbcache", "teacache")})
         if gate.strategy == "taylorseer":
             options["interval"] = search["interval"]
-    print(yaml.safe_dump({"cache": {"strategy": gate.strategy, "options": options}}, sort_keys=False), end="")
-    if search:
-        print(f"# measured: PSNR {search['psnr']:.2f} dB at cache_ratio {search['cache_ratio']:.3f}, "
+    print(yaml.safe_dump({"cache": {"strategy": strategy, "options": options}}, sort_keys=False), end="")
+    if search and search["met"]:
+        print(f"# validated: PSNR {search['validation_psnr_mean']:.2f} dB (worst seed "
+              f"{search['validation_psnr_worst']:.2f}) at cache_ratio {search['cache_ratio']:.3f}, "
               f"{search['flops_speedup']:.2f}x fewer FLOPs")
+    elif search:
+        print(f"# no setting that skips steps met PSNR {search['target_psnr']} dB: these options compute every step")
     return 0
 
 

@@ -205,7 +205,7 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     g: CacheGate = prog.cache
     names = [s.name for s in prog.segments]
     knobs = {"dbcache": f"threshold {g.threshold:g}", "teacache": f"threshold {g.threshold:g}",
-             "taylorseer": f"interval {g.interval}", "scm": ""}[g.strategy]
+             "taylorseer": f"interval {g.interval}", "scm": "", "schedule": ""}[g.strategy]
     out = [f"  cache gate: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
            f"({g.skip_last - g.skip_first + 1} segments), streams {', '.join(g.stream_out)}",
            f"    probe {g.probe}{' of ' + ', '.join(g.probe_values) if g.probe != 'none' else ''}"
@@ -220,14 +220,27 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     fit = g.calibration.get("rescale_fit")
     if fit:
         out.append(f"    rescale fitted (degree {fit['degree']}) on {fit['points']} steps, seeds {fit['seeds']}")
+    schedule = g.calibration.get("schedule")
+    if schedule:
+        out.append(f"    schedule chosen from the measured cost of reusing each step (seeds {schedule['seeds']}): "
+                   f"fewest computed steps possible {min(int(m) for m in schedule['least_cost'])}")
     search = g.calibration.get("search")
     if search:
-        out.append(f"    target PSNR {search['target_psnr']:g} dB: chose cache_ratio {search['cache_ratio']:.3f}, "
-                   f"measured {search['psnr']:.2f} dB, {search['flops_speedup']:.2f}x fewer FLOPs on sample()")
+        out.append(_search_line(search))
     plan = "".join(LETTERS[a] for a in planned_actions(g, steps))
     out.append(f"    planned steps ({LETTERS['computed']} computed, {LETTERS['reused']} reused, "
                f"{LETTERS['forecast']} forecast, ? decided by the probe): {plan}")
     return out
+
+
+def _search_line(search: dict) -> str:
+    head = f"    target PSNR {search['target_psnr']:g} dB: "
+    if not search.get("met"):
+        return head + ("no cache_ratio that skips anything met it on the calibration and validation seeds "
+                       "(sample()); every step computes")
+    return head + (f"chose cache_ratio {search['cache_ratio']:.3f}, {search['flops_speedup']:.2f}x fewer FLOPs; "
+                   f"validated on seeds {search['validation_seeds']}: mean {search['validation_psnr_mean']:.2f} dB, "
+                   f"worst seed {search['validation_psnr_worst']:.2f} dB (tuned on seeds {search['calibration_seeds']})")
 
 
 def write_decision_map(path: str | Path, out: str | Path) -> str:

@@ -34,6 +34,8 @@ RANGE_FIX = {
                   "dbcache with taylorseer_order for the forecast and Fn/Bn that leave {seg} outside the range",
     "scm": "scm masks every block at once and has no knob that moves its range: use strategy dbcache with "
            "scm_policy/scm_mask and Fn/Bn that leave {seg} outside the range",
+    "schedule": "schedule masks every block at once and has no knob that moves its range: use strategy dbcache "
+                "with scm_mask (copy the schedule's mask) and Fn/Bn that leave {seg} outside the range",
 }
 
 

@@ -8,9 +8,8 @@ checks it to 1e-5), runs in three steps with the discipline of the cache search:
 1. sensitivity: each group alone quantized, on the first calibration seed; the lower its PSNR,
    the earlier it is kept in full precision;
 2. the fewest groups kept (a prefix of that order, by bisection) whose calibration seeds clear the
-   target with a margin of half their spread (worst seed - spread / 2 >= target);
-3. validation on other seeds: mean >= target and worst seed >= target - 0.5 dB, else one more
-   group is kept, until it holds; if it holds only with everything kept, the compile says so and
+   target with a margin of half their spread (search_seeds.clears);
+3. validation on other seeds (search_seeds.validates), else one more group is kept, until it holds; if it holds only with everything kept, the compile says so and
    the artifact is not quantized.
 """
 from __future__ import annotations
@@ -23,13 +22,10 @@ from typing import Any, Callable
 import torch
 
 from dacc.kernels.schemes import SCHEMES
-from dacc.metrics import psnr_per_image
+from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
 
-CALIBRATION_SEEDS = (0, 1)
-VALIDATION_SEEDS = (2, 3)
-VALIDATION_SLACK = 0.5  # dB a single validation seed may fall below the target
 
 Measure = Callable[[frozenset[str], tuple[int, ...]], list[float]]  # (kept groups, seeds) -> PSNR per seed
 
@@ -55,7 +51,7 @@ def search(groups: list[str], measure: Measure, target: float, log: Callable[[st
 
     def calibrated(k: int) -> tuple[bool, list[float]]:
         p = measure(frozenset(order[:k]), CALIBRATION_SEEDS)
-        return min(p) - (max(p) - min(p)) / 2 >= target, p
+        return clears(p, target), p
 
     lo, hi = 0, len(order)  # the answer lies in [lo, hi]; keeping everything always clears the target
     trials = {}
@@ -67,7 +63,7 @@ def search(groups: list[str], measure: Measure, target: float, log: Callable[[st
     validation: list[float] = []
     while k < len(order):
         validation = measure(frozenset(order[:k]), VALIDATION_SEEDS)
-        if statistics.mean(validation) >= target and min(validation) >= target - VALIDATION_SLACK:
+        if validates(validation, target):
             break
         log(f"quantize search: {k} group(s) kept clear the target on calibration but validate at "
             f"{statistics.mean(validation):.2f} dB (worst {min(validation):.2f}); keeping one more")
@@ -103,7 +99,7 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
             for seed in seeds:
                 if seed not in float_out:
                     float_out[seed] = sample(model, seed)
-                out.append(float(psnr_per_image(sample(quantized, seed), float_out[seed]).clamp(max=100).mean()))
+                out.append(seed_psnr(sample(quantized, seed), float_out[seed]))
         return out
     return measure
 

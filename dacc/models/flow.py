@@ -176,9 +176,12 @@ def cfg_inputs(m: TrainedModel, labels: torch.Tensor, sigma: float, seed: int) -
     return m.inputs(torch.cat([x, x]), prompt.detach(), pooled.detach(), torch.full((2 * n,), sigma))
 
 
-def sample(m: TrainedModel, model, seed: int, steps: int = 50) -> torch.Tensor:
+def sample(m: TrainedModel, model, seed: int, steps: int | None = None) -> torch.Tensor:
     """One generation: one image of every class from `seed`, (classes, image, image) in [0, 1]
-    (a model file's `sample`, which calibration runs)."""
+    (a model file's `sample`, which calibration runs). `steps` defaults to the artifact's
+    num_inference_steps (its gates are planned for that many), 50 for a plain module."""
+    manifest = getattr(model, "manifest", None)
+    steps = steps or (manifest.num_inference_steps if manifest is not None else 50)
     return generate(m, model, m.load_encoder(), torch.arange(m.classes), steps=steps, seed=seed).images
 
 

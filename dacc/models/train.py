@@ -1,6 +1,7 @@
 """Train a trained model (and its classifier) on 2 CPU cores and write its checked-in weights.
 
     python -m dacc.models.train glyphs                     # full run: writes dacc/models/glyphs/
+    python -m dacc.models.train patterns                   # writes dacc/models/patterns/
     python -m dacc.models.train demo                       # the demo model (dacc/models/demo/)
     python -m dacc.models.train glyphs --steps 40 --out /tmp/g   # a quick try
 
@@ -23,7 +24,8 @@ from dacc.models.flow import TrainedModel, train, train_classifier
 def trained_models() -> dict[str, TrainedModel]:
     from dacc.models.demo import DEMO
     from dacc.models.glyphs import GLYPHS
-    return {"demo": DEMO, "glyphs": GLYPHS}
+    from dacc.models.patterns import PATTERNS
+    return {"demo": DEMO, "glyphs": GLYPHS, "patterns": PATTERNS}
 
 
 def _half(module: torch.nn.Module) -> dict[str, torch.Tensor]:

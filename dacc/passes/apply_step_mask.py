@@ -1,5 +1,9 @@
 """SCM (step computation masking): a per-step compute/skip mask fixed at compile time. Alone it
-gates all blocks; with another strategy, masked steps skip and the others run that strategy's gate."""
+gates all blocks; with another strategy, masked steps skip and the others run that strategy's gate.
+
+`strategy: schedule` is the same gate with its mask left to calibration: the compiler measures
+what skipping each step costs on sample() and fills the mask in (dacc/compiler/schedule.py); until
+then every step computes."""
 from __future__ import annotations
 
 from dacc.compiler.cache_knobs import dynamic_knobs
@@ -16,9 +20,11 @@ def apply_step_mask(ir: ProgramIR, plan: Plan) -> PassResult:
         return PassResult(False)
     opts = cache_options(plan)
     mask = dynamic_knobs(strategy, plan.cache.cache_ratio, opts, plan.num_inference_steps)["mask"]
-    if strategy == "scm":
+    if strategy in ("scm", "schedule"):
         blocks = block_positions(segment_specs(ir))
-        ir.cache_gate = new_gate(ir, plan, "scm", blocks[0], blocks[-1], taylor_order=opts.taylorseer_order)
+        ir.cache_gate = new_gate(ir, plan, strategy, blocks[0], blocks[-1], taylor_order=opts.taylorseer_order)
+        if strategy == "schedule":
+            return PassResult(True, ["step mask: chosen by calibration on sample()"])
     if not mask:
         return PassResult(False)
     ir.cache_gate.mask = mask

@@ -146,7 +146,7 @@ DYNAMIC = "dynamic"  # a planned step that the probe decides at run time
 
 
 def planned_actions(gate: CacheGate, num_steps: int) -> list[str]:
-    """Each step's action as far as it is known before running: exact for taylorseer and scm,
+    """Each step's action as far as it is known before running: exact for taylorseer, scm and schedule,
     which depend on the step alone; for dbcache and teacache the steps the probe decides are
     DYNAMIC (and planned as computed for what follows)."""
     state = GateState()
@@ -181,7 +181,7 @@ def decide(gate: CacheGate, state: GateState, step: int, num_steps: int,
     elif gate.strategy == "taylorseer":
         last = state.history[-1].step
         action = skip_action if step - last < gate.interval else Action.COMPUTE
-    else:  # scm alone: unmasked steps compute
+    else:  # scm or schedule alone: unmasked steps compute
         action = Action.COMPUTE
     if gate.strategy == "teacache":
         state.prev_probe = probe  # TeaCache compares consecutive steps

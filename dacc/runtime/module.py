@@ -49,7 +49,9 @@ class CompiledTransformer(torch.nn.Module):
         self._counters: dict[str, StepCounter] = {}
         self._stats = SegmentStats()
         self._gate_states: dict[tuple[str, int], GateState] = {}
-        self._recorder: list | None = None  # set by calibration: (context, step, probe stat, outputs) per call
+        # set by calibration: (context, step, probe stat, action, outputs, the gated range's residuals
+        # when it computed) per call
+        self._recorder: list | None = None
         self._flops_fns = [self._compile_flops(r) for r in runners]
         self._output_cls = self._resolve_output_type()
 
@@ -189,10 +191,14 @@ class CompiledTransformer(torch.nn.Module):
                 state.new_generation()
             probe, stat = measure(gate, state, env)
             action = decide(gate, state, counter.step, self.manifest.num_inference_steps, probe, stat)
+            residuals = None
             if action is Action.COMPUTE:
                 inputs = [env[i] for i in gate.stream_in]
                 run(gate.skip_first, gate.skip_last + 1)
-                record(gate, state, counter.step, action, Computed(counter.step, inputs, [env[o] for o in gate.stream_out]))
+                computed = Computed(counter.step, inputs, [env[o] for o in gate.stream_out])
+                if self._recorder is not None:
+                    residuals = [o - i for i, o in zip(computed.inputs, computed.outputs)]
+                record(gate, state, counter.step, action, computed)
             else:
                 residuals = skipped_residuals(gate, state, counter.step, action)
                 for i, o, r in zip(gate.stream_in, gate.stream_out, residuals):
@@ -202,7 +208,7 @@ class CompiledTransformer(torch.nn.Module):
             run(gate.skip_last + 1, len(specs))
             if self._recorder is not None:
                 self._recorder.append((self._context, counter.step, state.last_stat, action.value,
-                                       [env[o] for o in runner.output_values if isinstance(o, str)]))
+                                       [env[o] for o in runner.output_values if isinstance(o, str)], residuals))
         return [env[name] if isinstance(name, str) else name for name in runner.output_values]
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:

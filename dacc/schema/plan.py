@@ -20,7 +20,7 @@ from dacc.schema.errors import DaccError
 from dacc.schema.plan_checks import Lines, conflicts, describe_all, where
 from dacc.schema.plan_yaml import read_plan_data
 
-CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm")
+CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm", "schedule")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
 QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
 FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
@@ -36,7 +36,7 @@ class CachePlan(_Strict):
     cache_ratio: float = Field(0.0, ge=0.0, le=1.0)
     warmup: int = Field(0, ge=0)
     cooldown: int = Field(0, ge=0)
-    target_psnr: float | None = Field(None, gt=0.0)
+    target_psnr: float | None = Field(None, gt=0.0, le=100.0)  # dB; search_seeds.PSNR_CAP: identical is 100
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -76,9 +76,14 @@ class SCMOptions(_StepLimits):
     taylorseer_order: int = Field(0, ge=0, le=2)
 
 
+class ScheduleOptions(_StepLimits):
+    """The step mask is chosen at compile time from costs measured on sample() (dacc/compiler/schedule.py)."""
+    taylorseer_order: int = Field(0, ge=0, le=2)  # skipped steps forecast the residual instead of reusing it
+
+
 CACHE_OPTIONS: dict[str, type[BaseModel]] = {"none": _Strict, "dbcache": DBCacheOptions,
                                              "teacache": TeaCacheOptions, "taylorseer": TaylorSeerOptions,
-                                             "scm": SCMOptions}
+                                             "scm": SCMOptions, "schedule": ScheduleOptions}
 
 
 def cache_options(plan: "Plan") -> BaseModel:

@@ -143,7 +143,7 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         for name, default in _CACHE_DEFAULTS.items():
             if getattr(c, name) != default:
                 out.append((("cache", name), f"cache.{name} = {short_repr(getattr(c, name))} has no effect with "
-                            "cache.strategy 'none' (set a strategy: dbcache, teacache, taylorseer, scm; "
+                            "cache.strategy 'none' (set a strategy: dbcache, teacache, taylorseer, scm, schedule; "
                             f"or remove cache.{name})"))
     if c.target_psnr is not None:
         if c.cache_ratio != 0.0:  # the search picks the ratio (calibrate.search_ratio), ignoring this one
@@ -191,7 +191,9 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         searches = [k for k, on in (("cache.target_psnr", c.target_psnr is not None),
                                     ("quantize.target_psnr", q.target_psnr is not None),
                                     ("a calibrated teacache rescale", c.strategy == "teacache"
-                                     and getattr(options, "rescale", None) is None)) if on]
+                                     and getattr(options, "rescale", None) is None),
+                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"))
+                    if on]
         if searches:
             out.append((("parallel",), f"{searches[0]} is calibrated by running the artifact in one process, so it "
                         "cannot be combined with parallel degrees above 1: compile the plan without `parallel` "

@@ -67,7 +67,7 @@ def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, cap
     model._recorder = []
     sample(model, seed=5)
     xs, ys, prev = [], [], None
-    for _, step, stat, _, outputs in model._recorder:
+    for _, step, stat, _, outputs, _ in model._recorder:
         if stat is not None and prev is not None:
             xs.append(stat)
             ys.append(rel_l1(outputs, prev))

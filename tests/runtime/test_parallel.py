@@ -90,7 +90,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
     return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
-                     "vae", "vae_p2", "wan", "wan_u2", "wan_r2")
+                     "vae", "vae_p2")
 
 
 class Transfers(TorchDispatchMode):
@@ -227,12 +227,6 @@ def two_ranks(root, tmp_path_factory):
     # a VAE latent of a size the compile never saw: bands of 5 latent rows, 20 image rows
     latents = {"latents": torch.randn(2, 4, 10, 6, generator=torch.Generator().manual_seed(13))}
     jobs["vae_p2"], refs["vae_p2"] = ("vae_p2", [latents]), ("vae", [latents])
-    # Wan at the example's size and at 45 video tokens (3 frames of 3 x 5 patches: uneven over 2)
-    wan = _inputs(WAN, 15, first=True)
-    wan_odd = {**wan, "hidden_states": torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(16))}
-    for name in ("wan_u2", "wan_r2"):
-        jobs[name], refs[name] = (name, [wan]), ("wan", [wan])
-        jobs[f"{name}_odd"], refs[f"{name}_odd"] = (name, [wan_odd]), ("wan", [wan_odd])
     results = _spawn(root, 2, jobs, tmp_path_factory.mktemp("ranks2"))
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     return results, single, {"flux": flux, "odd": odd, "vae": latents}
@@ -466,12 +460,21 @@ def test_sd3_joint_attention_under_ulysses(artifacts, tmp_path):
     _exchanges_at_every_site(root, "sd3_u2", results["sd3_u2", 0]["calls"])
 
 
-def test_sequence_parallel_on_a_cross_attention_family(root, two_ranks):
+@pytest.mark.slow  # 35 s: a third family's trace, three compiles and a two-rank run
+def test_sequence_parallel_on_a_cross_attention_family(artifacts, tmp_path):
     """Wan: ulysses and ring equal one process, at the example's size and at 45 video tokens
     (uneven over 2 ranks); only self-attention is exchanged, cross-attention reads the whole text
     from its local queries. (cfg and fsdp split the batch and the weights, whatever the family:
     Flux covers them.)"""
-    results, single, _ = two_ranks
+    root = artifacts("wan", "wan_u2", "wan_r2")
+    wan = _inputs(WAN, 15, first=True)  # and 45 video tokens: 3 frames of 3 x 5 patches, uneven over 2
+    wan_odd = {**wan, "hidden_states": torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(16))}
+    jobs, refs = {}, {}
+    for name in ("wan_u2", "wan_r2"):
+        jobs[name], refs[name] = (name, [wan]), ("wan", [wan])
+        jobs[f"{name}_odd"], refs[f"{name}_odd"] = (name, [wan_odd]), ("wan", [wan_odd])
+    results = _spawn(root, 2, jobs, tmp_path)
+    single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     program = read_manifest(root / "wan_u2.dacc", None).programs[0]
     self_sites = sum(not s.cross for s in program.attention)
     assert self_sites and len(program.attention) == 2 * self_sites  # one self and one cross site per block

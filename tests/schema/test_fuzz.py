@@ -100,7 +100,8 @@ def valid_plans(draw) -> dict:
         cache["cache_ratio"] = draw(st.floats(0, 1))
         cache["warmup"] = draw(st.integers(0, 1))
         options = {"scm": {"policy": draw(st.sampled_from(SCM_POLICIES))}, "taylorseer": {"order": 2},
-                   "dbcache": {"Fn": 1, "threshold": 1}, "teacache": {"rescale": [1.0, 0]}}[strategy]
+                   "dbcache": {"Fn": 1, "threshold": 1}, "teacache": {"rescale": [1.0, 0]},
+                   "schedule": {"taylorseer_order": 1}}[strategy]
         cache["options"] = options
     return {"num_inference_steps": steps, "cache": cache, "quantize": {"mode": "none"}}
 

@@ -142,3 +142,12 @@ def test_comments_and_a_bom_are_fine(tmp_path):
     plan = _loads(tmp_path, "\ufeff# the recommended plan\nnum_inference_steps: 28  # steps\n")
     assert plan.num_inference_steps == 28
     assert _loads(tmp_path, "") == load_plan(None)
+
+
+def test_a_target_psnr_no_image_can_have_is_refused(tmp_path):
+    """PSNR is capped at 100 dB (identical images), so a target above it, or at or below zero, is
+    a mistake, not a search."""
+    for bad, why in (("0", "greater than 0"), ("-3", "greater than 0"), ("150", "less than or equal to 100"),
+                     (".inf", "finite number")):
+        _refused(tmp_path, f"cache: {{strategy: dbcache, target_psnr: {bad}}}\n", "cache.target_psnr", why,
+                 "plan.yaml:1")

@@ -23,6 +23,7 @@ def more_example_inputs():
     return [flow.cfg_inputs(GLYPHS, torch.arange(10), 0.3, seed=1)]
 
 
-def sample(model, seed: int, steps: int = 50) -> torch.Tensor:
-    """One generation: one image of every class from `seed`, (10, 16, 16) in [0, 1]."""
+def sample(model, seed: int, steps: int | None = None) -> torch.Tensor:
+    """One generation: one image of every class from `seed`, (10, 16, 16) in [0, 1], in the
+    artifact's number of steps (50 for a plain module)."""
     return flow.sample(GLYPHS, model, seed, steps)

@@ -1,0 +1,105 @@
+"""cache.target_psnr keeps its promise on a trained model its constants were not tuned on (the
+glyphs model; the constants come from the demo): what the search validated holds on the held-out
+seeds it never ran, the artifact reproduces the validated figure, `dacc inspect` shows it, and a
+target no setting meets compiles the no-skip plan and says so. And `strategy: schedule`: the mask
+calibration chose is what the runtime follows, and all it does.
+
+Twenty steps keep the searches short (a minute each, so they run in `make test-all`); the 50-step
+figures on all three trained models are bench/cache.py's."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+import dacc
+from dacc.cli import main
+from dacc.compiler.compile import compile_model
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_psnr
+from dacc.models.glyphs import GLYPHS
+from dacc.models.glyphs.model import sample
+from dacc.runtime.cache import planned_actions
+from tests.conftest import shared_trace
+
+MODEL = GLYPHS.here / "model.py"
+STEPS = 20
+TARGET = 30.0
+
+
+def _compile(root, cache: str, log=lambda m: None, steps=STEPS):
+    (root / "plan.yaml").write_text(f"num_inference_steps: {steps}\ncache: {cache}\n")
+    compile_model(MODEL, root / "plan.yaml", root / "a.dacc", verify=False, log=log, traced=shared_trace(MODEL))
+    return root / "a.dacc"
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return GLYPHS.load_transformer()
+
+
+def _promise_holds(artifact, eager):
+    model = dacc.load(artifact)
+    search = model.manifest.programs[0].cache.calibration["search"]
+    assert search["met"] and search["flops_speedup"] > 1.2, search
+    assert search["validation_seeds"] == list(VALIDATION_SEEDS) and len(search["validation_psnr"]) == 4
+    assert search["validation_psnr_mean"] >= TARGET and search["validation_psnr_worst"] >= TARGET - 0.5
+    # the artifact reproduces what the search validated (its reference was the artifact, gate shut)
+    first = seed_psnr(sample(model, VALIDATION_SEEDS[0]), sample(eager, VALIDATION_SEEDS[0], steps=STEPS))
+    assert abs(first - search["validation_psnr"][0]) < 0.05
+    held_out = [seed_psnr(sample(model, s), sample(eager, s, steps=STEPS)) for s in HELD_OUT_SEEDS]
+    assert statistics.mean(held_out) >= TARGET - 0.5, held_out
+    return model
+
+
+@pytest.mark.slow  # `make test-all`: a search and eight generations, about a minute each
+@pytest.mark.parametrize("cache", ["{strategy: dbcache, target_psnr: 30}",
+                                   "{strategy: teacache, target_psnr: 30}",
+                                   "{strategy: taylorseer, target_psnr: 30, options: {order: 2}}",
+                                   "{strategy: schedule, target_psnr: 30}"],
+                         ids=["dbcache", "teacache", "taylorseer", "schedule"])
+def test_the_target_holds_on_held_out_seeds(tmp_path, eager, cache, capsys):
+    artifact = _compile(tmp_path, cache)
+    _promise_holds(artifact, eager)
+    assert main(["inspect", str(artifact)]) == 0
+    text = capsys.readouterr().out
+    assert f"target PSNR {TARGET:g} dB: chose cache_ratio" in text and "validated on seeds [2, 3, 4, 5]" in text
+
+
+def test_an_unmet_target_compiles_the_no_skip_plan_and_says_so(tmp_path, capsys):
+    said = []
+    artifact = _compile(tmp_path, "{strategy: dbcache, target_psnr: 99}", log=said.append, steps=3)
+    assert any("no cache_ratio that skips anything reaches PSNR 99" in line for line in said)
+    model = dacc.load(artifact)
+    gate = model.manifest.programs[0].cache
+    assert gate.calibration["search"]["met"] is False and gate.threshold == 0.0
+    sample(model, HELD_OUT_SEEDS[0])
+    assert model.stats()["segments_reused"] == 0
+    assert main(["inspect", str(artifact)]) == 0
+    assert "no cache_ratio that skips anything met it" in capsys.readouterr().out
+
+
+SCHEDULE_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory):
+    """The glyphs model with a schedule at cache_ratio 0.5, calibrated on its sample()."""
+    return _compile(tmp_path_factory.mktemp("schedule"), "{strategy: schedule, cache_ratio: 0.5}", steps=SCHEDULE_STEPS)
+
+
+def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_path):
+    model = dacc.load(scheduled)
+    gate = model.manifest.programs[0].cache
+    record = gate.calibration["schedule"]
+    fewest = min(int(m) for m in record["least_cost"])
+    assert gate.probe == "none" and gate.strategy == "schedule"
+    assert sum(gate.mask) == SCHEDULE_STEPS - round(0.5 * (SCHEDULE_STEPS - fewest)) < SCHEDULE_STEPS
+    assert len(record["step_costs"]) == SCHEDULE_STEPS and all(c > 0 for c in record["step_costs"][1:])
+    images = sample(model, 7)
+    (decisions,) = model.stats()["decisions"].values()
+    assert decisions == planned_actions(gate, SCHEDULE_STEPS) and decisions.count("reused") == gate.mask.count(False)
+    # the same mask given by hand (strategy scm) computes the same images: nothing else is at play
+    mask = "[" + ", ".join(str(m).lower() for m in gate.mask) + "]"
+    by_hand = _compile(tmp_path, f"{{strategy: scm, options: {{mask: {mask}}}}}", steps=SCHEDULE_STEPS)
+    assert torch.equal(sample(dacc.load(by_hand), 7), images)

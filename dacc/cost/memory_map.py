@@ -97,7 +97,7 @@ def _cache_bytes(prog: ProgramSpec, env: dict[str, int]) -> float:
     if gate is None:
         return 0.0
     last = prog.segments[gate.skip_last]
-    copies = gate.taylor_order + 1 if gate.strategy == "taylorseer" else 1
+    copies = gate.taylor_order + 1  # the runtime keeps that many computed residuals, whatever the strategy
     return copies * _eval(last.value_bytes_tree, env, last.name)
 
 

@@ -57,11 +57,12 @@ def _first_step(path: Path, device: str) -> dict:
     """In a fresh process: seconds from `dacc.load` to the end of the first step, and of a second."""
     code = f"""
 import time, torch, json, dacc
-from dacc.models.demo.model import _call
+from dacc.models.demo import DEMO
+from dacc.models.flow import cfg_inputs
 t0 = time.perf_counter()
 m = dacc.load({str(path)!r}, allow_native_code=True).to({device!r})
 t1 = time.perf_counter()
-kw = {{k: v.to({device!r}) if isinstance(v, torch.Tensor) else v for k, v in _call(torch.arange(10), 0.5, 0).items()}}
+kw = {{k: v.to({device!r}) if isinstance(v, torch.Tensor) else v for k, v in cfg_inputs(DEMO, torch.arange(10), 0.5, 0).items()}}
 with torch.no_grad():
     m(**kw)
     torch.cuda.synchronize() if {device!r} == "cuda" else None

@@ -34,8 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dacc
 from common import RESULTS, compile_trained
-from dacc.models.demo import load_transformer
-from dacc.models.demo.model import _call
+from dacc.models.demo import DEMO, load_transformer
+from dacc.models.flow import cfg_inputs
 
 STEADY_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 31), "MALLOC_TRIM_THRESHOLD_": str(2 ** 31)}
 WORKLOADS = {"batch 40 (20 samples, CFG)": 2, "batch 2 (1 sample, CFG)": 0}  # name: samples per class (0: one sample)
@@ -57,7 +57,7 @@ def _quartiles(values: list[float]) -> list[float]:
 
 
 def measure(models: dict, labels: torch.Tensor, steps: int, rounds: int) -> dict:
-    calls = [_call(labels, float(sigma), seed=0) for sigma in torch.linspace(1.0, 0.02, steps)]
+    calls = [cfg_inputs(DEMO, labels, float(sigma), seed=0) for sigma in torch.linspace(1.0, 0.02, steps)]
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # warm-up

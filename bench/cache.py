@@ -15,7 +15,6 @@ speedups use the mean of the two. FLOPs (deterministic) are reported beside wall
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 import dacc
-from common import RESULTS, compile_trained, finite, generation_flops
+from common import compile_trained, generation_flops, write_results
 from dacc.compiler.search_seeds import HELD_OUT_SEEDS, seed_psnr
 from dacc.metrics import conditional_accuracy, ssim
 from dacc.models.flow import generate
@@ -145,11 +144,7 @@ def main(argv=None) -> int:
               "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
                         "accuracy": eager_acc},
               "configs": rows}
-    RESULTS.mkdir(exist_ok=True)
-    stem = "cache" if m.name == "demo" else f"cache_{m.name}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(finite(report), indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results("cache" if m.name == "demo" else f"cache_{m.name}", report, markdown(report))
     return 0
 
 

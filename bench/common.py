@@ -1,6 +1,7 @@
 """Shared by the benchmarks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,14 @@ def finite(value):
     if isinstance(value, float) and value in (float("inf"), float("-inf")):
         return None
     return value
+
+
+def write_results(stem: str, report: dict, markdown: str) -> None:
+    """bench/results/<stem>.json (infinities as null) and <stem>.md, and the table on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(finite(report), indent=1) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
 
 
 def compile_trained(cache: dict | None, path: Path, steps: int, trained: flow.TrainedModel = DEMO) -> Path:

@@ -15,7 +15,6 @@ last generation. Writes bench/results/compare.json, compare.md and compare.png (
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,7 +27,7 @@ from typing import Callable
 import torch
 
 import dacc
-from common import RESULTS, compile_trained, finite, generation_flops
+from common import RESULTS, compile_trained, generation_flops, write_results
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.demo import load_encoder, load_transformer
 from dacc.models.demo.classifier import load_classifier
@@ -188,11 +187,8 @@ def main(argv=None) -> int:
               "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
                         "accuracy": conditional_accuracy(ref.images, labels, classifier)},
               "versions": _versions(), "configs": rows, "summary": summarize(rows)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compare.json").write_text(json.dumps(finite(report), indent=1) + "\n")
-    (RESULTS / "compare.md").write_text(markdown(report))
+    write_results("compare", report, markdown(report))
     pareto_plot(report, RESULTS / "compare.png")
-    print(markdown(report))
     return 0
 
 

@@ -11,7 +11,6 @@ generation against the uncached count; compile seconds include calibration and t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 import dacc
-from common import RESULTS, compile_trained, finite
+from common import compile_trained, write_results
 from dacc.compiler.search_seeds import HELD_OUT_SEEDS, seed_psnr
 from dacc.models.flow import sample
 from dacc.models.train import trained_models
@@ -75,10 +74,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     report = {"target_psnr": args.target, "steps": args.steps, "held_out_seeds": list(HELD_OUT_SEEDS),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "target.json").write_text(json.dumps(finite(report), indent=1) + "\n")
-    (RESULTS / "target.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results("target", report, markdown(report))
     return 0
 
 

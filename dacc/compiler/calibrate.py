@@ -212,7 +212,7 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         return
     check_calibration_inputs(manifest, plan, sample)
     info: dict[str, Any] = {}
-    knobs_for = None
+    knobs_for = None  # the strategy's own mapping from cache_ratio, unless calibration measures one
     if plan.cache.strategy == "teacache" and needs_fit:
         # seeds 0.. : the search's validation seeds stay unseen unless the plan asks for many
         seeds = list(range(cache_options(plan).calibration_seeds))
@@ -221,9 +221,7 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         _set_gates(model, lambda gate: dataclasses.replace(gate, rescale=rescale))
     elif plan.cache.strategy == "schedule" and needs_fit:
         schedules, info["schedule"] = measure_schedules(model, plan, sample, log)
-
-        def knobs_for(ratio: float) -> dict[str, Any]:
-            return {"threshold": 0.0, "interval": 1, "mask": schedules.for_ratio(ratio)}
+        knobs_for = schedules.knobs
         if not needs_search:
             _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs_for(plan.cache.cache_ratio)))
     if needs_search:

@@ -49,6 +49,10 @@ class Schedules:
         steps = max(self.masks)
         return self.masks[steps - round(ratio * (steps - self.fewest))]
 
+    def knobs(self, ratio: float) -> dict:
+        """A gate's knobs at `ratio` (what cache_knobs.dynamic_knobs gives the other strategies)."""
+        return {"threshold": 0.0, "interval": 1, "mask": self.for_ratio(ratio)}
+
 
 def optimal_schedules(cost: np.ndarray, forced: set[int] = frozenset(), max_run: int = -1,
                       max_skipped: int = -1) -> Schedules:

@@ -176,6 +176,34 @@ def cfg_inputs(m: TrainedModel, labels: torch.Tensor, sigma: float, seed: int) -
     return m.inputs(torch.cat([x, x]), prompt.detach(), pooled.detach(), torch.full((2 * n,), sigma))
 
 
+def model_file(m: TrainedModel) -> tuple[Callable, ...]:
+    """A trained model's model-file functions (build, example_inputs, more_example_inputs, sample),
+    the same recipe for every trained model: example calls are batched-CFG calls of its sampler."""
+    def build():
+        return m.load_transformer()
+
+    def example_inputs():
+        return cfg_inputs(m, torch.tensor([3, 7]), 0.7, seed=0)
+
+    def more_example_inputs():
+        return [cfg_inputs(m, torch.arange(m.classes), 0.3, seed=1)]
+
+    def model_sample(model, seed: int, steps: int | None = None) -> torch.Tensor:
+        """One generation: one image of every class from `seed`, in [0, 1], in the artifact's
+        number of steps (50 for a plain module)."""
+        return sample(m, model, seed, steps)
+    return build, example_inputs, more_example_inputs, model_sample
+
+
+def splits(draw: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]], seed: int, per_class: int,
+           test_per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_images, train_labels, test_images, test_labels) from `draw(per_class, generator)`; the
+    two splits come from different generators, so no test image is a training one."""
+    train = draw(per_class, torch.Generator().manual_seed(seed))
+    test = draw(test_per_class, torch.Generator().manual_seed(seed + 10_000))
+    return (*train, *test)
+
+
 def sample(m: TrainedModel, model, seed: int, steps: int | None = None) -> torch.Tensor:
     """One generation: one image of every class from `seed`, (classes, image, image) in [0, 1]
     (a model file's `sample`, which calibration runs). `steps` defaults to the artifact's

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dacc.models.flow import splits
 from dacc.models.glyphs import IMAGE
 
 SYMBOLS = "AKXZ#@&%?+"
@@ -41,6 +42,4 @@ def _draw(per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
 def load_glyphs(seed: int = 0, per_class: int = 300, test_per_class: int = 60):
     """(train_images, train_labels, test_images, test_labels); images in [-1, 1], (N, 16, 16).
     The two splits are drawn from different generators, so no test glyph is a training glyph."""
-    train = _draw(per_class, torch.Generator().manual_seed(seed))
-    test = _draw(test_per_class, torch.Generator().manual_seed(seed + 10_000))
-    return (*train, *test)
+    return splits(_draw, seed, per_class, test_per_class)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from dacc.models.flow import splits
 from dacc.models.patterns import IMAGE
 
 FAMILIES = ("hstripes", "vstripes", "diagonal", "checker", "rings", "dots", "spokes", "blob", "grid", "zigzag")
@@ -72,6 +73,4 @@ def _draw(per_class: int, generator: torch.Generator) -> tuple[torch.Tensor, tor
 def load_patterns(seed: int = 0, per_class: int = 300, test_per_class: int = 60):
     """(train_images, train_labels, test_images, test_labels); images in [-1, 1], (N, 16, 16).
     The two splits are drawn from different generators, so no test pattern is a training one."""
-    train = _draw(per_class, torch.Generator().manual_seed(seed))
-    test = _draw(test_per_class, torch.Generator().manual_seed(seed + 10_000))
-    return (*train, *test)
+    return splits(_draw, seed, per_class, test_per_class)

@@ -1,20 +1,24 @@
-"""dacc against the libraries users would pick instead, side by side in one run.
+"""dacc against the libraries users would pick instead, side by side, on every trained model.
 
-    python bench/compare.py            # or: make bench
+    python bench/compare.py [--models demo,glyphs,patterns]     # or: make bench
 
-On the trained demo model, 50 steps, the same seeds, classes and sampler for everyone: eager;
-dacc at several plans; diffusers' cache hooks (`transformer.enable_cache(...)`); cache-dit
-(`cache_dit.enable_cache`). Peers are optional (`pip install -e '.[bench]'`); a missing peer or a
-configuration that fails is reported as skipped, with the reason.
+Per model, 50 steps, the same seeds, classes and sampler for everyone: eager; dacc at several plans;
+diffusers' cache hooks (`transformer.enable_cache(...)`); cache-dit (`cache_dit.enable_cache`).
+Peers are optional (`pip install -e '.[bench]'`); a missing peer or a configuration that fails is
+reported as skipped, with the reason. The dacc plans are the same on every model (a user's first
+try: a cache_ratio, or a target_psnr); the peers sweep their knobs, so each gets its best setting.
 
 Each configuration runs `repeats` generations on a fresh transformer with the peer freshly
 enabled (so no cache state leaks between repeats); the transformer time is the median. Eager runs
 first and last; speedups divide by the mean of the two. FLOPs come from FlopCounterMode over the
-last generation. Writes bench/results/compare.json, compare.md and compare.png (Pareto plot).
+last generation. Each model's configurations run in one process, one after another; ratios are
+within a model. Writes bench/results/compare.json, compare.md (a table per model and a summary)
+and compare.png (Pareto plot per model); a run of some models keeps the others' earlier sections.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import sys
@@ -27,11 +31,10 @@ from typing import Callable
 import torch
 
 import dacc
-from common import RESULTS, compile_trained, generation_flops, write_results
+from common import RESULTS, compile_trained, finite, generation_flops, write_results
 from dacc.metrics import conditional_accuracy, psnr, ssim
-from dacc.models.demo import load_encoder, load_transformer
-from dacc.models.demo.classifier import load_classifier
-from dacc.models.demo.sampler import generate
+from dacc.models.flow import TrainedModel, generate
+from dacc.models.train import trained_models
 
 STEPS = 50
 
@@ -44,37 +47,39 @@ class Clock:
         Clock.t = t
 
 
-def dacc_configs(tmp: Path) -> list[tuple[str, Callable]]:
+def dacc_configs(m: TrainedModel, tmp: Path) -> list[tuple[str, Callable]]:
     plans = [
         ("empty plan", {}),
         ("gate that never fires (dbcache r=0)", {"strategy": "dbcache", "cache_ratio": 0.0}),
-        ("FBCache (dbcache F1B0) r=0.4", {"strategy": "dbcache", "cache_ratio": 0.4}),
-        ("dbcache F1B0 +TaylorSeer o2 r=0.6", {"strategy": "dbcache", "cache_ratio": 0.6,
-                                              "options": {"taylorseer_order": 2}}),
-        ("TeaCache (calibrated) r=0.33", {"strategy": "teacache", "cache_ratio": 0.33}),
-        ("TaylorSeer o2 interval 4", {"strategy": "taylorseer", "options": {"order": 2, "interval": 4}}),
-        ("TaylorSeer o2 interval 6", {"strategy": "taylorseer", "options": {"order": 2, "interval": 6}}),
-        ("SCM fast", {"strategy": "scm", "options": {"policy": "fast"}}),
-        ("target PSNR 30 (taylorseer o2)", {"strategy": "taylorseer", "target_psnr": 30, "options": {"order": 2}}),
+        ("dbcache F1B0 r=0.5", {"strategy": "dbcache", "cache_ratio": 0.5}),
+        ("TeaCache (calibrated) r=0.5", {"strategy": "teacache", "cache_ratio": 0.5}),
+        ("TaylorSeer o2 r=0.5", {"strategy": "taylorseer", "cache_ratio": 0.5, "options": {"order": 2}}),
+        ("schedule r=0.5", {"strategy": "schedule", "cache_ratio": 0.5}),
+        ("MagCache (calibrated) r=0.5", {"strategy": "magcache", "cache_ratio": 0.5}),
+        ("target PSNR 30: dbcache +TaylorSeer o1", {"strategy": "dbcache", "target_psnr": 30,
+                                                   "options": {"taylorseer_order": 1}}),
+        ("target PSNR 30: taylorseer o2", {"strategy": "taylorseer", "target_psnr": 30, "options": {"order": 2}}),
+        ("target PSNR 30: schedule +TaylorSeer o1", {"strategy": "schedule", "target_psnr": 30,
+                                                    "options": {"taylorseer_order": 1}}),
     ]
     out = []
     for i, (name, cache) in enumerate(plans):
         def make(cache=cache, i=i):
-            path = tmp / f"dacc{i}.dacc"
+            path = tmp / f"{m.name}{i}.dacc"
             if not path.exists():
-                compile_trained(cache, path, STEPS)
+                compile_trained(cache, path, STEPS, m)
             return dacc.load(path)
         out.append((name, make))
     return out
 
 
-def diffusers_configs() -> list[tuple[str, Callable]]:
+def diffusers_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
     from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
                                  PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
 
     def hooked(config_fn):
         def make():
-            t = load_transformer()
+            t = m.load_transformer()
             t.enable_cache(config_fn())
             return t
         return make
@@ -95,7 +100,7 @@ def diffusers_configs() -> list[tuple[str, Callable]]:
     return configs
 
 
-def cache_dit_configs() -> list[tuple[str, Callable]]:
+def cache_dit_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
     import cache_dit
     from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
@@ -103,7 +108,7 @@ def cache_dit_configs() -> list[tuple[str, Callable]]:
         calibrator = kw.pop("taylorseer", None)
 
         def make():
-            t = load_transformer()
+            t = m.load_transformer()
             cache_dit.enable_cache(t, cache_config=DBCacheConfig(num_inference_steps=STEPS, **kw),
                                    calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=calibrator)
                                    if calibrator else None)
@@ -126,32 +131,28 @@ def cache_dit_configs() -> list[tuple[str, Callable]]:
     return configs
 
 
-def run(make: Callable, encoder, labels, repeats: int, seed: int):
+def run(m: TrainedModel, make: Callable, encoder, labels, repeats: int, seed: int):
     times, result, model = [], None, None
     for _ in range(repeats):
         model = make()
-        result = generate(model, encoder, labels, steps=STEPS, seed=seed, on_step=Clock())
+        result = generate(m, model, encoder, labels, steps=STEPS, seed=seed, on_step=Clock())
         times.append(result.transformer_seconds)
     if not hasattr(model, "reset"):  # a peer's cache state is cleared by building it afresh
         model = make()
-    return result, statistics.median(times), generation_flops(model, encoder, labels, STEPS, seed, on_step=Clock())
+    flops = generation_flops(model, encoder, labels, STEPS, seed, on_step=Clock(), trained=m)
+    return result, statistics.median(times), flops
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-class", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(2)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    encoder, classifier = load_encoder(), load_classifier()
-    generate(load_transformer(), encoder, labels[:2], steps=2, seed=args.seed)  # warm-up
-    ref, eager_first, eager_flops = run(load_transformer, encoder, labels, args.repeats, args.seed)
+def compare_model(m: TrainedModel, per_class: int, repeats: int, seed: int) -> dict:
+    """Every configuration on one model, eager first and last."""
+    labels = torch.arange(m.classes).repeat_interleave(per_class)
+    encoder, classifier = m.load_encoder(), m.load_classifier()
+    generate(m, m.load_transformer(), encoder, labels[:2], steps=2, seed=seed)  # warm-up
+    ref, eager_first, eager_flops = run(m, m.load_transformer, encoder, labels, repeats, seed)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        suites = [("dacc", lambda: dacc_configs(Path(tmp))), ("diffusers", diffusers_configs),
-                  ("cache-dit", cache_dit_configs)]
+        suites = [("dacc", lambda: dacc_configs(m, Path(tmp))), ("diffusers", lambda: diffusers_configs(m)),
+                  ("cache-dit", lambda: cache_dit_configs(m))]
         for library, configs in suites:
             try:
                 entries = configs()
@@ -162,11 +163,11 @@ def main(argv=None) -> int:
             for name, make in entries:
                 start = time.perf_counter()
                 try:
-                    out, seconds, flops = run(make, encoder, labels, args.repeats, args.seed)
+                    out, seconds, flops = run(m, make, encoder, labels, repeats, seed)
                 except Exception as exc:  # a peer that cannot run this model is reported, not fatal
                     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                     rows.append({"library": library, "name": name, "skipped": reason})
-                    print(f"{library:9s} {name:42s} skipped: {reason}", file=sys.stderr)
+                    print(f"{m.name:8s} {library:9s} {name:42s} skipped: {reason}", file=sys.stderr)
                     traceback.print_exc(limit=2, file=sys.stderr)
                     continue
                 row = {"library": library, "name": name, "seconds": seconds, "flops": flops,
@@ -174,31 +175,53 @@ def main(argv=None) -> int:
                        "accuracy": conditional_accuracy(out.images, labels, classifier),
                        "bench_seconds": time.perf_counter() - start}
                 rows.append(row)
-                print(f"{library:9s} {name:42s} {seconds:6.2f}s PSNR {row['psnr']:6.2f} acc {row['accuracy']:.3f}",
-                      file=sys.stderr)
-    _, eager_last, _ = run(load_transformer, encoder, labels, args.repeats, args.seed)
+                print(f"{m.name:8s} {library:9s} {name:42s} {seconds:6.2f}s PSNR {row['psnr']:6.2f} "
+                      f"acc {row['accuracy']:.3f}", file=sys.stderr)
+    _, eager_last, _ = run(m, m.load_transformer, encoder, labels, repeats, seed)
     eager_s = (eager_first + eager_last) / 2
     for r in rows:
         if "seconds" in r:
             r["speedup"] = eager_s / r["seconds"]
             r["flops_speedup"] = eager_flops / r["flops"]
-    report = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "samples": len(labels), "steps": STEPS, "repeats": args.repeats,
-              "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
-                        "accuracy": conditional_accuracy(ref.images, labels, classifier)},
-              "versions": _versions(), "configs": rows, "summary": summarize(rows)}
-    write_results("compare", report, markdown(report))
-    pareto_plot(report, RESULTS / "compare.png")
+    return {"samples": len(labels), "steps": STEPS, "repeats": repeats,
+            "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
+                      "accuracy": conditional_accuracy(ref.images, labels, classifier)},
+            "configs": rows, "summary": summarize(rows)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="demo,glyphs,patterns")
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    previous = RESULTS / "compare.json"
+    report = json.loads(previous.read_text()) if previous.exists() else {}
+    if "models" not in report:  # results from before the per-model layout are not comparable: start afresh
+        report = {"models": {}}
+    report.update({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "versions": _versions()})
+    for name in args.models.split(","):
+        report["models"][name] = {**compare_model(trained_models()[name], args.per_class, args.repeats, args.seed),
+                                  "versions": _versions()}
+        write_results("compare", finite(report), markdown(report))  # after every model: a long run keeps its part
+        pareto_plot(report, RESULTS / "compare.png")
     return 0
 
 
+LIBRARIES = ("dacc", "diffusers", "cache-dit")
+
+
 def summarize(rows: list[dict], target: float = 30.0) -> dict:
-    """Per library, the fastest configuration at PSNR >= target."""
+    """Per library, the fastest configuration (wall) at PSNR >= target."""
     best = {}
     for r in rows:
         if "speedup" in r and r["psnr"] >= target:
             if r["library"] not in best or r["speedup"] > best[r["library"]]["speedup"]:
-                best[r["library"]] = {"name": r["name"], "speedup": r["speedup"], "psnr": r["psnr"]}
+                best[r["library"]] = {"name": r["name"], "speedup": r["speedup"], "psnr": r["psnr"],
+                                      "flops_speedup": r["flops_speedup"]}
     return {"target_psnr": target, "best": best}
 
 
@@ -213,22 +236,30 @@ def _versions() -> dict:
 
 
 def markdown(report: dict) -> str:
-    e, s = report["eager"], report["summary"]
-    lines = [f"Demo model, {report['steps']} steps, {report['samples']} samples with batched CFG, "
-             f"{report['threads']} CPU threads, median of {report['repeats']}; eager {e['seconds_first']:.2f} s "
-             f"(first) / {e['seconds_last']:.2f} s (last), conditional accuracy {100 * e['accuracy']:.1f}%. "
-             f"Versions: {report['versions']}.", "",
-             f"Fastest at PSNR >= {s['target_psnr']:.0f} dB: " + "; ".join(
-                 f"{lib} {b['speedup']:.2f}x ({b['name']}, {b['psnr']:.1f} dB)" for lib, b in s["best"].items()), "",
-             "| library | configuration | speedup (wall) | speedup (FLOPs) | PSNR dB | SSIM | cond. acc |",
-             "|---|---|---|---|---|---|---|"]
-    ran = [r for r in report["configs"] if "speedup" in r]
-    for r in sorted(ran, key=lambda r: -r["speedup"]):
-        lines.append(f"| {r['library']} | {r['name']} | {r['speedup']:.2f}x | {r['flops_speedup']:.2f}x | "
-                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {100 * r['accuracy']:.1f}% |")
-    for r in report["configs"]:
-        if "skipped" in r:
-            lines.append(f"| {r['library']} | {r['name']} | skipped: {r['skipped']} | | | | |")
+    lines = [f"Per trained model: 50 steps, batched CFG, {report['threads']} CPU threads; speedups against eager "
+             "measured in the same run (mean of eager first and last); PSNR against eager from the same noise. "
+             f"Versions: {report['versions']}.", "", "## Summary: fastest at PSNR >= 30 dB", "",
+             "| model | " + " | ".join(LIBRARIES) + " |", "|---|" + "---|" * len(LIBRARIES)]
+    for name, r in report["models"].items():
+        best = r["summary"]["best"]
+        cells = [f"{best[lib]['speedup']:.2f}x wall, {best[lib]['flops_speedup']:.2f}x FLOPs ({best[lib]['name']}, "
+                 f"{best[lib]['psnr']:.1f} dB)" if lib in best else "none at >= 30 dB" for lib in LIBRARIES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, r in report["models"].items():
+        e = r["eager"]
+        lines += ["", f"## {name}", "",
+                  f"{r['samples']} samples, median of {r['repeats']}; eager {e['seconds_first']:.2f} s (first) / "
+                  f"{e['seconds_last']:.2f} s (last), conditional accuracy {100 * e['accuracy']:.1f}%.", "",
+                  "| library | configuration | speedup (wall) | speedup (FLOPs) | PSNR dB | SSIM | cond. acc |",
+                  "|---|---|---|---|---|---|---|"]
+        ran = [c for c in r["configs"] if "speedup" in c]
+        for c in sorted(ran, key=lambda c: -c["speedup"]):
+            value = c["psnr"] if c["psnr"] is not None else float("inf")
+            lines.append(f"| {c['library']} | {c['name']} | {c['speedup']:.2f}x | {c['flops_speedup']:.2f}x | "
+                         f"{value:.2f} | {c['ssim']:.4f} | {100 * c['accuracy']:.1f}% |")
+        for c in r["configs"]:
+            if "skipped" in c:
+                lines.append(f"| {c['library']} | {c['name']} | skipped: {c['skipped']} | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,18 +270,20 @@ def pareto_plot(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for library, marker in (("dacc", "o"), ("diffusers", "s"), ("cache-dit", "^")):
-        pts = [(r["psnr"] if r["psnr"] != float("inf") else 60.0, r["speedup"])
-               for r in report["configs"] if r["library"] == library and "speedup" in r]
-        if pts:
-            ax.scatter([p for p, _ in pts], [s for _, s in pts], marker=marker, label=library, s=36)
-    ax.axvline(report["summary"]["target_psnr"], color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("PSNR against uncached output (dB; identical plotted at 60)")
-    ax.set_ylabel("transformer speedup vs eager (wall)")
-    ax.set_title("Demo model, 50 steps: speed vs quality")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], models.items()):
+        for library, marker in zip(LIBRARIES, "os^"):
+            pts = [(c["psnr"] if c["psnr"] not in (None, float("inf")) else 60.0, c["speedup"])
+                   for c in r["configs"] if c["library"] == library and "speedup" in c]
+            if pts:
+                ax.scatter([p for p, _ in pts], [s for _, s in pts], marker=marker, label=library, s=36)
+        ax.axvline(r["summary"]["target_psnr"], color="gray", linestyle="--", linewidth=1)
+        ax.set_xlabel("PSNR against uncached output (dB; identical plotted at 60)")
+        ax.set_ylabel("transformer speedup vs eager (wall)")
+        ax.set_title(f"{name}, {r['steps']} steps: speed vs quality")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -78,16 +78,24 @@ def _calibrate(args: argparse.Namespace) -> int:
     if gate is None:
         raise DaccError("the plan has no cache strategy to calibrate", args.plan or "<empty plan>",
                         "set cache.strategy (and cache.target_psnr to search its knobs)")
-    options = {"rescale": gate.rescale} if gate.rescale else {}
+    # the plan's options with the gate's own knobs fixed: what a plan that cannot calibrate (a
+    # parallel one) takes
+    given = yaml.safe_load(Path(args.plan).read_text()) if args.plan else {}
+    options: dict = {k: v for k, v in ((given or {}).get("cache") or {}).get("options", {}).items()
+                     if k not in ("scm_policy", "calibration_seeds")}
+    if gate.rescale:
+        options["rescale"] = gate.rescale
     strategy = gate.strategy
-    if strategy == "schedule":  # as a fixed mask: what a parallel plan, which cannot calibrate, takes
+    if strategy in ("dbcache", "teacache"):
+        options["threshold"] = gate.threshold
+    elif strategy == "taylorseer":
+        options["interval"] = gate.interval
+    if strategy in ("schedule", "magcache"):  # as a fixed mask
         strategy, options = "scm", {"mask": gate.mask, **({"taylorseer_order": gate.taylor_order}
                                                           if gate.taylor_order else {})}
+    elif gate.mask:
+        options["scm_mask"] = gate.mask
     search = gate.calibration.get("search")
-    if search:
-        options.update({k: search[k] for k in ("threshold",) if gate.strategy in ("dbcache", "teacache")})
-        if gate.strategy == "taylorseer":
-            options["interval"] = search["interval"]
     print(yaml.safe_dump({"cache": {"strategy": strategy, "options": options}}, sort_keys=False), end="")
     if search and search["met"]:
         print(f"# validated: PSNR {search['validation_psnr_mean']:.2f} dB (worst seed "

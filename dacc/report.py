@@ -8,7 +8,6 @@ from dacc.cost.devices import load_profile
 from dacc.cost.sizes import sizes_at
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
-from dacc.schema.errors import DaccError
 from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, LoweringSpec, Manifest, ProgramSpec
 from dacc.schema.signature import fingerprint
@@ -205,7 +204,8 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     g: CacheGate = prog.cache
     names = [s.name for s in prog.segments]
     knobs = {"dbcache": f"threshold {g.threshold:g}", "teacache": f"threshold {g.threshold:g}",
-             "taylorseer": f"interval {g.interval}", "scm": "", "schedule": ""}[g.strategy]
+             "taylorseer": f"interval {g.interval}" if g.interval > 1 or not g.mask else "refreshes on the mask's steps",
+             "scm": "", "schedule": "", "magcache": f"threshold {g.threshold:g}"}[g.strategy]
     out = [f"  cache gate: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
            f"({g.skip_last - g.skip_first + 1} segments), streams {', '.join(g.stream_out)}",
            f"    probe {g.probe}{' of ' + ', '.join(g.probe_values) if g.probe != 'none' else ''}"
@@ -224,6 +224,14 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     if schedule:
         out.append(f"    schedule chosen from the measured cost of reusing each step (seeds {schedule['seeds']}): "
                    f"fewest computed steps possible {min(int(m) for m in schedule['least_cost'])}")
+    curve = g.calibration.get("magnitude_ratios")
+    if curve:
+        ratios = curve["ratios"][1:]
+        out.append(f"    magnitude ratios measured on seeds {curve['seeds']}: {min(ratios):.3f}..{max(ratios):.3f} "
+                   f"(mean {sum(ratios) / len(ratios):.3f})")
+    mapped = g.calibration.get("ratio_map")
+    if mapped:
+        out.append(_ratio_map_line(mapped, g.strategy, steps))
     search = g.calibration.get("search")
     if search:
         out.append(_search_line(search))
@@ -231,6 +239,16 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     out.append(f"    planned steps ({LETTERS['computed']} computed, {LETTERS['reused']} reused, "
                f"{LETTERS['forecast']} forecast, ? decided by the probe): {plan}")
     return out
+
+
+def _ratio_map_line(mapped: dict, strategy: str, steps: int) -> str:
+    """What cache_ratio means on this model (dacc/compiler/ratio_map.py)."""
+    def knob(p: dict) -> str:
+        return f"threshold {p['threshold']:.3g}, " if strategy in ("dbcache", "teacache", "magcache") else ""
+    points = "; ".join(f"{p['cache_ratio']:g} -> {knob(p)}{p['computed_steps']}/{steps} steps computed"
+                       for p in mapped["points"])
+    return (f"    cache_ratio on this model (replayed on {mapped['recordings']} recorded generation(s), "
+            f"{mapped['error_per_ratio']:g} error per step at ratio 1): {points}")
 
 
 def _search_line(search: dict) -> str:

@@ -36,6 +36,8 @@ RANGE_FIX = {
            "scm_policy/scm_mask and Fn/Bn that leave {seg} outside the range",
     "schedule": "schedule masks every block at once and has no knob that moves its range: use strategy dbcache "
                 "with scm_mask (copy the schedule's mask) and Fn/Bn that leave {seg} outside the range",
+    "magcache": "magcache masks every block at once and has no knob that moves its range: use strategy dbcache "
+                "with scm_mask (copy magcache's mask) and Fn/Bn that leave {seg} outside the range",
 }
 
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from dacc.compiler.cache_knobs import dynamic_knobs
+from dacc.compiler.magcache import magcache_mask, magnitude_ratios
+from dacc.compiler.ratio_map import ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, trajectories
 from dacc.compiler.schedule import Schedules, optimal_schedules, residual_costs
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
-from dacc.runtime.cache import rel_l1
+from dacc.runtime.cache import StepRecord, rel_l1
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import CacheGate, Manifest
+from dacc.passes.apply_step_mask import CALIBRATED_MASKS
 from dacc.schema.plan import Plan, cache_options
 
 SEARCH_ITERATIONS = 6
@@ -44,7 +48,7 @@ def run_samples(model, sample: Callable, seeds: list[int]) -> tuple[list[torch.T
     return outs, model.stats()
 
 
-def _recorded(model, sample: Callable, seeds: list[int]) -> list[tuple]:
+def _recorded(model, sample: Callable, seeds: list[int]) -> list[StepRecord]:
     """Every call of uncached generations from `seeds`, as the runtime records them."""
     originals = {id(r): r.spec.cache for r in model.programs}
     _set_gates(model, _never_skip)
@@ -58,16 +62,15 @@ def _recorded(model, sample: Callable, seeds: list[int]) -> list[tuple]:
             runner.spec.cache = originals[id(runner)]
 
 
-def fit_rescale(model, sample: Callable, seeds: list[int], log) -> tuple[list[float], dict]:
+def fit_rescale(records: list[StepRecord], seeds: list[int], log) -> tuple[list[float], dict]:
     """TeaCache: (input change, output change) per step -> numpy.polyfit, degree up to 4."""
-    records = _recorded(model, sample, seeds)
     xs, ys, previous = [], [], {}
-    for context, step, stat, _, outputs, _ in records:
-        prev = previous.get(context)
-        if stat is not None and prev is not None and step > 0:
-            xs.append(stat)
-            ys.append(rel_l1(outputs, prev))
-        previous[context] = outputs
+    for r in records:
+        prev = previous.get(r.context)
+        if r.stat is not None and prev is not None and r.step > 0:
+            xs.append(r.stat)
+            ys.append(rel_l1(r.outputs, prev))
+        previous[r.context] = r.outputs
     if len(xs) < 3:
         raise DaccError(f"calibration saw only {len(xs)} step pairs", "sample()",
                         "make sample() run at least a few denoising steps")
@@ -77,25 +80,13 @@ def fit_rescale(model, sample: Callable, seeds: list[int], log) -> tuple[list[fl
     return coefficients, {"points": len(xs), "seeds": seeds, "degree": degree}
 
 
-def measure_schedules(model, plan: Plan, sample: Callable, log) -> tuple[Schedules, dict]:
-    """`strategy: schedule`: the gated range's residual at every step of uncached generations from
-    the calibration seeds -> the least-cost mask for every count of computed steps."""
-    gate = next(r.spec.cache for r in model.programs if r.spec.cache is not None)
-    trajectories: dict[tuple, list[torch.Tensor]] = {}
-    generation: dict[Any, int] = {}  # per cache context: step 0 starts its next generation
-    for context, step, _, _, _, residuals in _recorded(model, sample, list(CALIBRATION_SEEDS)):
-        generation[context] = generation.get(context, -1) + (step == 0)
-        trajectories.setdefault((context, generation[context]), []).append(torch.cat([r.flatten() for r in residuals]))
-    steps = plan.num_inference_steps
-    complete = [t for t in trajectories.values() if len(t) == steps]
-    if not complete:
-        raise DaccError(f"sample() ran no generation of num_inference_steps ({steps}) steps", "sample()",
-                        "make sample() run the artifact's number of steps (dacc.models.flow.sample reads it "
-                        "from model.manifest.num_inference_steps)")
-    cost = residual_costs(complete)
+def measure_schedules(ts: list[Trajectory], gate: CacheGate, steps: int, log) -> tuple[Schedules, dict]:
+    """`strategy: schedule`: the cost of reusing each step's residual at every later step, from the
+    recorded generations -> the least-cost mask for every count of computed steps."""
+    cost = residual_costs([list(t.residuals) for t in ts])
     forced = {*range(gate.warmup), *range(steps - gate.cooldown, steps)}
     schedules = optimal_schedules(cost, forced, gate.max_continuous_cached_steps, gate.max_cached_steps)
-    log(f"schedule: measured the cost of reusing each step on {len(complete)} generation(s); "
+    log(f"schedule: measured the cost of reusing each step on {len(ts)} generation(s); "
         f"{schedules.fewest}..{steps} computed steps possible")
     step_costs = [0.0] + [round(float(cost[i - 1, i]), 5) for i in range(1, steps)]
     return schedules, {"seeds": list(CALIBRATION_SEEDS), "step_costs": step_costs,
@@ -183,49 +174,111 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
     return record
 
 
-def _needs(manifest: Manifest, plan: Plan) -> tuple[bool, bool]:
+@dataclass(frozen=True)
+class Needs:
+    """What calibration has to do for a manifest's gates."""
+    rescale: bool  # fit TeaCache's rescaling polynomial
+    mask: bool  # measure what `strategy: schedule` or `magcache` chooses its mask from
+    ratio_map: bool  # map cache_ratio through this model's recordings (dacc/compiler/ratio_map.py)
+    search: bool  # search cache_ratio for cache.target_psnr
+
+    @property
+    def any(self) -> bool:
+        return self.rescale or self.mask or self.ratio_map or self.search
+
+    @property
+    def sample(self) -> bool:
+        """Whether it cannot go without sample(): a ratio map alone falls back to fixed constants."""
+        return self.rescale or self.mask or self.search
+
+
+def _needs(manifest: Manifest, plan: Plan) -> Needs:
     gates = [p.cache for p in manifest.programs if p.cache is not None]
-    needs_rescale = any(g.strategy == "teacache" and not g.rescale for g in gates)
-    needs_schedule = any(g.strategy == "schedule" and not g.mask for g in gates)
-    return needs_rescale or needs_schedule, bool(gates) and plan.cache.target_psnr is not None
+    options, strategy = cache_options(plan), plan.cache.strategy
+    fixed = any(getattr(options, k, None) is not None for k in ("threshold", "interval"))
+    masked = strategy in CALIBRATED_MASKS
+    skips = plan.cache.cache_ratio > 0 or plan.cache.target_psnr is not None
+    return Needs(rescale=any(g.strategy == "teacache" and not g.rescale for g in gates),
+                 mask=any(g.strategy in CALIBRATED_MASKS and not g.mask for g in gates),
+                 ratio_map=bool(gates) and strategy in MAPPED and not fixed and plan.parallel.world_size == 1
+                 and (skips or masked),
+                 search=bool(gates) and plan.cache.target_psnr is not None)
 
 
 def needs_calibration(manifest: Manifest, plan: Plan) -> bool:
-    return any(_needs(manifest, plan))
+    return _needs(manifest, plan).any
 
 
 def check_calibration_inputs(manifest: Manifest, plan: Plan, sample: Callable | None) -> None:
-    needs_fit, needs_search = _needs(manifest, plan)
-    if (needs_fit or needs_search) and sample is None:
-        what = {"teacache": "teacache calibration", "schedule": "strategy 'schedule'"}.get(plan.cache.strategy,
-                                                                                          "cache.target_psnr")
-        fix = {"schedule": "add sample(), or give a fixed step mask with strategy scm and options.mask"}.get(
-            plan.cache.strategy, "add sample(), or give cache.options.rescale / drop target_psnr")
+    if _needs(manifest, plan).sample and sample is None:
+        strategy = plan.cache.strategy
+        what = ("teacache calibration" if strategy == "teacache" else f"strategy '{strategy}'"
+                if strategy in CALIBRATED_MASKS else "cache.target_psnr")
+        fix = ("add sample(), or give a fixed step mask with strategy scm and options.mask"
+               if strategy in CALIBRATED_MASKS else "add sample(), or give cache.options.rescale / drop target_psnr")
         raise DaccError(f"{what} needs the model file to define sample(model, seed)", "model file", fix)
 
 
 def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, log) -> None:
     """Fill in what the gates of `manifest` (and of the loaded `model`) still need."""
-    needs_fit, needs_search = _needs(manifest, plan)
-    target = plan.cache.target_psnr
-    if not (needs_fit or needs_search):
+    needs = _needs(manifest, plan)
+    if not needs.any:
+        return
+    if sample is None and not needs.sample:
+        log(f"note: the model file has no sample(), so cache_ratio {plan.cache.cache_ratio:g} maps through fixed "
+            "defaults rather than this model's own measurements (dacc/compiler/ratio_map.py); define "
+            "sample(model, seed) to calibrate it")
         return
     check_calibration_inputs(manifest, plan, sample)
     info: dict[str, Any] = {}
-    knobs_for = None  # the strategy's own mapping from cache_ratio, unless calibration measures one
-    if plan.cache.strategy == "teacache" and needs_fit:
+    steps, options = plan.num_inference_steps, cache_options(plan)
+    records = _recorded(model, sample, list(CALIBRATION_SEEDS)) if needs.ratio_map or needs.mask else []
+    if needs.rescale:
         # seeds 0.. : the search's validation seeds stay unseen unless the plan asks for many
-        seeds = list(range(cache_options(plan).calibration_seeds))
-        rescale, fit = fit_rescale(model, sample, seeds, log)
-        info["rescale_fit"] = fit
+        seeds = list(range(options.calibration_seeds))
+        fit_records = records if records and seeds == list(CALIBRATION_SEEDS) else _recorded(model, sample, seeds)
+        rescale, info["rescale_fit"] = fit_rescale(fit_records, seeds, log)
         _set_gates(model, lambda gate: dataclasses.replace(gate, rescale=rescale))
-    elif plan.cache.strategy == "schedule" and needs_fit:
-        schedules, info["schedule"] = measure_schedules(model, plan, sample, log)
-        knobs_for = schedules.knobs
-        if not needs_search:
-            _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs_for(plan.cache.cache_ratio)))
-    if needs_search:
-        info["search"] = search_ratio(model, plan, sample, target, log, knobs_for)
+    knobs_for = None  # the plan's own knobs, unless calibration maps cache_ratio for this model
+    if records:
+        ts = trajectories(records, steps)
+        gate = next(r.spec.cache for r in model.programs if r.spec.cache is not None)
+        schedules = magnitudes = None
+        if plan.cache.strategy == "schedule":
+            schedules, info["schedule"] = measure_schedules(ts, gate, steps, log)
+        if plan.cache.strategy == "magcache":
+            magnitudes = magnitude_ratios([t.residuals for t in ts])
+            info["magnitude_ratios"] = {"seeds": list(CALIBRATION_SEEDS), "ratios": magnitudes}
+            log(f"magcache: measured the residual magnitude ratio of every step on {len(ts)} generation(s): "
+                f"{min(magnitudes[1:]):.3f}..{max(magnitudes[1:]):.3f}")
+        base = [] if plan.cache.strategy in CALIBRATED_MASKS else dynamic_knobs(plan.cache.strategy, 0.0, options,
+                                                                               steps)["mask"]
+        if needs.ratio_map:
+            ratio_map = RatioMap(gate, ts, base, schedules, magnitudes)
+            knobs_for = ratio_map.knobs
+            info["ratio_map"] = ratio_map.describe()
+            if not needs.search:
+                knobs = knobs_for(plan.cache.cache_ratio)
+                _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
+                error, skipped = ratio_map.error(knobs)
+                log(f"cache_ratio {plan.cache.cache_ratio:g} on this model: {_knob_text(plan.cache.strategy, knobs)}, "
+                    f"replayed on {len(ts)} recorded generation(s): {round(skipped * steps)} of {steps} steps "
+                    f"skipped, error {error:.4f} per step (budget {plan.cache.cache_ratio * ERROR_PER_RATIO:.4f})")
+        else:  # magcache with a fixed threshold: only its mask to fill in
+            _set_gates(model, lambda g: dataclasses.replace(g, mask=magcache_mask(g, magnitudes, options.threshold)))
+    if needs.search:
+        info["search"] = search_ratio(model, plan, sample, plan.cache.target_psnr, log, knobs_for)
     for spec, runner in zip(manifest.programs, model.programs):
         if spec.cache is not None:
             spec.cache = dataclasses.replace(runner.spec.cache, calibration=info)
+
+
+def _knob_text(strategy: str, knobs: dict) -> str:
+    if strategy in ("dbcache", "teacache", "magcache"):
+        return f"threshold {knobs['threshold']:.4g}" + (", mask " + _letters(knobs["mask"]) if knobs["mask"] else "")
+    return "mask " + _letters(knobs["mask"]) if knobs["mask"] else "no mask"
+
+
+def _letters(mask: list[bool]) -> str:
+    return "".join("C" if on else "-" for on in mask)
+

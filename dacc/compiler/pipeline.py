@@ -38,7 +38,7 @@ PIPELINE: list[PassEntry] = [
     PassEntry("insert_taylorseer_gate", insert_taylorseer_gate,
               "taylorseer: forecast the blocks' residual between full steps"),
     PassEntry("apply_step_mask", apply_step_mask,
-              "scm/schedule: a static per-step compute mask (given, or chosen from measured costs), alone or on top of another gate"),
+              "scm/schedule/magcache: a static per-step compute mask (given, or chosen from measurements), alone or on top of another gate"),
     # quantize
     PassEntry("quantize_linears", quantize_linears,
               "int8 weights (and activations) make each computed step's matmuls cheaper and the artifact smaller"),

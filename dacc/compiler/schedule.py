@@ -7,8 +7,9 @@ in the output of step i, relative to the mean residual magnitude of the whole ge
 schedule computes a set of steps and reuses, on every other step, the last computed residual; its
 cost is the sum over the skipped steps. `optimal_schedules` finds, for every number of computed
 steps, the schedule of least cost (dynamic programming over the last computed step: exact), and
-cache_ratio picks the count: ratio 0 computes every step, ratio 1 the fewest the limits allow.
-With `target_psnr` the ratio is searched like every strategy's (dacc/compiler/calibrate.py).
+cache_ratio picks the fewest computed steps whose cost per step fits its error budget, the same
+budget every strategy gets (dacc/compiler/ratio_map.py). With `target_psnr` the ratio is searched
+like every strategy's (dacc/compiler/calibrate.py).
 
 The schedule ships as the gate's static mask: no probe at run time, the same on every rank, and
 `dacc inspect` prints it exactly.
@@ -44,14 +45,6 @@ class Schedules:
     @property
     def fewest(self) -> int:
         return min(self.masks)
-
-    def for_ratio(self, ratio: float) -> list[bool]:
-        steps = max(self.masks)
-        return self.masks[steps - round(ratio * (steps - self.fewest))]
-
-    def knobs(self, ratio: float) -> dict:
-        """A gate's knobs at `ratio` (what cache_knobs.dynamic_knobs gives the other strategies)."""
-        return {"threshold": 0.0, "interval": 1, "mask": self.for_ratio(ratio)}
 
 
 def optimal_schedules(cost: np.ndarray, forced: set[int] = frozenset(), max_run: int = -1,

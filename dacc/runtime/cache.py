@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,17 @@ class Computed:
             self._residuals = [o - i for i, o in zip(self.inputs, self.outputs)]
             self.inputs = self.outputs = []  # the residual is all a skip needs: hold one tensor per stream, not two
         return self._residuals
+
+
+class StepRecord(NamedTuple):
+    """One gated call as compile-time calibration records it (DaccModule._recorder)."""
+    context: Any  # the cache context (a pipeline's "cond"/"uncond", or None)
+    step: int
+    stat: float | None  # the probe's measured change (None on a generation's first step)
+    action: str
+    outputs: list[torch.Tensor]  # the program's tensor outputs
+    residuals: list[torch.Tensor] | None  # the gated range's residual per stream
+    probe: list[torch.Tensor] | None  # the probe values the gate remembers after this step
 
 
 @dataclass
@@ -127,14 +139,18 @@ def _skip_action(gate: CacheGate, state: GateState) -> Action:
     return Action.FORECAST if gate.taylor_order > 0 and len(state.history) > 1 else Action.REUSE
 
 
+def forced_to_compute(gate: CacheGate, state: GateState, step: int, num_steps: int) -> bool:
+    """Whether the step computes whatever the mask and the probe say: warmup, cooldown, limits."""
+    return (step < gate.warmup or step >= num_steps - gate.cooldown or not state.history
+            or (gate.strategy == "teacache" and step == num_steps - 1)  # TeaCache keeps the last step
+            or (0 <= gate.max_cached_steps <= state.cached_steps)
+            or (0 <= gate.max_continuous_cached_steps <= state.continuous))
+
+
 def _static_action(gate: CacheGate, state: GateState, step: int, num_steps: int) -> Action | None:
     """COMPUTE when the step must compute whatever the probe says, the skip action when the static
     mask skips it, None when the gate's own rule decides."""
-    forced = (step < gate.warmup or step >= num_steps - gate.cooldown or not state.history
-              or (gate.strategy == "teacache" and step == num_steps - 1)  # TeaCache keeps the last step
-              or (0 <= gate.max_cached_steps <= state.cached_steps)
-              or (0 <= gate.max_continuous_cached_steps <= state.continuous))
-    if forced:
+    if forced_to_compute(gate, state, step, num_steps):
         return Action.COMPUTE
     if gate.mask and step < len(gate.mask) and not gate.mask[step]:
         return _skip_action(gate, state)

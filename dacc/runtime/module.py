@@ -10,7 +10,8 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-from dacc.runtime.cache import Action, Computed, GateState, decide, measure, record, skipped_residuals
+from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, decide, measure, record,
+                                skipped_residuals)
 from dacc.kernels.ops import missing_support
 from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
@@ -207,8 +208,9 @@ class CompiledTransformer(torch.nn.Module):
                 stats.segments_reused += gate.skip_last + 1 - gate.skip_first
             run(gate.skip_last + 1, len(specs))
             if self._recorder is not None:
-                self._recorder.append((self._context, counter.step, state.last_stat, action.value,
-                                       [env[o] for o in runner.output_values if isinstance(o, str)], residuals))
+                self._recorder.append(StepRecord(self._context, counter.step, state.last_stat, action.value,
+                                                 [env[o] for o in runner.output_values if isinstance(o, str)],
+                                                 residuals, state.prev_probe))
         return [env[name] if isinstance(name, str) else name for name in runner.output_values]
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:

@@ -251,7 +251,7 @@ class CacheGate:
     On a step the gate skips, the range is not run: each stream leaving it is set to the stream
     entering it plus the range's residual from the last computed step (or a Taylor forecast of it).
     """
-    strategy: str  # dbcache | teacache | taylorseer | scm | schedule
+    strategy: str  # dbcache | teacache | taylorseer | scm | schedule | magcache
     skip_first: int  # index (in ProgramSpec.segments) of the first skippable segment
     skip_last: int  # index of the last skippable segment (inclusive)
     stream_in: list[str]  # values entering the range, paired with
@@ -263,7 +263,7 @@ class CacheGate:
     rescale: list[float]  # teacache polynomial (numpy.polyfit order, highest degree first); [] = identity
     taylor_order: int  # 0 reuses the cached residual; 1 or 2 forecasts it from the last computed steps
     interval: int  # taylorseer: compute every `interval` steps (1 = always)
-    mask: list[bool]  # static per-step compute mask (scm, schedule); [] = none
+    mask: list[bool]  # static per-step compute mask (scm, schedule, magcache, a calibrated taylorseer); [] = none
     warmup: int
     cooldown: int
     max_cached_steps: int  # per generation; -1 = unlimited

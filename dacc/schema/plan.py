@@ -20,7 +20,7 @@ from dacc.schema.errors import DaccError
 from dacc.schema.plan_checks import Lines, conflicts, describe_all, where
 from dacc.schema.plan_yaml import read_plan_data
 
-CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm", "schedule")
+CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm", "schedule", "magcache")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
 QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
 FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
@@ -81,9 +81,17 @@ class ScheduleOptions(_StepLimits):
     taylorseer_order: int = Field(0, ge=0, le=2)  # skipped steps forecast the residual instead of reusing it
 
 
+class MagCacheOptions(_StepLimits):
+    """MagCache's rule on a magnitude-ratio curve measured on sample() (dacc/compiler/magcache.py);
+    max_continuous_cached_steps is its K, cache.warmup its retention."""
+    threshold: float | None = Field(None, ge=0.0)  # accumulated error; None: from cache_ratio
+    taylorseer_order: int = Field(0, ge=0, le=2)
+
+
 CACHE_OPTIONS: dict[str, type[BaseModel]] = {"none": _Strict, "dbcache": DBCacheOptions,
                                              "teacache": TeaCacheOptions, "taylorseer": TaylorSeerOptions,
-                                             "scm": SCMOptions, "schedule": ScheduleOptions}
+                                             "scm": SCMOptions, "schedule": ScheduleOptions,
+                                             "magcache": MagCacheOptions}
 
 
 def cache_options(plan: "Plan") -> BaseModel:

@@ -143,8 +143,8 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         for name, default in _CACHE_DEFAULTS.items():
             if getattr(c, name) != default:
                 out.append((("cache", name), f"cache.{name} = {short_repr(getattr(c, name))} has no effect with "
-                            "cache.strategy 'none' (set a strategy: dbcache, teacache, taylorseer, scm, schedule; "
-                            f"or remove cache.{name})"))
+                            "cache.strategy 'none' (set a strategy: dbcache, teacache, taylorseer, scm, schedule, "
+                            f"magcache; or remove cache.{name})"))
     if c.target_psnr is not None:
         if c.cache_ratio != 0.0:  # the search picks the ratio (calibrate.search_ratio), ignoring this one
             out.append((("cache", "cache_ratio"), "cache.target_psnr searches cache_ratio itself, so "
@@ -192,7 +192,9 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
                                     ("quantize.target_psnr", q.target_psnr is not None),
                                     ("a calibrated teacache rescale", c.strategy == "teacache"
                                      and getattr(options, "rescale", None) is None),
-                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"))
+                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"),
+                                    ("a calibrated magnitude curve (cache.strategy 'magcache')",
+                                     c.strategy == "magcache"))
                     if on]
         if searches:
             out.append((("parallel",), f"{searches[0]} is calibrated by running the artifact in one process, so it "

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import dacc
+from dacc.compiler.cache_knobs import THRESHOLD_PER_RATIO
 from dacc.compiler.compile import compile_model
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR, Traced
@@ -244,3 +245,13 @@ def test_new_sizes_mid_generation_start_a_new_generation(compiled, tmp_path):
         ref = c.model(**other, return_dict=False)[0]
     assert rel_err(model(**other, return_dict=False)[0], ref) < 1e-5
     assert model.stats()["generations"] == 2
+
+
+def test_without_sample_the_ratio_maps_through_the_fixed_defaults_and_says_so(tmp_path):
+    said = []
+    (tmp_path / "plan.yaml").write_text("num_inference_steps: 6\ncache: {strategy: dbcache, cache_ratio: 0.5}\n")
+    manifest = compile_model(model_file("flux"), tmp_path / "plan.yaml", tmp_path / "a.dacc", verify=False,
+                             log=said.append, traced=shared_trace(model_file("flux")))
+    gate = manifest.programs[0].cache
+    assert any("has no sample()" in line and "fixed defaults" in line for line in said)
+    assert gate.threshold == THRESHOLD_PER_RATIO["dbcache"] * 0.5 and "ratio_map" not in gate.calibration

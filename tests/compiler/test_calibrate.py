@@ -38,11 +38,10 @@ def test_target_psnr_search_is_reproduced_by_the_artifact(searched):
     model = dacc.load(searched)
     gate = model.manifest.programs[0].cache
     search = gate.calibration["search"]
-    assert search["psnr"] >= 30 and search["flops_speedup"] > 2 and gate.interval == search["interval"] > 1
+    assert search["met"] and search["flops_speedup"] > 2 and gate.mask == search["mask"] and not all(gate.mask)
     eager = load_transformer()
-    measured = min(psnr(sample(model, seed), sample(eager, seed)) for seed in (0, 1))  # the search's seeds
-    assert measured >= 30
-    assert abs(measured - search["psnr"]) < 1e-3
+    measured = [psnr(sample(model, seed), sample(eager, seed)) for seed in search["validation_seeds"]]
+    assert measured == pytest.approx(search["validation_psnr"], abs=1e-2)
 
 
 @pytest.mark.slow  # `make test-all`: shares the search above
@@ -67,11 +66,11 @@ def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, cap
     model._recorder = []
     sample(model, seed=5)
     xs, ys, prev = [], [], None
-    for _, step, stat, _, outputs, _ in model._recorder:
-        if stat is not None and prev is not None:
-            xs.append(stat)
-            ys.append(rel_l1(outputs, prev))
-        prev = outputs
+    for r in model._recorder:
+        if r.stat is not None and prev is not None:
+            xs.append(r.stat)
+            ys.append(rel_l1(r.outputs, prev))
+        prev = r.outputs
     xs, ys = np.array(xs), np.array(ys)
     fitted = np.abs([polyval(gate.rescale, x) for x in xs] - ys).mean()
     assert len(xs) == 49 and fitted < 0.5 * np.abs(xs - ys).mean()

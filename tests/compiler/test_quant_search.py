@@ -2,7 +2,6 @@
 and once on the trained demo model, reproduced by the artifact."""
 from __future__ import annotations
 
-import itertools
 import statistics
 
 import pytest

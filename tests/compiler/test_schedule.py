@@ -48,7 +48,7 @@ def test_cheap_steps_are_the_ones_skipped():
             cost[j, i] = change[j + 1:i + 1].sum()  # the residual drifts by `change` each step
     schedules = optimal_schedules(cost)
     assert schedules.masks[6] == [True, True, True, False, False, True, True, True]
-    assert schedules.for_ratio(0.0) == [True] * 8 and sum(schedules.for_ratio(1.0)) == schedules.fewest == 2
+    assert schedules.masks[8] == [True] * 8 and sum(schedules.masks[schedules.fewest]) == schedules.fewest == 2
 
 
 def test_costs_grow_with_the_distance_reused():

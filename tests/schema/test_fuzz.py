@@ -101,7 +101,7 @@ def valid_plans(draw) -> dict:
         cache["warmup"] = draw(st.integers(0, 1))
         options = {"scm": {"policy": draw(st.sampled_from(SCM_POLICIES))}, "taylorseer": {"order": 2},
                    "dbcache": {"Fn": 1, "threshold": 1}, "teacache": {"rescale": [1.0, 0]},
-                   "schedule": {"taylorseer_order": 1}}[strategy]
+                   "schedule": {"taylorseer_order": 1}, "magcache": {"threshold": 0.1}}[strategy]
         cache["options"] = options
     return {"num_inference_steps": steps, "cache": cache, "quantize": {"mode": "none"}}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import SD3Transformer2DModel
 
 from dacc.models.flow import ClassEncoder, TrainedModel

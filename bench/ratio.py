@@ -1,0 +1,98 @@
+"""Does the same `cache_ratio` mean the same quality on every model? Each trained model, each
+strategy, at one ratio: the knob from the fixed defaults (dacc/compiler/cache_knobs.py, tuned on
+the demo: what a model without sample() gets) beside the knob the compiler maps from the model's
+own recordings (dacc/compiler/ratio_map.py, its constant tuned on glyphs).
+
+    python bench/ratio.py [--ratio 0.5] [--models glyphs,patterns,demo]
+
+PSNR on held-out seeds 6-9 against the uncached output; FLOPs of those generations against the
+uncached count. The spread row is the difference between the best and worst model: the smaller,
+the more the ratio means one thing. Writes bench/results/ratio.json and ratio.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import dacc
+from common import compile_trained, write_results
+from dacc.compiler.cache_knobs import REFERENCE_STEPS, TAYLORSEER_MAX_INTERVAL, THRESHOLD_PER_RATIO
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS, seed_psnr
+from dacc.models.flow import sample
+from dacc.models.train import trained_models
+
+STEPS = 50
+
+
+def fixed_options(strategy: str, ratio: float) -> dict | None:
+    """The knob the fixed defaults give at `ratio` (None: the strategy has no fixed mapping)."""
+    if strategy in THRESHOLD_PER_RATIO:
+        return {"threshold": THRESHOLD_PER_RATIO[strategy] * ratio}
+    if strategy == "taylorseer":
+        return {"interval": 1 + round(ratio * (TAYLORSEER_MAX_INTERVAL - 1) * min(1.0, STEPS / REFERENCE_STEPS))}
+    return None
+
+
+STRATEGIES = [("dbcache", {}), ("teacache", {}), ("taylorseer", {"order": 2}), ("schedule", {}), ("magcache", {})]
+
+
+def measure(m, cache: dict, refs: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = dacc.load(compile_trained(cache, Path(tmp) / "a.dacc", STEPS, m))
+    model.reset()
+    psnrs = [seed_psnr(sample(m, model, s), refs[s]) for s in HELD_OUT_SEEDS]
+    stats = model.stats()
+    return {"psnr_mean": statistics.mean(psnrs), "psnr_worst": min(psnrs),
+            "flops_speedup": stats["flops_total"] / max(stats["flops_computed"], 1.0)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--models", default="glyphs,patterns,demo")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    rows = []
+    for name in args.models.split(","):
+        m = trained_models()[name]
+        eager = m.load_transformer()
+        refs = {s: sample(m, eager, s, STEPS) for s in HELD_OUT_SEEDS}
+        for strategy, options in STRATEGIES:
+            base = {"strategy": strategy, "cache_ratio": args.ratio, "options": options}
+            fixed = fixed_options(strategy, args.ratio)
+            row = {"model": name, "strategy": strategy,
+                   "fixed": measure(m, {**base, "options": {**options, **fixed}}, refs) if fixed else None,
+                   "mapped": measure(m, base, refs)}
+            rows.append(row)
+            print(f"{name:9s} {strategy:10s} fixed {row['fixed']} mapped {row['mapped']}", file=sys.stderr)
+    report = {"cache_ratio": args.ratio, "steps": STEPS, "held_out_seeds": list(HELD_OUT_SEEDS), "rows": rows}
+    write_results("ratio", report, markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [f"`cache_ratio: {report['cache_ratio']:g}` at {report['steps']} steps: held-out PSNR (seeds "
+             f"{report['held_out_seeds']}, mean) and matmul FLOPs speedup; fixed = the defaults' knob, mapped = "
+             "measured on the model's own recordings.", "",
+             "| strategy | model | fixed: PSNR dB | fixed: FLOPs | mapped: PSNR dB | mapped: FLOPs |", "|---|---|---|---|---|---|"]
+    by_strategy: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        by_strategy.setdefault(r["strategy"], []).append(r)
+    for strategy, rows in by_strategy.items():
+        for r in rows:
+            f, g = r["fixed"], r["mapped"]
+            fixed = f"{f['psnr_mean']:.2f} | {f['flops_speedup']:.2f}x" if f else "- | -"
+            lines.append(f"| {strategy} | {r['model']} | {fixed} | {g['psnr_mean']:.2f} | {g['flops_speedup']:.2f}x |")
+        spread = {k: [r[k]["psnr_mean"] for r in rows if r[k]] for k in ("fixed", "mapped")}
+        cells = [f"{max(v) - min(v):.2f} dB" if len(v) > 1 else "-" for v in spread.values()]
+        lines.append(f"| {strategy} | spread across models | {cells[0]} | | {cells[1]} | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

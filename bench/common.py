@@ -8,6 +8,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from dacc.compiler.compile import compile_model
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS, seed_psnr
 from dacc.models import flow
 from dacc.models.demo import DEMO
 
@@ -40,6 +41,21 @@ def compile_trained(cache: dict | None, path: Path, steps: int, trained: flow.Tr
     plan.write_text(yaml.safe_dump({"num_inference_steps": steps, "cache": cache or {"strategy": "none"}}))
     compile_model(trained.here / "model.py", plan, path, force=True, log=lambda m: None)
     return path
+
+
+def held_out_references(m: flow.TrainedModel, steps: int) -> dict:
+    """The uncached model's generation from each held-out seed (what quality is measured against)."""
+    eager = m.load_transformer()
+    return {s: flow.sample(m, eager, s, steps) for s in HELD_OUT_SEEDS}
+
+
+def held_out_quality(m: flow.TrainedModel, model, references: dict) -> tuple[list[float], float]:
+    """(PSNR per held-out seed against `references`, matmul FLOPs speedup over those generations)
+    of a loaded artifact, from a fresh cache state."""
+    model.reset()
+    psnrs = [seed_psnr(flow.sample(m, model, s), ref) for s, ref in references.items()]
+    stats = model.stats()
+    return psnrs, stats["flops_total"] / max(stats["flops_computed"], 1.0)
 
 
 def generation_flops(model, encoder, labels, steps: int, seed: int, on_step=None,

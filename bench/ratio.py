@@ -20,21 +20,24 @@ from pathlib import Path
 import torch
 
 import dacc
-from common import compile_trained, write_results
-from dacc.compiler.cache_knobs import REFERENCE_STEPS, TAYLORSEER_MAX_INTERVAL, THRESHOLD_PER_RATIO
-from dacc.compiler.search_seeds import HELD_OUT_SEEDS, seed_psnr
-from dacc.models.flow import sample
+from common import compile_trained, held_out_quality, held_out_references, write_results
+from dacc.compiler.cache_knobs import THRESHOLD_PER_RATIO, dynamic_knobs
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS
 from dacc.models.train import trained_models
+from dacc.schema.plan import cache_options, parse_plan
 
 STEPS = 50
 
 
-def fixed_options(strategy: str, ratio: float) -> dict | None:
+def fixed_options(strategy: str, ratio: float, options: dict) -> dict | None:
     """The knob the fixed defaults give at `ratio` (None: the strategy has no fixed mapping)."""
+    plan = parse_plan({"num_inference_steps": STEPS,
+                       "cache": {"strategy": strategy, "cache_ratio": ratio, "options": options}})
+    knobs = dynamic_knobs(strategy, ratio, cache_options(plan), STEPS)
     if strategy in THRESHOLD_PER_RATIO:
-        return {"threshold": THRESHOLD_PER_RATIO[strategy] * ratio}
+        return {"threshold": knobs["threshold"]}
     if strategy == "taylorseer":
-        return {"interval": 1 + round(ratio * (TAYLORSEER_MAX_INTERVAL - 1) * min(1.0, STEPS / REFERENCE_STEPS))}
+        return {"interval": knobs["interval"]}
     return None
 
 
@@ -44,11 +47,8 @@ STRATEGIES = [("dbcache", {}), ("teacache", {}), ("taylorseer", {"order": 2}), (
 def measure(m, cache: dict, refs: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = dacc.load(compile_trained(cache, Path(tmp) / "a.dacc", STEPS, m))
-    model.reset()
-    psnrs = [seed_psnr(sample(m, model, s), refs[s]) for s in HELD_OUT_SEEDS]
-    stats = model.stats()
-    return {"psnr_mean": statistics.mean(psnrs), "psnr_worst": min(psnrs),
-            "flops_speedup": stats["flops_total"] / max(stats["flops_computed"], 1.0)}
+    psnrs, speedup = held_out_quality(m, model, refs)
+    return {"psnr_mean": statistics.mean(psnrs), "psnr_worst": min(psnrs), "flops_speedup": speedup}
 
 
 def main(argv=None) -> int:
@@ -60,11 +60,10 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         m = trained_models()[name]
-        eager = m.load_transformer()
-        refs = {s: sample(m, eager, s, STEPS) for s in HELD_OUT_SEEDS}
+        refs = held_out_references(m, STEPS)
         for strategy, options in STRATEGIES:
             base = {"strategy": strategy, "cache_ratio": args.ratio, "options": options}
-            fixed = fixed_options(strategy, args.ratio)
+            fixed = fixed_options(strategy, args.ratio, options)
             row = {"model": name, "strategy": strategy,
                    "fixed": measure(m, {**base, "options": {**options, **fixed}}, refs) if fixed else None,
                    "mapped": measure(m, base, refs)}

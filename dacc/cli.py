@@ -69,7 +69,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from dacc.compiler.cache_knobs import CALIBRATED_MASKS
     from dacc.compiler.compile import compile_model
+    from dacc.schema.plan import load_plan
 
     log = (lambda msg: print(msg, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,8 +82,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                         "set cache.strategy (and cache.target_psnr to search its knobs)")
     # the plan's options with the gate's own knobs fixed: what a plan that cannot calibrate (a
     # parallel one) takes
-    given = yaml.safe_load(Path(args.plan).read_text()) if args.plan else {}
-    options: dict = {k: v for k, v in ((given or {}).get("cache") or {}).get("options", {}).items()
+    options: dict = {k: v for k, v in load_plan(args.plan).cache.options.items()
                      if k not in ("scm_policy", "calibration_seeds")}
     if gate.rescale:
         options["rescale"] = gate.rescale
@@ -90,7 +91,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         options["threshold"] = gate.threshold
     elif strategy == "taylorseer":
         options["interval"] = gate.interval
-    if strategy in ("schedule", "magcache"):  # as a fixed mask
+    if strategy in CALIBRATED_MASKS:  # as a fixed mask
         strategy, options = "scm", {"mask": gate.mask, **({"taylorseer_order": gate.taylor_order}
                                                           if gate.taylor_order else {})}
     elif gate.mask:

@@ -23,6 +23,7 @@ THRESHOLD_PER_RATIO = {
 }
 TAYLORSEER_MAX_INTERVAL = 8  # at REFERENCE_STEPS steps
 REFERENCE_STEPS = 50
+CALIBRATED_MASKS = ("schedule", "magcache")  # strategies whose step mask calibration chooses
 
 
 def scm_mask(policy: str, steps: int) -> list[bool]:

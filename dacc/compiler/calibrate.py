@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dacc.compiler.cache_knobs import dynamic_knobs
+from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.magcache import magcache_mask, magnitude_ratios
 from dacc.compiler.ratio_map import ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, trajectories
 from dacc.compiler.schedule import Schedules, optimal_schedules, residual_costs
@@ -24,7 +24,6 @@ from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clea
 from dacc.runtime.cache import StepRecord, rel_l1
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import CacheGate, Manifest
-from dacc.passes.apply_step_mask import CALIBRATED_MASKS
 from dacc.schema.plan import Plan, cache_options
 
 SEARCH_ITERATIONS = 6

@@ -32,10 +32,11 @@ from typing import Any, Callable
 
 import torch
 
+from dacc.compiler.cache_knobs import CALIBRATED_MASKS
 from dacc.compiler.magcache import magcache_mask
 from dacc.compiler.schedule import Schedules
-from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, decide, forced_to_compute, record, rel_l1,
-                                skipped_residuals)
+from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, action_when_skipped, decide, forced_to_compute,
+                                record, rel_l1, skipped_residuals)
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import CacheGate
 
@@ -106,14 +107,14 @@ def refresh_mask(gate: CacheGate, ts: list[Trajectory], scale: float, tolerance:
         forced = forced_to_compute(free, states[0], i, steps)
         error = 0.0
         if not forced:
-            action = Action.FORECAST if gate.taylor_order > 0 and len(states[0].history) > 1 else Action.REUSE
+            action = action_when_skipped(free, states[0])
             error = sum(float((skipped_residuals(free, s, i, action)[0] - t.residuals[i]).abs().mean())
                         for s, t in zip(states, ts)) / len(ts) / scale
         compute = forced or error > tolerance
         mask.append(compute)
         for s, t in zip(states, ts):
-            action = Action.COMPUTE if compute else Action.FORECAST
-            record(free, s, i, action, Computed(i, [], [], [t.residuals[i]]) if compute else None)
+            record(free, s, i, Action.COMPUTE if compute else action_when_skipped(free, s),
+                   Computed(i, [], [], [t.residuals[i]]) if compute else None)
     return mask
 
 
@@ -142,7 +143,7 @@ class RatioMap:
         return dict(self._memo[ratio])
 
     def _no_skip(self) -> dict:
-        if self.gate.strategy in ("schedule", "magcache"):
+        if self.gate.strategy in CALIBRATED_MASKS:
             return {"threshold": 0.0, "interval": 1, "mask": [True] * self.steps}
         return {"threshold": 0.0, "interval": 1, "mask": list(self.base_mask)}
 

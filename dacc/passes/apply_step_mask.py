@@ -7,14 +7,12 @@ residual magnitude curve (dacc/compiler/magcache.py) and fills the mask in; unti
 computes."""
 from __future__ import annotations
 
-from dacc.compiler.cache_knobs import dynamic_knobs
+from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.cache_ranges import block_positions, new_gate
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
 from dacc.compiler.segments import segment_specs
 from dacc.schema.plan import Plan, cache_options
-
-CALIBRATED_MASKS = ("schedule", "magcache")  # their masks come from calibration
 
 
 def apply_step_mask(ir: ProgramIR, plan: Plan) -> PassResult:

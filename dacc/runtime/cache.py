@@ -135,7 +135,7 @@ def forecast(history: list[tuple[int, list[torch.Tensor]]], order: int, step: in
     return out
 
 
-def _skip_action(gate: CacheGate, state: GateState) -> Action:
+def action_when_skipped(gate: CacheGate, state: GateState) -> Action:
     return Action.FORECAST if gate.taylor_order > 0 and len(state.history) > 1 else Action.REUSE
 
 
@@ -153,7 +153,7 @@ def _static_action(gate: CacheGate, state: GateState, step: int, num_steps: int)
     if forced_to_compute(gate, state, step, num_steps):
         return Action.COMPUTE
     if gate.mask and step < len(gate.mask) and not gate.mask[step]:
-        return _skip_action(gate, state)
+        return action_when_skipped(gate, state)
     return None
 
 
@@ -186,7 +186,7 @@ def decide(gate: CacheGate, state: GateState, step: int, num_steps: int,
     static = _static_action(gate, state, step, num_steps)
     if static is not None and static is not Action.COMPUTE:
         return static  # a statically masked step
-    skip_action = _skip_action(gate, state)
+    skip_action = action_when_skipped(gate, state)
     if static is Action.COMPUTE:
         action = static
     elif gate.strategy == "dbcache":

@@ -32,6 +32,7 @@ import torch
 
 import dacc
 from common import RESULTS, compile_trained, finite, generation_flops, write_results
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS
 from dacc.metrics import conditional_accuracy, psnr, ssim
 from dacc.models.flow import TrainedModel, generate
 from dacc.models.train import trained_models
@@ -194,7 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="demo,glyphs,patterns")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    # a seed no calibration or validation used: quality is judged where the compile never looked
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEEDS[0])
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     previous = RESULTS / "compare.json"

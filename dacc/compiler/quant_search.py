@@ -2,9 +2,9 @@
 output stays within the target of the float model's, measured on `sample()`.
 
 Linears are grouped by block (`transformer_blocks.3.*`; a linear outside the blocks is its own
-group). The search, on the eager model with the selected linears computing the quantization
-reference formula (the compiled graph computes the same numbers; tests/compiler/test_quantize.py
-checks it to 1e-5), runs in three steps with the discipline of the cache search:
+group). The search, on the eager model with the selected linears calling the dacc operator the
+compiled graph calls (so the kernel this machine runs is what is measured; tests/compiler/
+test_quantize.py checks the graph against the same numbers to 1e-5), runs in three steps with the discipline of the cache search:
 1. sensitivity: each group alone quantized, on the first calibration seed; the lower its PSNR,
    the earlier it is kept in full precision;
 2. the fewest groups kept (a prefix of that order, by bisection) whose calibration seeds clear the
@@ -79,8 +79,8 @@ def search(groups: list[str], measure: Measure, target: float, log: Callable[[st
 
 
 def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int, sample: Callable) -> Measure:
-    """PSNR of `sample()` with the selected linears (path -> mode) computing their reference
-    formula, except the kept groups, against the float model, per seed."""
+    """PSNR of `sample()` with the selected linears (path -> mode) computing their dacc operator,
+    except the kept groups, against the float model, per seed."""
     float_out: dict[int, torch.Tensor] = {}
     quantized = copy.deepcopy(model)  # the compiler's own copy: the user's model is never touched
     originals = {}
@@ -88,7 +88,9 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
         module = quantized.get_submodule(path)
         tensors = list(SCHEMES[mode].quantize(module.weight, group_size).values())
         originals[path] = module.forward
-        module.quantized_forward = lambda x, t=tensors, bias=module.bias, f=SCHEMES[mode].reference: f(x, *t, bias)
+        # the operator itself, so what is measured is the kernel this machine runs (oneDNN's 7-bit
+        # activations on CPUs without VNNI included)
+        module.quantized_forward = lambda x, t=tensors, bias=module.bias, op=SCHEMES[mode].op: op(x, *t, bias)
 
     def measure(kept: frozenset[str], seeds: tuple[int, ...]) -> list[float]:
         for path in modes:

@@ -22,11 +22,12 @@ def dequantize_weight_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (last-dim row) dynamic quantization: (int8 like x, fp32 scale [..., 1])."""
+def quantize_rows_int8(x: torch.Tensor, qmax: int = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last-dim row) dynamic quantization: (int8 like x in [-qmax, qmax], fp32 scale
+    [..., 1]). qmax < 127 where a CPU kernel needs headroom (`int8_onednn.activation_qmax`)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / QMAX
-    return torch.round(xf / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / qmax
+    return torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8), scale
 
 
 def linear_int8_weight_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -36,11 +37,11 @@ def linear_int8_weight_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
 
 
 def linear_int8_dynamic_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                                  bias: torch.Tensor | None) -> torch.Tensor:
+                                  bias: torch.Tensor | None, qmax: int = QMAX) -> torch.Tensor:
     """Activations quantized per token, integer matmul (int32 accumulation), then both scales and
     the bias applied to the int32 result."""
     lead, k = x.shape[:-1], x.shape[-1]
-    xq, xs = quantize_rows_int8(x.reshape(-1, k))
+    xq, xs = quantize_rows_int8(x.reshape(-1, k), qmax)
     acc = torch._int_mm(xq, qweight.t()) if xq.shape[0] else xq.new_zeros((0, qweight.shape[0]), dtype=torch.int32)
     out = acc.float() * xs * scale[None, :]
     if bias is not None:

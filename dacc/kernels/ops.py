@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from dacc.kernels.dispatch import triton_available, use_triton
+from dacc.kernels.dispatch import triton_available, use_onednn, use_triton
 from dacc.kernels.fp8 import linear_fp8_dynamic_reference, scaled_matmul_fp8
 from dacc.kernels.int4 import linear_int4_weight_reference
 from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
+from dacc.kernels.int8_onednn import linear_int8_dynamic_onednn
 
 
 def _declare(name: str):
@@ -55,7 +56,10 @@ def linear_int8_weight(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor |
 
 @_declare("linear_int8_dynamic")
 def linear_int8_dynamic(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    """y = (quant_rows(x) @ qweight.T in int32) * x_scale * scale + bias."""
+    """y = (quant_rows(x) @ qweight.T in int32) * x_scale * scale + bias. On x86 CPUs the GEMM is
+    oneDNN's (`int8_onednn.py`: 7-bit activations where the CPU lacks VNNI)."""
+    if use_onednn(x):
+        return linear_int8_dynamic_onednn(x, qweight, scale, bias)
     if use_triton(x) and x.numel() > 0:
         from dacc.kernels.quant_triton import int8_linear_triton, quantize_rows_triton
         xq, xs = quantize_rows_triton(_rows(x), fp8=False)

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import dacc
+from dacc.kernels.dispatch import int8_activation_qmax
 from dacc.compiler.compile import compile_model
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
@@ -68,7 +69,10 @@ def _emulate(model, manifest, group=64):
             continue
         module = model.get_submodule(site.weight.removesuffix(".weight"))
         tensors = list(SCHEMES[site.quant].quantize(module.weight, group).values())
-        module.forward = lambda x, t=tensors, bias=module.bias, f=REFERENCES[site.quant]: f(x, *t, bias)
+        f = REFERENCES[site.quant]
+        if site.quant == "int8_dynamic":  # at the activation range this machine's kernel uses
+            f = lambda x, *a, f=f: f(x, *a, qmax=int8_activation_qmax(x))  # noqa: E731
+        module.forward = lambda x, t=tensors, bias=module.bias, f=f: f(x, *t, bias)
     return model
 
 

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dacc  # noqa: F401  registers the operators
+from dacc.kernels import int8_onednn
+from dacc.kernels.dispatch import int8_activation_qmax
 from dacc.kernels.int8 import (dequantize_weight_int8, linear_int8_dynamic_reference, quantize_rows_int8,
                                quantize_weight_int8)
 
@@ -65,3 +67,37 @@ def test_operators_are_registered_correctly(name, xshape, out):
         y = op(x, q, scale, b)
     assert counter.get_total_flops() == 2 * x[..., 0].numel() * out * xshape[-1]
     assert y.shape == (*xshape[:-1], out)
+
+
+needs_onednn = pytest.mark.skipif(not int8_onednn.available(), reason="oneDNN's quantized linear needs an x86 CPU")
+
+
+@needs_onednn
+@pytest.mark.parametrize("xshape, out", SHAPES + [((0, 24), 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_gemm_is_the_reference_at_its_activation_range(xshape, out, dtype):
+    """The CPU kernel computes the int8 formula exactly (7-bit activations where it must)."""
+    x, w, b = _inputs(xshape, out, seed=4)
+    q, scale = quantize_weight_int8(w)
+    x, b = x.to(dtype), b.to(dtype)
+    got = torch.ops.dacc.linear_int8_dynamic(x, q, scale, b)
+    expected = linear_int8_dynamic_reference(x, q, scale, b, int8_activation_qmax(x))
+    assert got.dtype == dtype and got.shape == expected.shape
+    assert torch.allclose(got.float(), expected.float(), rtol=1e-5, atol=1e-5) if dtype == torch.float32 else \
+        torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_onednn
+def test_onednn_repacks_a_weight_changed_in_place_and_forgets_a_dead_one(monkeypatch):
+    x, w, b = _inputs((3, 40), 12, seed=5)
+    q, scale = quantize_weight_int8(w)
+    first = torch.ops.dacc.linear_int8_dynamic(x, q, scale, b)
+    q.neg_()  # same tensor, new contents: the packed copy must not be reused
+    assert torch.allclose(torch.ops.dacc.linear_int8_dynamic(x, q, scale, b) - b, -(first - b), atol=1e-5)
+    key = id(q)
+    assert key in int8_onednn._PACKED
+    del q
+    assert key not in int8_onednn._PACKED
+    monkeypatch.setenv("DACC_KERNELS", "reference")  # the reference keeps the full 8 bits
+    q, scale = quantize_weight_int8(w)
+    assert torch.equal(torch.ops.dacc.linear_int8_dynamic(x, q, scale, b), linear_int8_dynamic_reference(x, q, scale, b))

@@ -1,14 +1,17 @@
-"""Quantized linears: quality on the trained demo model and speed on a larger Flux config.
+"""Quantized linears: quality on every trained model and speed on a larger Flux config.
 
-    python bench/quant.py [--per-class 2] [--steps 50] [--seeds 100 101] [--rounds 5]
+    python bench/quant.py [--models demo,glyphs,patterns] [--per-class 2] [--steps 50] [--seeds 100 101]
+                          [--rounds 5] [--skip-speed]
 
-Quality: every quantize mode with the default selection (and the demo's recommended cache plan
-with int8_dynamic), PSNR/SSIM against the unquantized model's output and conditional accuracy,
+Quality, per trained model: every quantize mode with the default selection, target_psnr 35,
+int8_dynamic with SmoothQuant smoothing (and on the demo its recommended cache plan with
+int8_dynamic), PSNR/SSIM against the unquantized model's output and conditional accuracy,
 on seeds no compile step ever used (nothing here calibrates), and the bytes the artifact stores
 for the whole model against fp32. Speed: `bench/flux_large.py` (hidden 1024, 1152 tokens, batch
 2) compiled with each mode, calls interleaved round by round against eager (median of `rounds`,
 eager measured in every round), and each linear shape timed alone (fp32 `F.linear` vs the dacc
-operator) with its matmul FLOPs. Writes bench/results/quant.json and quant.md.
+operator) with its matmul FLOPs. Writes bench/results/quant.json and quant.md; a run of some
+models (or --skip-speed) keeps the other sections of the previous results.
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ from dacc.compiler.model_file import load_model_file
 from dacc.demo import DEMO_MODEL
 from dacc.kernels.schemes import SCHEMES
 from dacc.metrics import conditional_accuracy, psnr, ssim
-from dacc.models.demo import load_encoder, load_transformer
-from dacc.models.demo.classifier import load_classifier
-from dacc.models.demo.sampler import generate
+from dacc.models.flow import TrainedModel, generate
+from dacc.models.train import trained_models
+from dacc.schema.errors import DaccError
 from dacc.schema.manifest import WEIGHTS_FILE
 
 MODES = ("int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
@@ -65,25 +68,33 @@ def stored_bytes(artifact: Path) -> int:
         return sum(t.numel() * t.element_size() for t in (f.get_tensor(k) for k in f.keys()))
 
 
-def quality(args, tmp: Path) -> dict:
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    encoder, classifier, eager = load_encoder(), load_classifier(), load_transformer()
+def quality(args, tmp: Path, m: TrainedModel) -> dict:
+    labels = torch.arange(m.classes).repeat_interleave(args.per_class)
+    encoder, classifier, eager = m.load_encoder(), m.load_classifier(), m.load_transformer()
     fp32_bytes = sum(t.numel() * 4 for t in [*eager.parameters(), *eager.buffers()])
-    refs = {s: generate(eager, encoder, labels, steps=args.steps, seed=s).images for s in args.seeds}
+    refs = {s: generate(m, eager, encoder, labels, steps=args.steps, seed=s).images for s in args.seeds}
     ref_acc = statistics.mean(conditional_accuracy(refs[s], labels, classifier) for s in args.seeds)
     rows = []
-    configs = [(m, {"mode": m}, None) for m in MODES] + [
+    configs = [(mode, {"mode": mode}, None) for mode in MODES] + [
         ("int8_weight, target_psnr 35", {"mode": "int8_weight", "target_psnr": 35}, None),
         ("int8_dynamic, target_psnr 35", {"mode": "int8_dynamic", "target_psnr": 35}, None),
-        ("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
-        ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
+        ("int8_dynamic, smoothing 0.5", {"mode": "int8_dynamic", "smoothing": 0.5}, None)]
+    if m.name == "demo":
+        configs += [("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
+                    ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
     for name, quantize, cache in configs:
         notes: list[str] = []
-        model = dacc.load(compile_plan(Path(DEMO_MODEL), tmp / "q.dacc", quantize, cache, args.steps, notes.append))
+        try:
+            model = dacc.load(compile_plan(m.here / "model.py", tmp / "q.dacc", quantize, cache, args.steps,
+                                           notes.append))
+        except DaccError as exc:  # e.g. the compile's own check against eager refuses it: a result, reported
+            rows.append({"name": name, "quantize": quantize, "cache": cache, "refused": str(exc).splitlines()[0]})
+            print(f"{m.name:8s} {name:40s} refused: {rows[-1]['refused']}", file=sys.stderr)
+            continue
         per_seed = []
         for s in args.seeds:
             model.reset()
-            images = generate(model, encoder, labels, steps=args.steps, seed=s).images
+            images = generate(m, model, encoder, labels, steps=args.steps, seed=s).images
             per_seed.append({"seed": s, "psnr": psnr(images, refs[s]), "ssim": ssim(images, refs[s]),
                              "accuracy": conditional_accuracy(images, labels, classifier)})
         sites = model.manifest.programs[0].linears
@@ -97,10 +108,12 @@ def quality(args, tmp: Path) -> dict:
                "search": model.manifest.quantize_search,
                "per_seed": per_seed}
         rows.append(row)
-        print(f"{name:40s} PSNR {row['psnr_mean']:6.2f} (worst {row['psnr_worst']:.2f})  "
+        print(f"{m.name:8s} {name:40s} PSNR {row['psnr_mean']:6.2f} (worst {row['psnr_worst']:.2f})  "
               f"acc {row['accuracy']:.3f}  bytes {row['bytes_ratio']:.3f}x", file=sys.stderr)
-    return {"model": "demo (trained Flux-architecture, 9.2 M parameters)", "samples_per_seed": len(labels),
-            "seeds": args.seeds, "steps": args.steps, "reference_accuracy": ref_acc, "rows": rows}
+    params = sum(t.numel() for t in eager.parameters())
+    return {"model": f"{m.name} ({type(eager).__name__}, {params / 1e6:.1f} M parameters)",
+            "samples_per_seed": len(labels), "seeds": args.seeds, "steps": args.steps,
+            "reference_accuracy": ref_acc, "rows": rows}
 
 
 def _call_seconds(model, inputs) -> float:
@@ -173,20 +186,34 @@ def layer_times(eager, models, inputs) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    q, s = report["quality"], report["speed"]
+    lines = []
+    for q in report["quality"].values():
+        lines += _quality_lines(q) + [""]
+    s = report.get("speed")
+    return "\n".join(lines + (_speed_lines(report, s) if s else [])) + "\n"
+
+
+def _quality_lines(q: dict) -> list[str]:
     lines = [f"Quality: {q['model']}, {q['steps']} steps, {q['samples_per_seed']} samples on each of seeds "
              f"{q['seeds']} (never used by any compile step); PSNR/SSIM against the unquantized output; "
              f"unquantized accuracy {100 * q['reference_accuracy']:.1f}%.", "",
              "| plan | PSNR dB (mean / worst seed) | SSIM | cond. acc | stored bytes vs fp32 | linears by mode |",
              "|---|---|---|---|---|---|"]
     for r in q["rows"]:
+        if "refused" in r:
+            lines.append(f"| {r['name']} | refused by the compile: {r['refused']} | | | | |")
+            continue
         modes = ", ".join(f"{n} {m}" for m, n in sorted(r["modes"].items()))
         if r["search"]:
             modes += f"; search kept {', '.join(r['search']['kept']) or 'nothing'} in full precision " \
                      f"(validated {r['search']['validation_psnr_mean']} dB)"
         lines.append(f"| {r['name']} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} | {r['ssim_mean']:.4f} | "
                      f"{100 * r['accuracy']:.1f}% | {r['bytes_ratio']:.3f}x | {modes} |")
-    lines += ["", f"Speed: {s['model']}, {report['threads']} CPU threads, median of {s['rounds']} interleaved "
+    return lines
+
+
+def _speed_lines(report: dict, s: dict) -> list[str]:
+    lines = [f"Speed: {s['model']}, {report['threads']} CPU threads, median of {s['rounds']} interleaved "
               f"calls; {s['matmul_flops_per_call'] / 1e9:.0f} GFLOP (matmul) per call.", "",
               "| run | seconds per call | vs fp32 eager |", "|---|---|---|"]
     for k, v in s["calls"].items():
@@ -196,11 +223,12 @@ def markdown(report: dict) -> str:
     for r in s["layers"]:
         lines.append(f"| {r['tokens']} x {r['in']} -> {r['out']} | {r['seconds']['fp32'] * 1e3:.1f} | "
                      + " | ".join(f"{r['seconds'][m] * 1e3:.1f} ({r['speedup'][m]:.2f}x)" for m in MODES) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="demo,glyphs,patterns")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
@@ -208,16 +236,27 @@ def main(argv=None) -> int:
     p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    previous = RESULTS / "quant.json"
+    report = json.loads(previous.read_text()) if previous.exists() else {}
+    if "rows" in report.get("quality", {}):  # the one-model layout of earlier runs: start afresh
+        report = {}
+    report.update({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()})
+    report.setdefault("quality", {})
     with tempfile.TemporaryDirectory() as tmp:
-        report = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "quality": quality(args, Path(tmp)),
-                  "speed": None if args.skip_speed else speed(args, Path(tmp))}
+        for name in args.models.split(","):
+            report["quality"][name] = quality(args, Path(tmp), trained_models()[name])
+            _write(report)  # after every model: a long run keeps its part
+        if not args.skip_speed:
+            report["speed"] = speed(args, Path(tmp))
+            _write(report)
+    print(markdown(report))
+    return 0
+
+
+def _write(report: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "quant.json").write_text(json.dumps(finite(report), indent=1) + "\n")
-    if report["speed"]:
-        (RESULTS / "quant.md").write_text(markdown(report))
-        print(markdown(report))
-    return 0
+    (RESULTS / "quant.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def _linear_lines(prog: ProgramSpec) -> list[str]:
     out = [f"  linears: {len(prog.linears)}, {len(done)} quantized ({_human(before, 'B')} -> {_human(after, 'B')}, "
            f"{after / before:.2f}x)"]
     rows = [("linear", "mode", "in x out", "bytes", "weight error")]
-    rows += [(s.weight.removesuffix(".weight"), s.quant, f"{s.in_features} x {s.out_features}",
+    rows += [(s.weight.removesuffix(".weight"), s.quant + (f" smoothed {s.smoothing:g}" if s.smoothing else ""),
+              f"{s.in_features} x {s.out_features}",
               f"{_human(s.bytes_before, 'B')} -> {_human(s.bytes_after, 'B')}" if s.quant != "none"
               else "full precision", f"{s.weight_error:.2e}" if s.quant != "none" else "-") for s in prog.linears]
     return out + _table(rows, "    ")

@@ -22,6 +22,7 @@ from dacc.compiler.lowering import lowering_spec
 from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.quant_search import choose_exclusions
+from dacc.compiler.smoothing import measure_smoothing
 from dacc.compiler.pipeline import PIPELINE, UNLOWERED
 from dacc.compiler.printer import print_graph
 from dacc.compiler.segments import segment_specs, sites
@@ -147,12 +148,13 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
                   verify: bool, log: Callable[[str], None], sign_key, on_graph) -> Manifest:
     mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
     user_plan, quantize_search, parallel_choice = plan, {}, None
+    smoothing = measure_smoothing(plan, model, mf.sample, log)
     if plan.quantize.mode != "none" and plan.quantize.target_psnr is not None:
-        plan, quantize_search = choose_exclusions(plan, model, mf.sample, log)
+        plan, quantize_search = choose_exclusions(plan, model, mf.sample, log, smoothing)
     if plan.parallel.auto is not None:
         plan, parallel_choice = choose_parallel(
             plan, lambda candidate: partition_manifest(traced, candidate, programs), log, str(model_path))
-    irs = [_run_passes(ProgramIR(t), plan, PIPELINE, i, log, on_graph) for i, t in enumerate(programs)]
+    irs = [_run_passes(ProgramIR(t, smoothing), plan, PIPELINE, i, log, on_graph) for i, t in enumerate(programs)]
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
     manifest.quantize_search = quantize_search
     manifest.parallel_choice = parallel_choice

@@ -36,7 +36,7 @@ class Traced:
 
 
 class ProgramIR:
-    def __init__(self, traced: Traced):
+    def __init__(self, traced: Traced, smoothing: dict[str, torch.Tensor] | None = None):
         self.traced = traced
         self.ep = traced.ep
         sig = self.ep.graph_signature
@@ -49,6 +49,9 @@ class ProgramIR:
         self.fsdp_units: list | None = None  # set by annotate_fsdp_units (dacc.schema.manifest.FsdpUnit)
         self.fsdp_degree = 1
         self.lowering = None  # set by lower_segments (dacc.compiler.lowering.ProgramLowering)
+        # module path -> SmoothQuant factor per input channel (compile.py measures them on sample();
+        # quantize_linears folds them into the weights); empty without quantize.smoothing
+        self.smoothing: dict[str, torch.Tensor] = smoothing or {}
         self.log: Callable[[str], None] = lambda message: None  # progress of long passes
 
     # -- graph access ---------------------------------------------------------------------

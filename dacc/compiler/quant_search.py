@@ -78,7 +78,8 @@ def search(groups: list[str], measure: Measure, target: float, log: Callable[[st
             "validation_psnr_worst": round(min(validation), 3) if validation and met else None}
 
 
-def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int, sample: Callable) -> Measure:
+def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int, sample: Callable,
+                  smoothing: dict[str, torch.Tensor] | None = None) -> Measure:
     """PSNR of `sample()` with the selected linears (path -> mode) computing their dacc operator,
     except the kept groups, against the float model, per seed."""
     float_out: dict[int, torch.Tensor] = {}
@@ -86,11 +87,15 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
     originals = {}
     for path, mode in modes.items():
         module = quantized.get_submodule(path)
-        tensors = list(SCHEMES[mode].quantize(module.weight, group_size).values())
+        s = (smoothing or {}).get(path)  # SmoothQuant factors, folded as quantize_linears folds them
+        weight = module.weight if s is None else module.weight.float() * s[None, :]
+        inv = None if s is None else (1 / s).to(module.weight.dtype)
+        tensors = list(SCHEMES[mode].quantize(weight, group_size).values())
         originals[path] = module.forward
         # the operator itself, so what is measured is the kernel this machine runs (oneDNN's 7-bit
         # activations on CPUs without VNNI included)
-        module.quantized_forward = lambda x, t=tensors, bias=module.bias, op=SCHEMES[mode].op: op(x, *t, bias)
+        module.quantized_forward = (lambda x, t=tensors, bias=module.bias, op=SCHEMES[mode].op, inv=inv:
+                                    op(x if inv is None else x * inv, *t, bias))
 
     def measure(kept: frozenset[str], seeds: tuple[int, ...]) -> list[float]:
         for path in modes:
@@ -106,8 +111,8 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
     return measure
 
 
-def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | None,
-                      log: Callable[[str], None]) -> tuple[Plan, dict[str, Any]]:
+def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | None, log: Callable[[str], None],
+                      smoothing: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict[str, Any]]:
     """The plan with the search's groups added to quantize.exclude, and the search's record."""
     from dacc.passes.quantize_linears import select
 
@@ -121,7 +126,7 @@ def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | Non
              if SCHEMES[m].unsupported(model.get_submodule(p).weight, q.group_size) is None}
     groups = sorted({group_of(p) for p in modes})
     log(f"quantize search: PSNR >= {q.target_psnr} dB over {len(groups)} groups of {len(modes)} linears")
-    record = search(groups, eager_measure(model, modes, q.group_size, sample), q.target_psnr, log)
+    record = search(groups, eager_measure(model, modes, q.group_size, sample, smoothing), q.target_psnr, log)
     if not record["met"]:
         log(f"warning: no choice of full-precision blocks reaches PSNR {q.target_psnr} dB on the validation "
             "seeds; this artifact is not quantized (lower quantize.target_psnr, or try another mode)")

@@ -125,5 +125,5 @@ def sites(ir: ProgramIR) -> tuple[list[AttentionSite], list[LinearSite]]:
         elif info.role == "linear":
             linears.append(LinearSite(node.name, info.segment or "", d["weight"], d["in"], d["out"], d["bias"],
                                       d.get("quant", "none"), d.get("bytes_before", 0), d.get("bytes_after", 0),
-                                      d.get("weight_error", 0.0)))
+                                      d.get("weight_error", 0.0), d.get("smoothing", 0.0)))
     return attention, linears

@@ -8,6 +8,10 @@ anything but linears is left alone. The node keeps its annotation (role, segment
 and each linear's bytes before and after and its weight error are recorded for the manifest and
 `dacc inspect`.
 
+With `quantize.smoothing`, a dynamic-mode linear's weight is scaled per input channel by the
+SmoothQuant factors compile.py measured (`ir.smoothing`, dacc/compiler/smoothing.py) before it is
+quantized, and the graph multiplies its input by `<fqn>.smooth_inv` just before the operator.
+
 Selection: every linear, minus `quantize.exclude` (glob patterns on the module path, e.g.
 `transformer_blocks.0.*`). The layers known to be fragile (embedders, the final projection and
 adaptive-norm modulation, whose errors every token or every block inherits) get
@@ -26,7 +30,8 @@ from torch.fx import Node
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
 from dacc.kernels.schemes import SCHEMES, Scheme, Tensors, stored_bytes
-from dacc.schema.plan import Plan
+from dacc.schema.manifest import NodeInfo
+from dacc.schema.plan import SMOOTHABLE_MODES, Plan
 
 FRAGILE = ("*embed*", "proj_out", "norm_out.*", "*norm*.linear", "*norm*.linear_1", "*norm*.linear_2")
 
@@ -77,11 +82,19 @@ def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
         if why is not None:
             notes.append(f"{_module_path(fqn)} stays full precision: {why}")
             continue
-        tensors = scheme.quantize(real, plan.quantize.group_size)
-        error = float((scheme.dequantize(tensors) - real.float()).norm() / real.float().norm().clamp_min(1e-12))
+        smooth = ir.smoothing.get(_module_path(fqn)) if mode in SMOOTHABLE_MODES else None
+        scaled = real.float() * smooth[None, :] if smooth is not None else real
+        tensors = scheme.quantize(scaled, plan.quantize.group_size)
+        restored = scheme.dequantize(tensors) / (smooth[None, :] if smooth is not None else 1)
+        error = float((restored - real.float()).norm() / real.float().norm().clamp_min(1e-12))
         nodes = _replace_weight(ir, weight, fqn, tensors)
+        inv = None
+        if smooth is not None:  # x / s feeds the operator: the activations' dtype, one value per channel
+            inv = {"smooth_inv": (1 / smooth).to(users[0].args[0].meta["val"].dtype)}
+            after += stored_bytes(inv)
+            inv = _replace_weight(ir, weight, fqn, inv)[0]
         for node in users:
-            _rewrite(ir, node, scheme, nodes, real, tensors, error)
+            _rewrite(ir, node, scheme, nodes, real, tensors, error, inv, plan.quantize.smoothing)
         before += real.numel() * real.element_size()
         after += stored_bytes(tensors)
         counts[mode] = counts.get(mode, 0) + 1
@@ -112,18 +125,27 @@ def _replace_weight(ir: ProgramIR, weight: Node, fqn: str, tensors: Tensors) -> 
 
 
 def _rewrite(ir: ProgramIR, node: Node, scheme: Scheme, qnodes: list[Node], real: torch.Tensor, tensors: Tensors,
-             error: float) -> None:
+             error: float, smooth_inv: Node | None = None, alpha: float = 0.0) -> None:
     op, weight = scheme.op, node.args[1]
     x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
+    info = ir.info(node)
+    if smooth_inv is not None:  # SmoothQuant: the operator sees x / s (its weight was scaled by s)
+        with ir.graph.inserting_before(node):
+            scaled = ir.graph.call_function(torch.ops.aten.mul.Tensor, (x, smooth_inv))
+        scaled.meta = dict(node.meta)
+        with weight.meta["val"].fake_mode:
+            scaled.meta["val"] = x.meta["val"] * smooth_inv.meta["val"]
+        ir.set_info(scaled, NodeInfo(segment=info.segment, gate=info.gate))
+        x = scaled
     with ir.graph.inserting_after(node):
         new = ir.graph.call_function(op, (x, *qnodes, bias))
     new.meta = dict(node.meta)
     with weight.meta["val"].fake_mode:
         new.meta["val"] = op(x.meta["val"], *(q.meta["val"] for q in qnodes),
                              bias.meta["val"] if isinstance(bias, Node) else None)
-    info = ir.info(node)
     info.detail = {**info.detail, "quant": scheme.mode, "bytes_before": real.numel() * real.element_size(),
-                   "bytes_after": stored_bytes(tensors), "weight_error": round(error, 6)}
+                   "bytes_after": stored_bytes(tensors), "weight_error": round(error, 6),
+                   **({"smoothing": alpha} if smooth_inv is not None else {})}
     ir.set_info(new, info)
     ir.replace_node(node, new)
     if not weight.users:  # the float weight leaves the program and the artifact

@@ -242,6 +242,7 @@ class LinearSite:
     bytes_before: int = 0  # weight bytes before and after quantization (0: not quantized)
     bytes_after: int = 0
     weight_error: float = 0.0  # ||W - dequant(Q)|| / ||W||
+    smoothing: float = 0.0  # the SmoothQuant strength folded into it (quantize.smoothing; 0: none)
 
 
 @dataclass

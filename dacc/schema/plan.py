@@ -23,6 +23,9 @@ from dacc.schema.plan_yaml import read_plan_data
 CACHE_STRATEGIES = ("none", "dbcache", "teacache", "taylorseer", "scm", "schedule", "magcache")
 SCM_POLICIES = ("slow", "medium", "fast", "ultra")
 QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_weight")
+# where quantize.smoothing applies: integer activations, whose one scale per token a few outlier
+# channels starve (fp8's floating point keeps its relative precision; measured, no gain)
+SMOOTHABLE_MODES = ("int8_dynamic",)
 FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
 
 
@@ -143,6 +146,9 @@ class QuantizePlan(_Strict):
     # keep the most sensitive blocks in full precision until sample()'s PSNR against the float
     # model holds on validation seeds (dacc/compiler/quant_search.py)
     target_psnr: float | None = Field(None, gt=0, le=100)
+    # int8_dynamic: SmoothQuant strength alpha; per-input-channel factors measured on
+    # sample() move activation outliers into the weights (dacc/compiler/smoothing.py); 0: off
+    smoothing: float = Field(0.0, ge=0, le=1)
 
 
 class LowerPlan(_Strict):

@@ -165,15 +165,21 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     if getattr(options, "rescale", None) is not None and "calibration_seeds" in given:
         out.append((("cache", "options", "calibration_seeds"), "cache.options.calibration_seeds only applies "
                     "when the rescale polynomial is calibrated, and cache.options.rescale gives it (remove one)"))
+    from dacc.schema.plan import SMOOTHABLE_MODES  # plan.py imports this module
     q, defaults = plan.quantize, type(plan.quantize)()
     # by value, not by presence: a plan dumped with every default (the artifact's plan.yaml) reads back
-    changed = [k for k in ("exclude", "fragile", "group_size", "target_psnr") if getattr(q, k) != getattr(defaults, k)]
+    changed = [k for k in ("exclude", "fragile", "group_size", "target_psnr", "smoothing")
+               if getattr(q, k) != getattr(defaults, k)]
     for knob in changed:
         if q.mode == "none":
             out.append((("quantize", knob), f"quantize.{knob} has no effect with quantize.mode 'none' (remove it)"))
         elif knob == "group_size" and q.mode != "int4_weight":
             out.append((("quantize", knob), f"quantize.group_size applies to int4_weight only, not to "
                         f"quantize.mode '{q.mode}' (remove it)"))
+        elif knob == "smoothing" and q.mode not in SMOOTHABLE_MODES:
+            out.append((("quantize", knob), f"quantize.smoothing moves activation outliers into the weights for "
+                        f"{', '.join(SMOOTHABLE_MODES)}, whose integer activations they starve, not '{q.mode}' "
+                        "(remove it)"))
     par = plan.parallel
     if par.auto is not None:
         for name in ("cfg", "ulysses", "ring", "fsdp"):

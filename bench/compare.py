@@ -74,6 +74,29 @@ def dacc_configs(m: TrainedModel, tmp: Path) -> list[tuple[str, Callable]]:
     return out
 
 
+class DiffusersCached(torch.nn.Module):
+    """A transformer whose class lacks diffusers' CacheMixin (SD3, PixArt in this diffusers) with a
+    cache hook applied the way `enable_cache` applies it (the same public `apply_*` function), and
+    the cache context a pipeline opens around each call (CacheMixin's own `cache_context`)."""
+
+    def __init__(self, transformer: torch.nn.Module, config):
+        super().__init__()
+        import diffusers.hooks as hooks
+        apply = {hooks.FasterCacheConfig: hooks.apply_faster_cache, hooks.FirstBlockCacheConfig:
+                 hooks.apply_first_block_cache, hooks.MagCacheConfig: hooks.apply_mag_cache,
+                 hooks.PyramidAttentionBroadcastConfig: hooks.apply_pyramid_attention_broadcast,
+                 hooks.TaylorSeerCacheConfig: hooks.apply_taylorseer_cache}[type(config)]
+        apply(transformer, config)
+        self.inner = transformer
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def cache_context(self, name: str):
+        from diffusers.models.cache_utils import CacheMixin
+        return CacheMixin.cache_context(self.inner, name)
+
+
 def diffusers_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
     from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
                                  PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
@@ -81,6 +104,8 @@ def diffusers_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
     def hooked(config_fn):
         def make():
             t = m.load_transformer()
+            if not hasattr(t, "enable_cache"):
+                return DiffusersCached(t, config_fn())
             t.enable_cache(config_fn())
             return t
         return make
@@ -110,7 +135,7 @@ def cache_dit_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
 
         def make():
             t = m.load_transformer()
-            cache_dit.enable_cache(t, cache_config=DBCacheConfig(num_inference_steps=STEPS, **kw),
+            cache_dit.enable_cache(_cache_dit_target(t), cache_config=DBCacheConfig(num_inference_steps=STEPS, **kw),
                                    calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=calibrator)
                                    if calibrator else None)
             return t
@@ -130,6 +155,16 @@ def cache_dit_configs(m: TrainedModel) -> list[tuple[str, Callable]]:
         steps_computation_mask=cache_dit.steps_mask(mask_policy=p, total_steps=STEPS),
         steps_computation_policy="dynamic")) for p in ("fast", "ultra")]
     return configs
+
+
+def _cache_dit_target(t: torch.nn.Module):
+    """cache-dit finds its adapter by the pipeline's name; SD3's ("StableDiffusion3") does not
+    match its transformer's class name, so give the same BlockAdapter that adapter builds."""
+    if type(t).__name__ != "SD3Transformer2DModel":
+        return t
+    from cache_dit import BlockAdapter, ForwardPattern
+    return BlockAdapter(transformer=t, blocks=t.transformer_blocks, forward_pattern=ForwardPattern.Pattern_1,
+                        check_forward_pattern=True)
 
 
 def run(m: TrainedModel, make: Callable, encoder, labels, repeats: int, seed: int):

@@ -82,15 +82,15 @@ def remove_stale(target: Path) -> list[Path]:
 
 
 def _owner(tmp: Path, marker: Path, target: Path) -> int | None:
-    """The compile process that made `tmp`: the marker's pid, or (for a directory killed between
-    being made and being marked, so still empty) the pid its name was given."""
-    if marker.is_file():
-        try:
-            return int(marker.read_text().strip())
-        except ValueError:
-            return None
+    """The compile process that made `tmp`: the marker's pid, or (for a directory killed before its
+    marker held a pid, so holding nothing else) the pid its name was given."""
+    written = marker.read_text().strip() if marker.is_file() else ""
+    if written:
+        return int(written) if written.isdigit() else None
+    # killed between making the directory and marking it, or between creating the marker and
+    # writing its pid: the directory holds nothing else yet
     pid = tmp.name[len(_tmp_prefix(target)):].split("-", 1)[0]
-    return int(pid) if pid.isdigit() and not any(tmp.iterdir()) else None
+    return int(pid) if pid.isdigit() and not any(p.name != INCOMPLETE for p in tmp.iterdir()) else None
 
 
 def _alive(pid: int) -> bool:

@@ -4,7 +4,8 @@ output stays within the target of the float model's, measured on `sample()`.
 Linears are grouped by block (`transformer_blocks.3.*`; a linear outside the blocks is its own
 group). The search, on the eager model with the selected linears calling the dacc operator the
 compiled graph calls (so the kernel this machine runs is what is measured; tests/compiler/
-test_quantize.py checks the graph against the same numbers to 1e-5), runs in three steps with the discipline of the cache search:
+test_quantize.py checks the graph against the same numbers to 1e-5), runs in three steps with
+the discipline of the cache search:
 1. sensitivity: each group alone quantized, on the first calibration seed; the lower its PSNR,
    the earlier it is kept in full precision;
 2. the fewest groups kept (a prefix of that order, by bisection) whose calibration seeds clear the
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from dacc.kernels.schemes import SCHEMES
+from dacc.compiler.smoothing import fold
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
@@ -88,8 +90,7 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
     for path, mode in modes.items():
         module = quantized.get_submodule(path)
         s = (smoothing or {}).get(path)  # SmoothQuant factors, folded as quantize_linears folds them
-        weight = module.weight if s is None else module.weight.float() * s[None, :]
-        inv = None if s is None else (1 / s).to(module.weight.dtype)
+        weight, inv = (module.weight, None) if s is None else fold(module.weight, s, module.weight.dtype)
         tensors = list(SCHEMES[mode].quantize(weight, group_size).values())
         originals[path] = module.forward
         # the operator itself, so what is measured is the kernel this machine runs (oneDNN's 7-bit

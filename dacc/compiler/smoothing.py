@@ -36,6 +36,12 @@ def smoothing_factors(x_absmax: torch.Tensor, weight: torch.Tensor, alpha: float
     return torch.where(dead, torch.ones_like(s), s)
 
 
+def fold(weight: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the fp32 weight to quantize, W * s per input column; 1 / s in the activations' `dtype`, what
+    the input is multiplied by): the fold both the rewrite and the quantize search apply."""
+    return weight.detach().float() * s[None, :], (1 / s).to(dtype)
+
+
 def activation_absmax(model: torch.nn.Module, paths: list[str], sample: Callable,
                       seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> dict[str, torch.Tensor]:
     """Per input channel, the largest |activation| each listed linear sees over `sample()` on the

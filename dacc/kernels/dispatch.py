@@ -1,6 +1,6 @@
 """Which implementation runs an op: Triton on CUDA tensors when Triton imports, oneDNN for the
-int8 GEMM on x86 CPUs, the PyTorch reference otherwise. `DACC_KERNELS=reference` forces the reference everywhere; `DACC_KERNELS=triton`
-forces Triton, which with `TRITON_INTERPRET=1` runs on CPU tensors (how the kernels are tested)."""
+int8 GEMM on x86 CPUs, the PyTorch reference otherwise. `DACC_KERNELS=reference` forces the
+reference everywhere; `DACC_KERNELS=triton` forces Triton, which with `TRITON_INTERPRET=1` runs on CPU tensors (how the kernels are tested)."""
 from __future__ import annotations
 
 import functools

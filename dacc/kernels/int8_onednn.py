@@ -24,8 +24,8 @@ import torch
 
 from dacc.kernels.int8 import quantize_rows_int8
 
-# id(weight) -> (weak reference to it, its version when packed, the packed weight)
-_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+# id(weight) -> (weak reference to it, its version when packed, the packed weight, its zero points)
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
 
 
 @functools.cache
@@ -41,18 +41,20 @@ def activation_qmax() -> int:
     return 127 if torch.cpu._is_vnni_supported() else 63
 
 
-def _packed(qweight: torch.Tensor) -> torch.Tensor:
+def _packed(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, its all-zero zero points), made once per weight rather than every call."""
     key = id(qweight)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is qweight and hit[1] == qweight._version:
-        return hit[2]
+        return hit[2], hit[3]
 
     def forget(ref, key=key):
         if _PACKED.get(key, (None,))[0] is ref:
             del _PACKED[key]
     packed = torch.ops.onednn.qlinear_prepack(qweight, None)
-    _PACKED[key] = (weakref.ref(qweight, forget), qweight._version, packed)
-    return packed
+    zero_points = torch.zeros(qweight.shape[0], dtype=torch.int64, device=qweight.device)
+    _PACKED[key] = (weakref.ref(qweight, forget), qweight._version, packed, zero_points)
+    return packed, zero_points
 
 
 def linear_int8_dynamic_onednn(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -64,11 +66,11 @@ def linear_int8_dynamic_onednn(x: torch.Tensor, qweight: torch.Tensor, scale: to
     zero_point = qmax + 1  # u8 in [1, 2 * qmax + 1]
     xu = (xq.to(torch.int16) + zero_point).to(torch.uint8)
     n = qweight.shape[0]
+    packed, weight_zero_points = _packed(qweight)
     # oneDNN applies the per-channel weight scale to the int32 sums; the per-row activation scale
     # and then the bias follow (oneDNN's bias would be added before the row scale).
     out = torch.ops.onednn.qlinear_pointwise(
-        xu, 1.0, zero_point, _packed(qweight), scale.float(), torch.zeros(n, dtype=torch.int64, device=x.device),
-        None, 1.0, 0, torch.float32, "none", [], "")
+        xu, 1.0, zero_point, packed, scale.float(), weight_zero_points, None, 1.0, 0, torch.float32, "none", [], "")
     out = out.mul_(xs)
     if bias is not None:
         out = out.add_(bias.float())

@@ -29,6 +29,7 @@ from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
+from dacc.compiler.smoothing import fold
 from dacc.kernels.schemes import SCHEMES, Scheme, Tensors, stored_bytes
 from dacc.schema.manifest import NodeInfo
 from dacc.schema.plan import SMOOTHABLE_MODES, Plan
@@ -83,16 +84,16 @@ def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
             notes.append(f"{_module_path(fqn)} stays full precision: {why}")
             continue
         smooth = ir.smoothing.get(_module_path(fqn)) if mode in SMOOTHABLE_MODES else None
-        scaled = real.float() * smooth[None, :] if smooth is not None else real
+        scaled, inv = real, None
+        if smooth is not None:  # x / s feeds the operator: the activations' dtype, one value per channel
+            scaled, inv = fold(real, smooth, users[0].args[0].meta["val"].dtype)
         tensors = scheme.quantize(scaled, plan.quantize.group_size)
         restored = scheme.dequantize(tensors) / (smooth[None, :] if smooth is not None else 1)
         error = float((restored - real.float()).norm() / real.float().norm().clamp_min(1e-12))
         nodes = _replace_weight(ir, weight, fqn, tensors)
-        inv = None
-        if smooth is not None:  # x / s feeds the operator: the activations' dtype, one value per channel
-            inv = {"smooth_inv": (1 / smooth).to(users[0].args[0].meta["val"].dtype)}
-            after += stored_bytes(inv)
-            inv = _replace_weight(ir, weight, fqn, inv)[0]
+        if inv is not None:
+            after += stored_bytes({"smooth_inv": inv})
+            inv = _replace_weight(ir, weight, fqn, {"smooth_inv": inv})[0]
         for node in users:
             _rewrite(ir, node, scheme, nodes, real, tensors, error, inv, plan.quantize.smoothing)
         before += real.numel() * real.element_size()

@@ -72,6 +72,8 @@ def parse_plan_yaml(raw: bytes | str, source: str = "<plan>") -> tuple[Any, Line
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "nesting depth" in problem:  # libyaml >= 0.2.6 stops at 1000 levels while scanning ahead
+            raise DaccError(f"the plan is nested deeper than {MAX_DEPTH} levels", where, _FIX_SYNTAX) from None
         raise DaccError(f"plan file is not valid YAML ({clip(problem)})", where,
                         "fix the YAML syntax at that line") from None
 

@@ -9,7 +9,6 @@ the constant (seeds 6 and 7, which calibration never runs).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import torch
 
 import dacc
 from common import compile_trained
-from dacc.compiler.calibrate import _recorded, measure_schedules
+from dacc.compiler.calibrate import _recorded, measure_schedules, with_knobs
 from dacc.compiler.magcache import magnitude_ratios
 from dacc.compiler.ratio_map import RatioMap, trajectories
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, seed_psnr
@@ -40,8 +39,8 @@ def main(argv: list[str]) -> int:
         model = dacc.load(compile_trained({"strategy": strategy, "cache_ratio": 0.5, **extra}, Path(tmp) / "a.dacc",
                                           STEPS, m))
     ts = trajectories(_recorded(model, lambda mo, s: sample(m, mo, s), list(CALIBRATION_SEEDS)), STEPS)
-    gate = model.programs[0].spec.cache
-    schedules = measure_schedules(ts, gate, STEPS, lambda msg: None)[0] if strategy == "schedule" else None
+    gate = model.programs[0].spec.gates[0]
+    schedules = measure_schedules([ts], [1.0], gate, STEPS, lambda msg: None)[0] if strategy == "schedule" else None
     curve = magnitude_ratios([t.residuals for t in ts]) if strategy == "magcache" else None
     ratio_map = RatioMap(gate, ts, [], schedules, curve)
     eager = m.load_transformer()
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> int:
     for budget in budgets:
         knobs = ratio_map._knobs(budget)
         error, skipped = ratio_map.error(knobs)
-        model.programs[0].spec.cache = dataclasses.replace(gate, **knobs)
+        model.programs[0].spec.gates = [with_knobs(knobs)(gate, 0)]
         model.reset()
         psnrs = [seed_psnr(sample(m, model, s), refs[s]) for s in SEEDS]
         stats = model.stats()

@@ -32,6 +32,8 @@ STRATEGIES = [
     ("taylorseer o2", {"strategy": "taylorseer", "options": {"order": 2}}),
     ("schedule", {"strategy": "schedule"}),
     ("schedule +TaylorSeer o1", {"strategy": "schedule", "options": {"taylorseer_order": 1}}),
+    ("schedule 2 ranges +TaylorSeer o1", {"strategy": "schedule", "options": {"taylorseer_order": 1, "ranges": 2}}),
+    ("schedule 3 ranges +TaylorSeer o1", {"strategy": "schedule", "options": {"taylorseer_order": 1, "ranges": 3}}),
     ("magcache", {"strategy": "magcache"}),
 ]
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
                 path = compile_trained({**cache, "target_psnr": args.target}, Path(tmp) / "a.dacc", args.steps, m)
                 compile_s = time.perf_counter() - start
                 model = dacc.load(path)
-            search = model.manifest.programs[0].cache.calibration["search"]
+            search = model.manifest.programs[0].gates[0].calibration["search"]
             held, speedup = held_out_quality(m, model, refs)
             row = {"model": name, "strategy": label, "cache": cache, "compile_seconds": round(compile_s, 1),
                    "met": search["met"], "cache_ratio": search["cache_ratio"],

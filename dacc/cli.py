@@ -76,7 +76,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     with tempfile.TemporaryDirectory() as tmp:
         manifest = compile_model(args.model, args.plan, Path(tmp) / "calibration.dacc", log=log)
-    gate = manifest.programs[0].cache
+    gates = manifest.programs[0].gates
+    gate = gates[0] if gates else None
     if gate is None:
         raise DaccError("the plan has no cache strategy to calibrate", args.plan or "<empty plan>",
                         "set cache.strategy (and cache.target_psnr to search its knobs)")
@@ -91,7 +92,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         options["threshold"] = gate.threshold
     elif strategy == "taylorseer":
         options["interval"] = gate.interval
-    if strategy in CALIBRATED_MASKS:  # as a fixed mask
+    if len(gates) > 1:  # a step x range schedule: one fixed mask per range
+        options.update(masks=[g.mask for g in gates])
+    elif strategy in CALIBRATED_MASKS:  # as a fixed mask
         strategy, options = "scm", {"mask": gate.mask, **({"taylorseer_order": gate.taylor_order}
                                                           if gate.taylor_order else {})}
     elif gate.mask:

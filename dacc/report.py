@@ -162,7 +162,7 @@ def inspect_artifact(path: str | Path, trusted_keys=None, memory: bool = False, 
         attn = ", ".join(f"{a.node}@{a.segment}{' (cross)' if a.cross else ''}" for a in prog.attention)
         out.append(f"  attention sites ({len(prog.attention)}): {attn}")
         out += _linear_lines(prog)
-        if prog.cache is not None:
+        if prog.gates:
             out += _gate_lines(prog, m.num_inference_steps)
         if memory or memory_png:
             out += _memory(m, prog, i, env, memory_png)
@@ -202,12 +202,27 @@ def _time(m: Manifest, prog: ProgramSpec, env: dict[str, int], profile) -> list[
 
 
 def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
-    g: CacheGate = prog.cache
+    """Each gate's range and knobs; calibration, recorded alike on every gate, once; then the planned
+    steps of each gate."""
     names = [s.name for s in prog.segments]
+    out = []
+    for k, g in enumerate(prog.gates):
+        label = f" {k + 1} of {len(prog.gates)}" if len(prog.gates) > 1 else ""
+        out += _gate_knob_lines(g, names, label)
+    out += _calibration_lines(prog.gates[0], steps)
+    for k, g in enumerate(prog.gates):
+        label = f" of range {k + 1}" if len(prog.gates) > 1 else ""
+        plan = "".join(LETTERS[a] for a in planned_actions(g, steps))
+        out.append(f"    planned steps{label} ({LETTERS['computed']} computed, {LETTERS['reused']} reused, "
+                   f"{LETTERS['forecast']} forecast, ? decided by the probe): {plan}")
+    return out
+
+
+def _gate_knob_lines(g: CacheGate, names: list[str], label: str) -> list[str]:
     knobs = {"dbcache": f"threshold {g.threshold:g}", "teacache": f"threshold {g.threshold:g}",
              "taylorseer": f"interval {g.interval}" if g.interval > 1 or not g.mask else "refreshes on the mask's steps",
              "scm": "", "schedule": "", "magcache": f"threshold {g.threshold:g}"}[g.strategy]
-    out = [f"  cache gate: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
+    out = [f"  cache gate{label}: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
            f"({g.skip_last - g.skip_first + 1} segments), streams {', '.join(g.stream_out)}",
            f"    probe {g.probe}{' of ' + ', '.join(g.probe_values) if g.probe != 'none' else ''}"
            f"{'; ' + knobs if knobs else ''}; skipped steps {'forecast (order %d)' % g.taylor_order if g.taylor_order else 'reuse'}"
@@ -218,13 +233,20 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
         out.append("    rescale polynomial " + ", ".join(f"{c:.4g}" for c in g.rescale))
     if g.mask:
         out.append(f"    static mask: computes {sum(g.mask)} of {len(g.mask)} steps")
+    return out
+
+
+def _calibration_lines(g: CacheGate, steps: int) -> list[str]:
+    out = []
     fit = g.calibration.get("rescale_fit")
     if fit:
         out.append(f"    rescale fitted (degree {fit['degree']}) on {fit['points']} steps, seeds {fit['seeds']}")
     schedule = g.calibration.get("schedule")
     if schedule:
         out.append(f"    schedule chosen from the measured cost of reusing each step (seeds {schedule['seeds']}): "
-                   f"fewest computed steps possible {min(int(m) for m in schedule['least_cost'])}")
+                   f"fewest computed steps possible "
+                   f"{', '.join(str(min(int(m) for m in r['least_cost'])) for r in schedule['ranges'])}"
+                   + (" (per block range)" if len(schedule["ranges"]) > 1 else ""))
     curve = g.calibration.get("magnitude_ratios")
     if curve:
         ratios = curve["ratios"][1:]
@@ -236,9 +258,6 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
     search = g.calibration.get("search")
     if search:
         out.append(_search_line(search))
-    plan = "".join(LETTERS[a] for a in planned_actions(g, steps))
-    out.append(f"    planned steps ({LETTERS['computed']} computed, {LETTERS['reused']} reused, "
-               f"{LETTERS['forecast']} forecast, ? decided by the probe): {plan}")
     return out
 
 
@@ -270,12 +289,12 @@ def write_decision_map(path: str | Path, out: str | Path) -> str:
     m: Manifest = read_manifest(Path(path))
     maps = {}
     for prog in m.programs:  # calibration records one search for the whole artifact, on every gate
-        if prog.cache is not None:
-            measured = (prog.cache.calibration.get("search") or {}).get("decisions") or {}
+        if prog.gates:
+            measured = (prog.gates[0].calibration.get("search") or {}).get("decisions") or {}
             maps.update(maps_from_decisions(m.programs, measured, ": measured on sample()"))
     for i, prog in enumerate(m.programs):
-        if prog.cache is not None and not any(prog is p for p, _ in maps.values()):
-            maps[f"program{i}: planned"] = (prog, planned_actions(prog.cache, m.num_inference_steps))
+        if prog.gates and not any(prog is p for p, _ in maps.values()):
+            maps[f"program{i}: planned"] = (prog, [planned_actions(g, m.num_inference_steps) for g in prog.gates])
     if not maps:
         return "no cache gate in this artifact: every step computes every segment; no map written"
     draw_decision_map(maps, out)

@@ -68,12 +68,17 @@ def dynamic_knobs(strategy: str, ratio: float, options: Any, steps: int) -> dict
     return knobs
 
 
+def fixed_mask(explicit: list[bool], steps: int) -> list[bool]:
+    """A step mask the plan gives, with its first and last steps computing (as every mask's do)."""
+    if len(explicit) != steps:
+        raise DaccError(f"the step mask has {len(explicit)} entries for {steps} steps", "plan cache.options",
+                        "give one true/false per step, or use a policy")
+    mask = list(explicit)
+    mask[0] = mask[-1] = True
+    return mask
+
+
 def _mask(explicit: list[bool] | None, policy: str | None, steps: int) -> list[bool]:
     if explicit is not None:
-        if len(explicit) != steps:
-            raise DaccError(f"the step mask has {len(explicit)} entries for {steps} steps", "plan cache.options",
-                            "give one true/false per step, or use a policy")
-        mask = list(explicit)
-        mask[0] = mask[-1] = True
-        return mask
+        return fixed_mask(explicit, steps)
     return scm_mask(policy, steps) if policy else []

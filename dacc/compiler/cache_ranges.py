@@ -150,6 +150,24 @@ def new_gate(ir: ProgramIR, plan: Plan, strategy: str, first: int, last: int, **
     return gate
 
 
+def block_range_gates(ir: ProgramIR, plan: Plan, strategy: str, ranges: int, **fields: Any) -> list[CacheGate]:
+    """`ranges` gates over the blocks split into contiguous ranges of (nearly) equal block counts, in
+    order; one gate over every block when `ranges` is 1."""
+    specs = segment_specs(ir)
+    blocks = block_positions(specs)
+    if ranges > len(blocks):
+        raise DaccError(f"{strategy} cannot split {len(blocks)} blocks into {ranges} ranges", "plan cache.options.ranges",
+                        f"set ranges to at most {len(blocks)}")
+    bounds = [round(k * len(blocks) / ranges) for k in range(ranges + 1)]
+    # by name: a gate's `cache_base` segment shifts the positions of everything after its start
+    spans = [(specs[blocks[lo]].name, specs[blocks[hi - 1]].name) for lo, hi in zip(bounds, bounds[1:])]
+    gates = []
+    for first, last in spans:
+        names = [s.name for s in segment_specs(ir)]
+        gates.append(new_gate(ir, plan, strategy, names.index(first), names.index(last), **fields))
+    return gates
+
+
 def mark_skippable(ir: ProgramIR, specs: list[SegmentSpec], first: int, last: int) -> None:
     names = {s.name for s in specs[first:last + 1]}
     for node in ir.compute_nodes():

@@ -18,8 +18,8 @@ import torch
 
 from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.magcache import magcache_mask, magnitude_ratios
-from dacc.compiler.ratio_map import ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, trajectories
-from dacc.compiler.schedule import Schedules, optimal_schedules, residual_costs
+from dacc.compiler.ratio_map import ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, range_flops, trajectories
+from dacc.compiler.schedule import RangeSchedules, optimal_schedules, residual_costs, residual_scale
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
 from dacc.runtime.cache import StepRecord, rel_l1
 from dacc.schema.errors import DaccError
@@ -29,13 +29,21 @@ from dacc.schema.plan import Plan, cache_options
 SEARCH_ITERATIONS = 6
 
 
-def _set_gates(model, make: Callable[[CacheGate], CacheGate]) -> None:
+def _set_gates(model, make: Callable[[CacheGate, int], CacheGate]) -> None:
+    """Each gate of each program becomes make(gate, its position among the program's gates)."""
     for runner in model.programs:
-        if runner.spec.cache is not None:
-            runner.spec.cache = make(runner.spec.cache)
+        runner.spec.gates = [make(gate, g) for g, gate in enumerate(runner.spec.gates)]
 
 
-def _never_skip(gate: CacheGate) -> CacheGate:
+def with_knobs(knobs: dict) -> Callable[[CacheGate, int], CacheGate]:
+    """A `_set_gates` maker setting `knobs` on every gate; `masks` (a step x range schedule: one mask
+    per gate) sets each gate's own mask."""
+    masks = knobs.get("masks")
+    shared = {k: v for k, v in knobs.items() if k != "masks"}
+    return lambda gate, g: dataclasses.replace(gate, **{**shared, **({"mask": masks[g]} if masks else {})})
+
+
+def _never_skip(gate: CacheGate, g: int) -> CacheGate:
     return dataclasses.replace(gate, threshold=0.0, interval=1, mask=[])
 
 
@@ -49,7 +57,7 @@ def run_samples(model, sample: Callable, seeds: list[int]) -> tuple[list[torch.T
 
 def _recorded(model, sample: Callable, seeds: list[int]) -> list[StepRecord]:
     """Every call of uncached generations from `seeds`, as the runtime records them."""
-    originals = {id(r): r.spec.cache for r in model.programs}
+    originals = {id(r): r.spec.gates for r in model.programs}
     _set_gates(model, _never_skip)
     model._recorder = []
     try:
@@ -58,7 +66,7 @@ def _recorded(model, sample: Callable, seeds: list[int]) -> list[StepRecord]:
     finally:
         model._recorder = None
         for runner in model.programs:
-            runner.spec.cache = originals[id(runner)]
+            runner.spec.gates = originals[id(runner)]
 
 
 def fit_rescale(records: list[StepRecord], seeds: list[int], log) -> tuple[list[float], dict]:
@@ -79,17 +87,23 @@ def fit_rescale(records: list[StepRecord], seeds: list[int], log) -> tuple[list[
     return coefficients, {"points": len(xs), "seeds": seeds, "degree": degree}
 
 
-def measure_schedules(ts: list[Trajectory], gate: CacheGate, steps: int, log) -> tuple[Schedules, dict]:
-    """`strategy: schedule`: the cost of reusing each step's residual at every later step, from the
-    recorded generations -> the least-cost mask for every count of computed steps."""
-    cost = residual_costs([list(t.residuals) for t in ts])
+def measure_schedules(per_range: list[list[Trajectory]], flops: list[float], gate: CacheGate, steps: int,
+                      log) -> tuple[RangeSchedules, dict]:
+    """`strategy: schedule`: per block range (one gate each, with its recorded generations and its
+    FLOPs per step), the cost of reusing each step's residual at every later step -> the least-cost
+    mask of each range for every count of computed steps."""
+    residuals = [[list(t.residuals) for t in ts] for ts in per_range]
+    scale = sum(residual_scale(r) for r in residuals)  # one scale: a range's cost is its share of the error
+    costs = [residual_costs(r, scale) for r in residuals]
     forced = {*range(gate.warmup), *range(steps - gate.cooldown, steps)}
-    schedules = optimal_schedules(cost, forced, gate.max_continuous_cached_steps, gate.max_cached_steps)
-    log(f"schedule: measured the cost of reusing each step on {len(ts)} generation(s); "
-        f"{schedules.fewest}..{steps} computed steps possible")
-    step_costs = [0.0] + [round(float(cost[i - 1, i]), 5) for i in range(1, steps)]
-    return schedules, {"seeds": list(CALIBRATION_SEEDS), "step_costs": step_costs,
-                       "least_cost": {str(m): round(c, 5) for m, c in sorted(schedules.cost.items())}}
+    ranges = [optimal_schedules(c, forced, gate.max_continuous_cached_steps, gate.max_cached_steps) for c in costs]
+    where = f" in each of {len(ranges)} block ranges" if len(ranges) > 1 else ""
+    log(f"schedule: measured the cost of reusing each step{where} on {len(per_range[0])} generation(s); "
+        f"{', '.join(str(s.fewest) for s in ranges)}..{steps} computed steps possible")
+    info = [{"flops": f, "step_costs": [0.0] + [round(float(c[i - 1, i]), 5) for i in range(1, steps)],
+             "least_cost": {str(m): round(v, 5) for m, v in sorted(s.cost.items())}}
+            for s, f, c in zip(ranges, flops, costs)]
+    return RangeSchedules(ranges, flops, costs), {"seeds": list(CALIBRATION_SEEDS), "ranges": info}
 
 
 def choose_ratio(evaluate: Callable[[float, tuple[int, ...]], dict], target: float,
@@ -122,9 +136,10 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
     then holds on the validation seeds (halved until it does); the no-skip knobs if none does.
     Returns the chosen knobs and what was measured."""
     options = cache_options(plan)
-    if any(getattr(options, k, None) is not None for k in ("threshold", "interval", "policy")):
+    if any(getattr(options, k, None) is not None for k in ("threshold", "interval", "policy", "masks")):
         raise DaccError("cache.target_psnr searches cache_ratio, but the options fix the knob it maps to",
-                        "plan cache.options", "remove threshold/interval/policy from the options, or drop target_psnr")
+                        "plan cache.options", "remove threshold/interval/policy/masks from the options, or drop "
+                        "target_psnr")
     steps, strategy = plan.num_inference_steps, plan.cache.strategy
     knobs_for = knobs_for or (lambda ratio: dynamic_knobs(strategy, ratio, options, steps))
     references: dict[int, torch.Tensor] = {}
@@ -136,7 +151,7 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
             references.update(zip(missing, run_samples(model, sample, missing)[0]))
         # the knobs are exactly the fields _never_skip overrode, so they replace those on every call
         knobs = knobs_for(ratio)
-        _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
+        _set_gates(model, with_knobs(knobs))
         start = time.perf_counter()
         outs, stats = run_samples(model, sample, list(seeds))
         psnrs = [round(seed_psnr(o, references[s]), 3) for o, s in zip(outs, seeds)]
@@ -161,7 +176,7 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
             f"another strategy)")
         record.update({"cache_ratio": 0.0, "flops_speedup": 1.0, "decisions": {}, **knobs})
     else:
-        knobs = {k: validated[k] for k in ("threshold", "interval", "mask")}
+        knobs = {k: validated[k] for k in ("threshold", "interval", "mask", "masks") if k in validated}
         v = validated["psnrs"]
         record.update({"cache_ratio": ratio, "flops_speedup": round(validated["flops_speedup"], 3),
                        "calibration_psnr": calibrated.get(ratio, {}).get("psnrs"), "validation_psnr": v,
@@ -169,7 +184,7 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
                        "decisions": validated["decisions"], **knobs})
         log(f"chose cache_ratio {ratio:.3f}: validation PSNR {record['validation_psnr_mean']:.2f} dB "
             f"(worst seed {min(v):.2f}), {validated['flops_speedup']:.2f}x fewer FLOPs")
-    _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
+    _set_gates(model, with_knobs(knobs))
     return record
 
 
@@ -192,9 +207,9 @@ class Needs:
 
 
 def _needs(manifest: Manifest, plan: Plan) -> Needs:
-    gates = [p.cache for p in manifest.programs if p.cache is not None]
+    gates = [g for p in manifest.programs for g in p.gates]
     options, strategy = cache_options(plan), plan.cache.strategy
-    fixed = any(getattr(options, k, None) is not None for k in ("threshold", "interval"))
+    fixed = any(getattr(options, k, None) is not None for k in ("threshold", "interval", "masks"))
     masked = strategy in CALIBRATED_MASKS
     skips = plan.cache.cache_ratio > 0 or plan.cache.target_psnr is not None
     return Needs(rescale=any(g.strategy == "teacache" and not g.rescale for g in gates),
@@ -237,14 +252,17 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         seeds = list(range(options.calibration_seeds))
         fit_records = records if records and seeds == list(CALIBRATION_SEEDS) else _recorded(model, sample, seeds)
         rescale, info["rescale_fit"] = fit_rescale(fit_records, seeds, log)
-        _set_gates(model, lambda gate: dataclasses.replace(gate, rescale=rescale))
+        _set_gates(model, lambda gate, g: dataclasses.replace(gate, rescale=rescale))
     knobs_for = None  # the plan's own knobs, unless calibration maps cache_ratio for this model
     if records:
         ts = trajectories(records, steps)
-        gate = next(r.spec.cache for r in model.programs if r.spec.cache is not None)
+        gates = next(r.spec.gates for r in model.programs if r.spec.gates)
+        gate = gates[0]
         schedules = magnitudes = None
         if plan.cache.strategy == "schedule":
-            schedules, info["schedule"] = measure_schedules(ts, gate, steps, log)
+            per_range = [ts] + [trajectories(records, steps, g) for g in range(1, len(gates))]
+            schedules, info["schedule"] = measure_schedules(per_range, range_flops(records, len(gates)), gate, steps,
+                                                            log)
         if plan.cache.strategy == "magcache":
             magnitudes = magnitude_ratios([t.residuals for t in ts])
             info["magnitude_ratios"] = {"seeds": list(CALIBRATION_SEEDS), "ratios": magnitudes}
@@ -258,21 +276,22 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
             info["ratio_map"] = ratio_map.describe()
             if not needs.search:
                 knobs = knobs_for(plan.cache.cache_ratio)
-                _set_gates(model, lambda gate: dataclasses.replace(gate, **knobs))
+                _set_gates(model, with_knobs(knobs))
                 error, skipped = ratio_map.error(knobs)
                 log(f"cache_ratio {plan.cache.cache_ratio:g} on this model: {_knob_text(plan.cache.strategy, knobs)}, "
-                    f"replayed on {len(ts)} recorded generation(s): {round(skipped * steps)} of {steps} steps "
+                    f"replayed on {len(ts)} recorded generation(s): {skipped:.0%} of the gated FLOPs "
                     f"skipped, error {error:.4f} per step (budget {plan.cache.cache_ratio * ERROR_PER_RATIO:.4f})")
         else:  # magcache with a fixed threshold: only its mask to fill in
-            _set_gates(model, lambda g: dataclasses.replace(g, mask=magcache_mask(g, magnitudes, options.threshold)))
+            _set_gates(model, lambda g, _: dataclasses.replace(g, mask=magcache_mask(g, magnitudes, options.threshold)))
     if needs.search:
         info["search"] = search_ratio(model, plan, sample, plan.cache.target_psnr, log, knobs_for)
     for spec, runner in zip(manifest.programs, model.programs):
-        if spec.cache is not None:
-            spec.cache = dataclasses.replace(runner.spec.cache, calibration=info)
+        spec.gates = [dataclasses.replace(gate, calibration=info) for gate in runner.spec.gates]
 
 
 def _knob_text(strategy: str, knobs: dict) -> str:
+    if len(knobs.get("masks", [])) > 1:
+        return "masks " + ", ".join(_letters(m) for m in knobs["masks"])
     if strategy in ("dbcache", "teacache", "magcache"):
         return f"threshold {knobs['threshold']:.4g}" + (", mask " + _letters(knobs["mask"]) if knobs["mask"] else "")
     return "mask " + _letters(knobs["mask"]) if knobs["mask"] else "no mask"

@@ -82,7 +82,7 @@ def program_spec(ir: ProgramIR, index: int, where: str) -> ProgramSpec:
     return ProgramSpec(file=f"program{index}.pt2", inputs=inputs, symbols=ir.symbol_specs(),
                        example_shapes=example, outputs=ir.output_names(), guards=guards, guard_text=guard_text,
                        segments=segment_specs(ir),
-                       attention=attention, linears=linears, cache=ir.cache_gate)
+                       attention=attention, linears=linears, gates=ir.cache_gates)
 
 
 @dataclass

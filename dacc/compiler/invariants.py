@@ -23,10 +23,14 @@ def check_invariants(ir: ProgramIR, after: str) -> None:
             fail(f"user input '{name}' disappeared")
     if sum(1 for n in ir.graph.nodes if n.op == "output") != 1:
         fail("graph must have exactly one output")
-    if ir.cache_gate is not None:  # the runtime looks these values up by name
-        missing = sorted((ir.cache_gate.reads() | set(ir.cache_gate.stream_out)) - names)
+    end = -1
+    for gate in ir.cache_gates:  # the runtime looks these values up by name, and runs the ranges in order
+        missing = sorted((gate.reads() | set(gate.stream_out)) - names)
         if missing:
             fail(f"the cache gate reads values no longer in the graph: {', '.join(missing)}")
+        if gate.skip_first <= end or gate.skip_last < gate.skip_first:
+            fail(f"cache gate ranges overlap or are out of order: {gate.skip_first}..{gate.skip_last} after {end}")
+        end = gate.skip_last
     compute = ir.compute_nodes()
     for node in compute:
         try:

@@ -44,7 +44,7 @@ class ProgramIR:
                                          **sig.inputs_to_lifted_tensor_constants}
         self.user_inputs: list[str] = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
         self.symbols = self._canonical_symbols()
-        self.cache_gate: CacheGate | None = None  # set by the cache-gate passes
+        self.cache_gates: list[CacheGate] = []  # set by the cache-gate passes; disjoint ranges, in order
         self.partition_guards: list[sympy.Basic] = []  # sizes a parallel plan must split evenly
         self.fsdp_units: list | None = None  # set by annotate_fsdp_units (dacc.schema.manifest.FsdpUnit)
         self.fsdp_degree = 1
@@ -90,9 +90,8 @@ class ProgramIR:
                 spec.arg = type(spec.arg)(new)
 
     def rename_gate_value(self, old: str, new: str) -> None:
-        """The cache gate reads and writes value `new` where it named `old`."""
-        gate = self.cache_gate
-        if gate is not None:
+        """The cache gates read and write value `new` where they named `old`."""
+        for gate in self.cache_gates:
             for names in (gate.stream_in, gate.stream_out, gate.probe_values, gate.probe_base):
                 names[:] = [new if n == old else n for n in names]
 

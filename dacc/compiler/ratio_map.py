@@ -18,7 +18,8 @@ error, on every model and for every strategy:
 - taylorseer: refresh steps chosen greedily where the forecast error would exceed a tolerance (so
   they crowd where the trajectory bends), the largest tolerance within budget; a static mask, not
   a fixed interval;
-- schedule: the mask with the fewest computed steps within budget (dacc/compiler/schedule.py);
+- schedule: the mask with the fewest computed steps within budget, or with `ranges`, the masks of
+  fewest FLOPs (dacc/compiler/schedule.py);
 - magcache: the largest threshold of MagCache's rule within budget (dacc/compiler/magcache.py).
 
 The replay ignores that skipping a step changes what later steps see, so the budget is a guide;
@@ -27,6 +28,7 @@ The replay ignores that skipping a step changes what later steps see, so the bud
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,7 +36,7 @@ import torch
 
 from dacc.compiler.cache_knobs import CALIBRATED_MASKS
 from dacc.compiler.magcache import magcache_mask
-from dacc.compiler.schedule import Schedules
+from dacc.compiler.schedule import RangeSchedules
 from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, action_when_skipped, decide, forced_to_compute,
                                 record, rel_l1, skipped_residuals)
 from dacc.schema.errors import DaccError
@@ -57,11 +59,12 @@ class Trajectory:
     stats: list[float | None]
 
 
-def trajectories(records: list[StepRecord], steps: int) -> list[Trajectory]:
-    """The complete generations (of `steps` steps) in `records`, one per seed and cache context."""
+def trajectories(records: list[StepRecord], steps: int, gate: int = 0) -> list[Trajectory]:
+    """The complete generations (of `steps` steps) in `records`, one per seed and cache context, as
+    gate number `gate` of the program saw them."""
     grouped: dict[tuple, list[StepRecord]] = {}
     generation: dict[Any, int] = {}  # per cache context: step 0 starts its next generation
-    for r in records:
+    for r in (r for r in records if r.gate == gate):
         generation[r.context] = generation.get(r.context, -1) + (r.step == 0)
         grouped.setdefault((r.context, generation[r.context]), []).append(r)
     out = [Trajectory(torch.stack([torch.cat([x.detach().double().flatten() for x in r.residuals]) for r in g]),
@@ -71,6 +74,11 @@ def trajectories(records: list[StepRecord], steps: int) -> list[Trajectory]:
                         "make sample() run the artifact's number of steps (dacc.models.flow.sample reads it "
                         "from model.manifest.num_inference_steps)")
     return out
+
+
+def range_flops(records: list[StepRecord], gates: int) -> list[float]:
+    """Per gate, the mean FLOPs of its range per call."""
+    return [statistics.mean(r.flops for r in records if r.gate == g) for g in range(gates)]
 
 
 def replay(gate: CacheGate, t: Trajectory, scale: float) -> tuple[float, int]:
@@ -122,7 +130,7 @@ class RatioMap:
     """cache_ratio -> a gate's knobs for one model, from its recorded generations."""
 
     def __init__(self, gate: CacheGate, ts: list[Trajectory], base_mask: list[bool],
-                 schedules: Schedules | None = None, magnitudes: list[float] | None = None):
+                 schedules: RangeSchedules | None = None, magnitudes: list[float] | None = None):
         self.gate, self.ts, self.base_mask, self.schedules = gate, ts, base_mask, schedules
         self.magnitudes = magnitudes
         self.steps = len(ts[0].residuals)
@@ -130,8 +138,11 @@ class RatioMap:
         self._memo: dict[float, dict] = {}
 
     def error(self, knobs: dict) -> tuple[float, float]:
-        """(replayed error per step, fraction of steps skipped), averaged over the recordings."""
-        gate = dataclasses.replace(self.gate, **knobs)
+        """(replayed error per step, fraction of steps skipped), averaged over the recordings; for a
+        step x range schedule, its measured cost per step and the fraction of the ranges' FLOPs it skips."""
+        if len(knobs.get("masks", [])) > 1:
+            return self.schedules.cost(knobs["masks"]) / self.steps, self.schedules.skipped(knobs["masks"])
+        gate = dataclasses.replace(self.gate, **{k: v for k, v in knobs.items() if k != "masks"})
         results = [replay(gate, t, self.scale) for t in self.ts]
         n = len(results) * self.steps
         return sum(e for e, _ in results) / n, sum(s for _, s in results) / n
@@ -144,14 +155,16 @@ class RatioMap:
 
     def _no_skip(self) -> dict:
         if self.gate.strategy in CALIBRATED_MASKS:
-            return {"threshold": 0.0, "interval": 1, "mask": [True] * self.steps}
+            ranges = len(self.schedules.ranges) if self.schedules else 1
+            return {"threshold": 0.0, "interval": 1, "mask": [True] * self.steps,
+                    "masks": [[True] * self.steps] * ranges}
         return {"threshold": 0.0, "interval": 1, "mask": list(self.base_mask)}
 
     def _knobs(self, budget: float) -> dict:
         strategy = self.gate.strategy
         if strategy == "schedule":
-            fits = [m for m, c in self.schedules.cost.items() if c / self.steps <= budget]
-            return {"threshold": 0.0, "interval": 1, "mask": self.schedules.masks[min(fits)]}
+            masks = self.schedules.choose(budget * self.steps)
+            return {"threshold": 0.0, "interval": 1, "mask": masks[0] if len(masks) == 1 else [], "masks": masks}
         if strategy == "magcache":
             def make(threshold: float) -> dict:
                 return {"threshold": threshold, "interval": 1,

@@ -11,8 +11,15 @@ cache_ratio picks the fewest computed steps whose cost per step fits its error b
 budget every strategy gets (dacc/compiler/ratio_map.py). With `target_psnr` the ratio is searched
 like every strategy's (dacc/compiler/calibrate.py).
 
-The schedule ships as the gate's static mask: no probe at run time, the same on every rank, and
-`dacc inspect` prints it exactly.
+With `ranges: k` the blocks are split into k ranges, each its own gate with its own mask (a step x
+range schedule). Each range's costs are measured from its own residuals, relative to the same scale
+(the ranges' residual magnitudes summed, so the budget means what it means with one range), the
+least-cost mask of each range is found for every count of computed steps as above, and
+`RangeSchedules.choose` picks the counts (one per range) of fewest FLOPs whose summed cost fits
+the budget: an exact search over the ranges' Pareto fronts of (FLOPs, cost).
+
+The schedule ships as the gates' static masks: no probe at run time, the same on every rank, and
+`dacc inspect` prints them exactly.
 """
 from __future__ import annotations
 
@@ -23,12 +30,18 @@ import numpy as np
 import torch
 
 
-def residual_costs(trajectories: list[list[torch.Tensor]]) -> np.ndarray:
+def residual_scale(trajectories: list[list[torch.Tensor]]) -> float:
+    """The mean residual magnitude over every step of every trajectory."""
+    return sum(float(r.abs().mean()) for t in trajectories for r in t) / sum(len(t) for t in trajectories)
+
+
+def residual_costs(trajectories: list[list[torch.Tensor]], scale: float | None = None) -> np.ndarray:
     """cost[j, i] (j < i) from per-step residuals: one trajectory per (seed, context), each a
-    list over steps of the gated range's residual (its streams flattened and concatenated)."""
+    list over steps of the gated range's residual (its streams flattened and concatenated),
+    relative to `scale` (default: this range's own residual_scale)."""
     steps = len(trajectories[0])
     cost = np.zeros((steps, steps))
-    scale = sum(float(r.abs().mean()) for t in trajectories for r in t) / sum(len(t) for t in trajectories)
+    scale = residual_scale(trajectories) if scale is None else scale
     for t in trajectories:
         stacked = torch.stack([r.double() for r in t])  # (steps, n)
         for j in range(steps - 1):
@@ -93,3 +106,39 @@ def mask_cost(cost: np.ndarray, mask: list[bool]) -> float:
         else:
             total += cost[last, i]
     return total if mask and mask[0] else math.inf
+
+
+@dataclass(frozen=True)
+class RangeSchedules:
+    """Per block range: its least-cost schedules, its FLOPs per computed step, its cost matrix."""
+    ranges: list[Schedules]
+    flops: list[float]
+    costs: list[np.ndarray]
+
+    @property
+    def steps(self) -> int:
+        return self.costs[0].shape[0]
+
+    def choose(self, budget: float) -> list[list[bool]]:
+        """One mask per range: of the least total FLOPs whose summed cost is within `budget` (every
+        step computed where even that does not fit)."""
+        front = [(0.0, 0.0, ())]  # (flops, cost, computed steps per range so far), Pareto-optimal
+        for sched, flops in zip(self.ranges, self.flops):
+            grown = sorted((f + m * flops, c + sched.cost[m], chosen + (m,))
+                           for f, c, chosen in front for m in sched.masks)
+            front = []
+            for point in grown:  # by FLOPs, then cost: keep a point only if it costs less than all cheaper ones
+                if point[1] <= budget and (not front or point[1] < front[-1][1]):
+                    front.append(point)
+            if not front:
+                return [[True] * self.steps for _ in self.ranges]
+        return [sched.masks[m] for sched, m in zip(self.ranges, front[0][2])]
+
+    def cost(self, masks: list[list[bool]]) -> float:
+        """The summed cost of one mask per range (what `choose` keeps within its budget)."""
+        return sum(mask_cost(cost, mask) for cost, mask in zip(self.costs, masks))
+
+    def skipped(self, masks: list[list[bool]]) -> float:
+        """The fraction of the ranges' FLOPs that `masks` skip."""
+        total = sum(self.flops) * len(masks[0])
+        return sum(f * mask.count(False) for f, mask in zip(self.flops, masks)) / max(total, 1e-30)

@@ -61,7 +61,7 @@ def segment_specs(ir: ProgramIR) -> list[SegmentSpec]:
 
     block_output = {n.name: segment_kind(seg) == "block" for seg in order for n in members[seg]}
 
-    gate_reads = ir.cache_gate.reads() if ir.cache_gate is not None else set()
+    gate_reads = set().union(*(g.reads() for g in ir.cache_gates))
     specs, block_index = [], 0
     fsdp_gathers = unit_gather_bytes(ir.fsdp_units or [], ir.fsdp_degree)
     example = example_symbols(ir)

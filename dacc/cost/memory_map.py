@@ -93,12 +93,12 @@ def draw_memory_map(rows: list[SegmentMemory], path: str | Path, title: str) -> 
 
 
 def _cache_bytes(prog: ProgramSpec, env: dict[str, int]) -> float:
-    gate = prog.cache
-    if gate is None:
-        return 0.0
-    last = prog.segments[gate.skip_last]
-    copies = gate.taylor_order + 1  # the runtime keeps that many computed residuals, whatever the strategy
-    return copies * _eval(last.value_bytes_tree, env, last.name)
+    total = 0.0
+    for gate in prog.gates:
+        last = prog.segments[gate.skip_last]
+        copies = gate.taylor_order + 1  # the runtime keeps that many computed residuals, whatever the strategy
+        total += copies * _eval(last.value_bytes_tree, env, last.name)
+    return total
 
 
 def _eval(tree, env: dict[str, int], name: str) -> float:

@@ -29,8 +29,8 @@ def insert_dbcache_gate(ir: ProgramIR, plan: Plan) -> PassResult:
                                         leaving=front_last.stream_outputs)
     names = [s.name for s in segment_specs(ir)]
     knobs = dynamic_knobs("dbcache", plan.cache.cache_ratio, opts, plan.num_inference_steps)
-    ir.cache_gate = new_gate(ir, plan, "dbcache", names.index(first), names.index(last), probe="residual",
+    ir.cache_gates = [new_gate(ir, plan, "dbcache", names.index(first), names.index(last), probe="residual",
                              probe_values=front_out, probe_base=front_in, threshold=knobs["threshold"],
-                             taylor_order=opts.taylorseer_order)
+                             taylor_order=opts.taylorseer_order)]
     return PassResult(True, [f"gate over {first}..{last}, threshold {knobs['threshold']:.3g}, "
                              f"probe after {front_last.name}"])

@@ -16,6 +16,6 @@ def insert_taylorseer_gate(ir: ProgramIR, plan: Plan) -> PassResult:
     opts = cache_options(plan)
     blocks = block_positions(segment_specs(ir))
     knobs = dynamic_knobs("taylorseer", plan.cache.cache_ratio, opts, plan.num_inference_steps)
-    ir.cache_gate = new_gate(ir, plan, "taylorseer", blocks[0], blocks[-1], taylor_order=opts.order,
-                             interval=knobs["interval"])
+    ir.cache_gates = [new_gate(ir, plan, "taylorseer", blocks[0], blocks[-1], taylor_order=opts.order,
+                             interval=knobs["interval"])]
     return PassResult(True, [f"forecast order {opts.order}, compute every {knobs['interval']} steps"])

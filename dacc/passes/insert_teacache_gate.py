@@ -19,7 +19,7 @@ def insert_teacache_gate(ir: ProgramIR, plan: Plan) -> PassResult:
     probe = next(n.name for n in ir.compute_nodes() if ir.info(n).gate == "probe")
     blocks = block_positions(segment_specs(ir))
     knobs = dynamic_knobs("teacache", plan.cache.cache_ratio, opts, plan.num_inference_steps)
-    ir.cache_gate = new_gate(ir, plan, "teacache", blocks[0], blocks[-1], probe="input", probe_values=[probe],
-                             threshold=knobs["threshold"], rescale=list(opts.rescale or []))
+    ir.cache_gates = [new_gate(ir, plan, "teacache", blocks[0], blocks[-1], probe="input", probe_values=[probe],
+                             threshold=knobs["threshold"], rescale=list(opts.rescale or []))]
     return PassResult(True, [f"probe {probe}, threshold {knobs['threshold']:.3g}, "
                              f"rescale {'from plan' if opts.rescale else 'to calibrate'}"])

@@ -261,12 +261,9 @@ def _gather_exits(ir: ProgramIR, first_epilogue: Node, tokens: set, group: str, 
 def _zero_probe_padding(ir: ProgramIR, sizes: SizeEmitter, tokens: set, group: str, world: int) -> int:
     """The cache probe reads its sharded values with their pad rows zeroed (a side copy; the
     blocks keep reading the values themselves)."""
-    gate = ir.cache_gate
-    if gate is None:
-        return 0
     nodes = {n.name: n for n in ir.graph.nodes}
     count = 0
-    for names in (gate.probe_values, gate.probe_base):
+    for names in [names for gate in ir.cache_gates for names in (gate.probe_values, gate.probe_base)]:
         for i, name in enumerate(names):
             value = nodes[name]
             dim = _sequence_dim(ir, value, tokens) if is_inner(ir, value) else None

@@ -43,7 +43,7 @@ class Computed:
 
 
 class StepRecord(NamedTuple):
-    """One gated call as compile-time calibration records it (DaccModule._recorder)."""
+    """One gate on one call as compile-time calibration records it (DaccModule._recorder)."""
     context: Any  # the cache context (a pipeline's "cond"/"uncond", or None)
     step: int
     stat: float | None  # the probe's measured change (None on a generation's first step)
@@ -51,6 +51,8 @@ class StepRecord(NamedTuple):
     outputs: list[torch.Tensor]  # the program's tensor outputs
     residuals: list[torch.Tensor] | None  # the gated range's residual per stream
     probe: list[torch.Tensor] | None  # the probe values the gate remembers after this step
+    gate: int = 0  # which of the program's gates (ProgramSpec.gates) this is about
+    flops: float = 0.0  # the FLOPs of the gate's range on this call, computed or not
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A picture of what a cache gate did: one row per denoising step, one column per segment."""
+"""A picture of what the cache gates did: one row per denoising step, one column per segment."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,29 +12,37 @@ COLORS = {"computed": (31, 78, 121), "reused": (220, 220, 220), "forecast": (242
 CELL, ROW = 14, 8
 
 
-def segment_status(program: ProgramSpec, step_actions: list[str]) -> list[list[str]]:
-    """Per step, the status of every segment: gated segments take the step's action."""
-    gate = program.cache
+def segment_status(program: ProgramSpec, gate_actions: list[list[str]]) -> list[list[str]]:
+    """Per step, the status of every segment: a gate's segments take that gate's action at the step.
+    `gate_actions`: per gate of `program`, its action per step."""
     rows = []
-    for action in step_actions:
-        rows.append(["computed" if gate is None or not (gate.skip_first <= i <= gate.skip_last) else action
-                     for i in range(len(program.segments))])
+    for step in range(max((len(a) for a in gate_actions), default=0)):
+        row = ["computed"] * len(program.segments)
+        for gate, actions in zip(program.gates, gate_actions):
+            row[gate.skip_first:gate.skip_last + 1] = [actions[step]] * (gate.skip_last + 1 - gate.skip_first)
+        rows.append(row)
     return rows
 
 
-def decision_key(context: str, program: int) -> str:
-    return f"{context}/program{program}"
+def decision_key(context: str, program: int, gate: int = 0, gates: int = 1) -> str:
+    """How stats() names one gate's decisions: by program, and by range when it has several gates."""
+    return f"{context}/program{program}" + (f"/range{gate}" if gates > 1 else "")
 
 
 def maps_from_decisions(programs: list[ProgramSpec], decisions: dict[str, list[str]],
-                        note: str = "") -> dict[str, tuple[ProgramSpec, list[str]]]:
+                        note: str = "") -> dict[str, tuple[ProgramSpec, list[list[str]]]]:
     """`decisions` as `stats()` reports them (decision_key -> action per step) -> the `maps` of
-    draw_decision_map, titled by their key and `note`."""
-    return {key + note: (programs[int(key.rsplit("program", 1)[1])], actions) for key, actions in decisions.items()}
+    draw_decision_map, one per context and program, titled by it and `note`."""
+    maps: dict[str, tuple[ProgramSpec, list[list[str]]]] = {}
+    for key, actions in decisions.items():
+        title, _, gate = key.partition("/range")
+        program = programs[int(title.rsplit("program", 1)[1])]
+        maps.setdefault(title + note, (program, [[] for _ in program.gates]))[1][int(gate or 0)] = list(actions)
+    return maps
 
 
-def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[str]]], path: str | Path) -> None:
-    """`maps`: title -> (program, actions per step). Writes one panel per title, side by side."""
+def draw_decision_map(maps: dict[str, tuple[ProgramSpec, list[list[str]]]], path: str | Path) -> None:
+    """`maps`: title -> (program, per gate its action per step). Writes one panel per title, side by side."""
     panels, used = [], set()
     for title, (program, actions) in maps.items():
         rows = segment_status(program, actions)

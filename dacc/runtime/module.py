@@ -49,7 +49,7 @@ class CompiledTransformer(torch.nn.Module):
         self._context = "default"
         self._counters: dict[str, StepCounter] = {}
         self._stats = SegmentStats()
-        self._gate_states: dict[tuple[str, int], GateState] = {}
+        self._gate_states: dict[tuple[str, int], list[GateState]] = {}  # (context, program): one per gate
         # set by calibration: (context, step, probe stat, action, outputs, the gated range's residuals
         # when it computed) per call
         self._recorder: list | None = None
@@ -134,7 +134,8 @@ class CompiledTransformer(torch.nn.Module):
         from dacc.runtime.decision_map import decision_key, draw_decision_map, maps_from_decisions  # PIL: on demand
 
         out = self._stats.as_dict(self._counters)
-        out["decisions"] = {decision_key(ctx, i): list(s.decisions) for (ctx, i), s in self._gate_states.items()}
+        out["decisions"] = {decision_key(ctx, i, g, len(states)): list(s.decisions)
+                            for (ctx, i), states in self._gate_states.items() for g, s in enumerate(states)}
         if decision_map is not None:
             draw_decision_map(maps_from_decisions(self.manifest.programs, out["decisions"]), decision_map)
         return out
@@ -171,7 +172,7 @@ class CompiledTransformer(torch.nn.Module):
         env: dict[str, Any] = dict(zip(runner.placeholder_names, flat))
         runner.bind_sizes(flat)
         seg_flops = self._flops_fns[index](flat)
-        specs, gate = runner.spec.segments, runner.spec.cache
+        specs, gates = runner.spec.segments, runner.spec.gates
         stats = self._stats
 
         def run(lo: int, hi: int) -> None:
@@ -183,11 +184,11 @@ class CompiledTransformer(torch.nn.Module):
 
         stats.calls += 1
         stats.flops_total += sum(seg_flops)
-        if gate is None:
-            run(0, len(specs))
-        else:
-            state = self._gate_states.setdefault((self._context, index), GateState())
-            run(0, gate.skip_first)
+        states = self._gate_states.setdefault((self._context, index), [GateState() for _ in gates])
+        recorded, done = [], 0
+        for g, (gate, state) in enumerate(zip(gates, states)):
+            run(done, gate.skip_first)
+            done = gate.skip_last + 1
             if counter.fresh:  # a new generation (new sizes start one too: StepCounter.advance)
                 state.new_generation()
             probe, stat = measure(gate, state, env)
@@ -195,7 +196,7 @@ class CompiledTransformer(torch.nn.Module):
             residuals = None
             if action is Action.COMPUTE:
                 inputs = [env[i] for i in gate.stream_in]
-                run(gate.skip_first, gate.skip_last + 1)
+                run(gate.skip_first, done)
                 computed = Computed(counter.step, inputs, [env[o] for o in gate.stream_out])
                 if self._recorder is not None:
                     residuals = [o - i for i, o in zip(computed.inputs, computed.outputs)]
@@ -205,12 +206,14 @@ class CompiledTransformer(torch.nn.Module):
                 for i, o, r in zip(gate.stream_in, gate.stream_out, residuals):
                     env[o] = env[i] + r
                 record(gate, state, counter.step, action, None)
-                stats.segments_reused += gate.skip_last + 1 - gate.skip_first
-            run(gate.skip_last + 1, len(specs))
-            if self._recorder is not None:
-                self._recorder.append(StepRecord(self._context, counter.step, state.last_stat, action.value,
-                                                 [env[o] for o in runner.output_values if isinstance(o, str)],
-                                                 residuals, state.prev_probe))
+                stats.segments_reused += done - gate.skip_first
+            recorded.append((g, state.last_stat, action.value, residuals, state.prev_probe,
+                             sum(seg_flops[gate.skip_first:done])))
+        run(done, len(specs))
+        if self._recorder is not None:
+            outputs = [env[o] for o in runner.output_values if isinstance(o, str)]
+            self._recorder += [StepRecord(self._context, counter.step, stat, action, outputs, residuals, probe, g, flops)
+                               for g, stat, action, residuals, probe, flops in recorded]
         return [env[name] if isinstance(name, str) else name for name in runner.output_values]
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:

@@ -72,7 +72,7 @@ class ProgramRunner(torch.nn.Module):
                     raise DaccError(f"graph node {node.name} has segment {label!r} unknown to the manifest", where)
                 members[label].append(node)
         segments, self._weight_targets = [], []
-        gate_reads = spec.cache.reads() if spec.cache is not None else set()
+        gate_reads = set().union(*(g.reads() for g in spec.gates))
         for seg in spec.segments:
             found = _boundaries(members[seg.name], gate_reads)
             if found != (seg.inputs, seg.outputs):

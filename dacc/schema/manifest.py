@@ -16,7 +16,7 @@ from dacc.schema.errors import DaccError, short_repr
 from dacc.schema.expr import BOOL, NUMBER, validate
 from dacc.schema.serial import from_dict, to_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ProgramSpec.gates (a list of gates over disjoint ranges) replaced .cache
 MANIFEST = "manifest.json"
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -289,7 +289,7 @@ class ProgramSpec:
     segments: list[SegmentSpec]
     attention: list[AttentionSite]
     linears: list[LinearSite]
-    cache: CacheGate | None = None
+    gates: list[CacheGate] = field(default_factory=list)  # over disjoint block ranges, in segment order
 
 
 @dataclass
@@ -433,6 +433,7 @@ def validate_manifest_trees(manifest: Manifest, where: str) -> None:
             validate(tree, names, f"programs[{i}].guards[{j}]", BOOL, where)
         for k, seg in enumerate(prog.segments):
             validate(seg.flops_tree, names, f"programs[{i}].segments[{k}].flops_tree", NUMBER, where)
+        _check_gate_ranges(prog, f"programs[{i}]", where, fix)
 
 
 def _check_symbols(prog: ProgramSpec, what: str, where: str, fix: str) -> None:
@@ -451,3 +452,15 @@ def _check_symbols(prog: ProgramSpec, what: str, where: str, fix: str) -> None:
             if not (dim.isascii() and dim.isdigit() and len(dim) < 19) and dim not in names:
                 raise DaccError(f"{what}: input {short_repr(spec.path)} has dimension {short_repr(dim)}, "
                                 "neither a size nor a declared symbol", where, fix)
+
+
+def _check_gate_ranges(prog: ProgramSpec, at: str, where: str, fix: str) -> None:
+    """The runtime runs the segments between gates and each gate's range in order: the ranges must lie
+    inside the program and follow one another without overlapping."""
+    end = -1
+    for g, gate in enumerate(prog.gates):
+        if not (end < gate.skip_first <= gate.skip_last < len(prog.segments)):
+            raise DaccError(f"{at}.gates[{g}] covers segments {gate.skip_first}..{gate.skip_last}, which is not a "
+                            f"range after the previous gate's (ending at {end}) within the program's "
+                            f"{len(prog.segments)} segments", where, fix)
+        end = gate.skip_last

@@ -82,6 +82,10 @@ class SCMOptions(_StepLimits):
 class ScheduleOptions(_StepLimits):
     """The step mask is chosen at compile time from costs measured on sample() (dacc/compiler/schedule.py)."""
     taylorseer_order: int = Field(0, ge=0, le=2)  # skipped steps forecast the residual instead of reusing it
+    # contiguous block ranges, each with its own step mask (a step x range schedule); 1 masks all blocks at once
+    ranges: int = Field(1, ge=1, le=8)
+    # one step mask per range, fixed (what `dacc calibrate` prints); None: chosen by calibration
+    masks: list[list[bool]] | None = None
 
 
 class MagCacheOptions(_StepLimits):

@@ -131,7 +131,7 @@ def describe_all(errors: list[dict], root: type[BaseModel], prefix: tuple, lines
 
 # -- conflicts -----------------------------------------------------------------------------------
 # The knob that cache_ratio (and so the target_psnr search) maps to, per strategy's options.
-RATIO_KNOBS = ("threshold", "interval", "policy", "mask")
+RATIO_KNOBS = ("threshold", "interval", "policy", "mask", "masks")
 _CACHE_DEFAULTS = {"cache_ratio": 0.0, "warmup": 0, "cooldown": 0, "target_psnr": None}
 
 
@@ -162,6 +162,14 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
         if mask is not None and len(mask) != plan.num_inference_steps:
             out.append((("cache", "options", name), f"cache.options.{name} has {len(mask)} entries for "
                         f"num_inference_steps {plan.num_inference_steps} (give one true/false per step, or a policy)"))
+    masks = getattr(options, "masks", None)
+    if masks is not None and len(masks) != options.ranges:
+        out.append((("cache", "options", "masks"), f"cache.options.masks has {len(masks)} masks for ranges "
+                    f"{options.ranges} (give one mask per block range)"))
+    for k, mask in enumerate(masks or []):
+        if len(mask) != plan.num_inference_steps:
+            out.append((("cache", "options", "masks"), f"cache.options.masks[{k}] has {len(mask)} entries for "
+                        f"num_inference_steps {plan.num_inference_steps} (give one true/false per step)"))
     if getattr(options, "rescale", None) is not None and "calibration_seeds" in given:
         out.append((("cache", "options", "calibration_seeds"), "cache.options.calibration_seeds only applies "
                     "when the rescale polynomial is calibrated, and cache.options.rescale gives it (remove one)"))
@@ -198,7 +206,8 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
                                     ("quantize.target_psnr", q.target_psnr is not None),
                                     ("a calibrated teacache rescale", c.strategy == "teacache"
                                      and getattr(options, "rescale", None) is None),
-                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"),
+                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"
+                                     and getattr(options, "masks", None) is None),
                                     ("a calibrated magnitude curve (cache.strategy 'magcache')",
                                      c.strategy == "magcache"))
                     if on]

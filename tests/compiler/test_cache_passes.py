@@ -77,7 +77,7 @@ def test_gate_graph_text(traced, golden, family, strategy):
     ir = ProgramIR(traced(family))
     run_pipeline(ir, parse_plan(yaml.safe_load(_plan_text(strategy))), PIPELINE, check_invariants,
                  on_graph=lambda i, name, text: graphs.__setitem__(name, text))
-    assert ir.cache_gate is not None and ir.cache_gate.strategy == strategy
+    assert [g.strategy for g in ir.cache_gates] == [strategy]
     names = [p.name for p in PIPELINE]
     pass_name = STRATEGIES[strategy][0]
     golden(f"{family}/cache_{strategy}_{names.index(pass_name) + 1:02d}_{pass_name}.txt", graphs[pass_name])
@@ -147,8 +147,8 @@ def test_dbcache_matches_a_reference_first_block_cache(compiled, tmp_path):
     threshold = (stats[len(stats) // 2] + stats[len(stats) // 2 + 1]) / 2
     ref_outs, ref_decisions = _reference_fbcache(c.model, steps, threshold)
     assert "r" in ref_decisions and ref_decisions.count("c") >= 2
-    gate = model.programs[0].spec.cache
-    model.programs[0].spec.cache = dataclasses.replace(gate, threshold=threshold)
+    gate = model.programs[0].spec.gates[0]
+    model.programs[0].spec.gates = [dataclasses.replace(gate, threshold=threshold)]
     outs = [model(**kw, return_dict=False)[0] for kw in steps]
     decisions = "".join(d[0] for d in model.stats()["decisions"]["default/program0"])
     assert decisions == ref_decisions
@@ -177,8 +177,8 @@ def test_contexts_keep_separate_cache_state(artifacts, compiled):
     cond, uncond = _steps(c.file.example_inputs()), _steps(c.file.example_inputs(), drift=0.1)
 
     def gated(model):
-        g = model.programs[0].spec.cache
-        model.programs[0].spec.cache = dataclasses.replace(g, interval=3)
+        g = model.programs[0].spec.gates[0]
+        model.programs[0].spec.gates = [dataclasses.replace(g, interval=3)]
         return model
     alone = gated(dacc.load(path))
     ref = [alone(**kw, return_dict=False)[0] for kw in uncond]
@@ -196,7 +196,7 @@ def test_contexts_keep_separate_cache_state(artifacts, compiled):
 def test_decision_map_shows_what_ran(artifacts, compiled, tmp_path):
     c = compiled("flux")
     model = dacc.load(artifacts("flux", "scm"))
-    model.programs[0].spec.cache = dataclasses.replace(model.programs[0].spec.cache,
+    model.programs[0].spec.gates[0] = dataclasses.replace(model.programs[0].spec.gates[0],
                                                        mask=[True, False, False, True, False, False, False, True])
     for kw in _steps(c.file.example_inputs()):
         model(**kw)
@@ -252,6 +252,6 @@ def test_without_sample_the_ratio_maps_through_the_fixed_defaults_and_says_so(tm
     (tmp_path / "plan.yaml").write_text("num_inference_steps: 6\ncache: {strategy: dbcache, cache_ratio: 0.5}\n")
     manifest = compile_model(model_file("flux"), tmp_path / "plan.yaml", tmp_path / "a.dacc", verify=False,
                              log=said.append, traced=shared_trace(model_file("flux")))
-    gate = manifest.programs[0].cache
+    gate = manifest.programs[0].gates[0]
     assert any("has no sample()" in line and "fixed defaults" in line for line in said)
     assert gate.threshold == THRESHOLD_PER_RATIO["dbcache"] * 0.5 and "ratio_map" not in gate.calibration

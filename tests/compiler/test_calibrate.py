@@ -36,7 +36,7 @@ def searched(tmp_path_factory):
 @pytest.mark.slow  # `make test-all`: 50-step generations of the demo model, 45 s on CI's two cores
 def test_target_psnr_search_is_reproduced_by_the_artifact(searched):
     model = dacc.load(searched)
-    gate = model.manifest.programs[0].cache
+    gate = model.manifest.programs[0].gates[0]
     search = gate.calibration["search"]
     assert search["met"] and search["flops_speedup"] > 2 and gate.mask == search["mask"] and not all(gate.mask)
     eager = load_transformer()
@@ -60,9 +60,9 @@ def test_inspect_shows_the_gate_and_draws_what_the_search_measured(searched, tmp
 def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, capsys):
     artifact = _compile_demo(tmp_path, "{strategy: teacache, cache_ratio: 0.3, options: {calibration_seeds: 1}}")
     model = dacc.load(artifact)
-    gate = model.programs[0].spec.cache
+    gate = model.programs[0].spec.gates[0]
     assert gate.calibration["rescale_fit"]["seeds"] == [0] and len(gate.rescale) >= 2
-    model.programs[0].spec.cache = dataclasses.replace(gate, threshold=0.0)  # every step computes
+    model.programs[0].spec.gates = [dataclasses.replace(gate, threshold=0.0)]  # every step computes
     model._recorder = []
     sample(model, seed=5)
     xs, ys, prev = [], [], None

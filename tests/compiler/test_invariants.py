@@ -81,7 +81,7 @@ def test_a_cache_gate_naming_a_value_no_longer_in_the_graph():
     ir = ProgramIR(export_program(mf.build(), mf.example_inputs(), None, "flux"))
     plan = parse_plan(yaml.safe_load("cache: {strategy: dbcache}\nquantize: {mode: int8_dynamic}"))
     run_pipeline(ir, plan, PIPELINE, check_invariants)
-    gate = ir.cache_gate
+    (gate,) = ir.cache_gates
     names = {n.name for n in ir.graph.nodes}
     assert gate.reads() <= names and set(gate.stream_out) <= names
     # the probe's base is the streams entering block 0: x_embedder's output, rewritten by quantize_linears

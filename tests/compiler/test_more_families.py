@@ -143,7 +143,7 @@ def _residual(model, inputs: dict, blocks: list[str]) -> list[torch.Tensor]:
 
 def _gated_blocks(model) -> list[str]:
     spec = model.manifest.programs[0]
-    return [s.name for s in spec.segments[spec.cache.skip_first:spec.cache.skip_last + 1] if s.kind == "block"]
+    return [s.name for s in spec.segments[spec.gates[0].skip_first:spec.gates[0].skip_last + 1] if s.kind == "block"]
 
 
 def _steps(example: dict, n: int) -> list[dict]:

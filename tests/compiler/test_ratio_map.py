@@ -136,7 +136,7 @@ def test_the_same_ratio_spends_about_the_same_error_on_slow_and_fast_models(stra
 
 def test_a_ratio_maps_only_where_the_plan_leaves_the_knob_free():
     class Manifest:
-        programs = [type("P", (), {"cache": _gate("dbcache", "residual")})()]
+        programs = [type("P", (), {"gates": [_gate("dbcache", "residual")]})()]
     free = parse_plan({"cache": {"strategy": "dbcache", "cache_ratio": 0.5}})
     fixed = parse_plan({"cache": {"strategy": "dbcache", "cache_ratio": 0.5, "options": {"threshold": 0.1}}})
     zero = parse_plan({"cache": {"strategy": "dbcache"}})

@@ -1,6 +1,7 @@
 """The compile-time schedule optimiser: on scripted per-step costs it returns the optimum an
 exhaustive search finds, honours the limits, and cache_ratio walks from no skip to the fewest
-computed steps."""
+computed steps; with block ranges, the choice of one mask per range is the exhaustive optimum
+too."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dacc.compiler.schedule import mask_cost, optimal_schedules, residual_costs
+from dacc.compiler.schedule import RangeSchedules, mask_cost, optimal_schedules, residual_costs
 
 
 def _exhaustive(cost, forced, max_run, max_skipped):
@@ -58,3 +59,26 @@ def test_costs_grow_with_the_distance_reused():
     assert cost.shape == (12, 12) and np.all(np.diff(cost[0, 1:]) > -0.2) and cost[0, 11] > 3 * cost[0, 1]
     assert np.allclose(np.tril(cost), 0)
 
+
+
+@pytest.mark.parametrize("seed,ranges", [(3, 2), (4, 3)])
+def test_the_range_choice_is_the_exhaustive_optimum(seed, ranges):
+    """A step x range schedule: of every combination of one mask per range within the budget, the
+    one of fewest FLOPs (ties: least cost), as an exhaustive search over all masks finds it."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    costs = [np.triu(rng.uniform(0.05, 1.5, (n, n)).cumsum(1), 1) for _ in range(ranges)]
+    flops = list(rng.uniform(1.0, 4.0, ranges))
+    chooser = RangeSchedules([optimal_schedules(c) for c in costs], flops, costs)
+    every = [[True, *inner, True] for inner in itertools.product([True, False], repeat=n - 2)]
+    for budget in (0.0, 0.5, 2.0, 6.0, 50.0):
+        best = min(((sum(f * sum(m) for f, m in zip(flops, combo)), sum(mask_cost(c, m) for c, m in zip(costs, combo)))
+                    for combo in itertools.product(every, repeat=ranges)
+                    if sum(mask_cost(c, m) for c, m in zip(costs, combo)) <= budget))
+        masks = chooser.choose(budget)
+        assert sum(f * sum(m) for f, m in zip(flops, masks)) == pytest.approx(best[0])
+        assert chooser.cost(masks) == pytest.approx(best[1]) and chooser.cost(masks) <= budget
+    assert chooser.choose(0.0) == [[True] * n] * ranges
+    skipped = chooser.choose(50.0)
+    assert chooser.skipped(skipped) == pytest.approx(sum(f * m.count(False) for f, m in zip(flops, skipped))
+                                                     / (sum(flops) * n))

@@ -8,6 +8,7 @@ Twenty steps keep the searches short (a minute each, so they run in `make test-a
 figures on all three trained models are bench/cache.py's."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -22,6 +23,7 @@ from dacc.compiler.search_seeds import HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_ps
 from dacc.models.glyphs import GLYPHS
 from dacc.models.glyphs.model import sample
 from dacc.runtime.cache import planned_actions
+from dacc.schema.errors import DaccError
 from tests.conftest import shared_trace
 
 MODEL = GLYPHS.here / "model.py"
@@ -42,7 +44,7 @@ def eager():
 
 def _promise_holds(artifact, eager):
     model = dacc.load(artifact)
-    search = model.manifest.programs[0].cache.calibration["search"]
+    search = model.manifest.programs[0].gates[0].calibration["search"]
     assert search["met"] and search["flops_speedup"] > 1.2, search
     assert search["validation_seeds"] == list(VALIDATION_SEEDS) and len(search["validation_psnr"]) == 4
     assert search["validation_psnr_mean"] >= TARGET and search["validation_psnr_worst"] >= TARGET - 0.5
@@ -73,7 +75,7 @@ def test_an_unmet_target_compiles_the_no_skip_plan_and_says_so(tmp_path, capsys)
     artifact = _compile(tmp_path, "{strategy: dbcache, target_psnr: 99}", log=said.append, steps=3)
     assert any("no cache_ratio that skips anything reaches PSNR 99" in line for line in said)
     model = dacc.load(artifact)
-    gate = model.manifest.programs[0].cache
+    gate = model.manifest.programs[0].gates[0]
     assert gate.calibration["search"]["met"] is False and gate.threshold == 0.0
     sample(model, HELD_OUT_SEEDS[0])
     assert model.stats()["segments_reused"] == 0
@@ -92,13 +94,14 @@ def scheduled(tmp_path_factory):
 
 def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_path):
     model = dacc.load(scheduled)
-    gate = model.manifest.programs[0].cache
+    gate = model.manifest.programs[0].gates[0]
     record = gate.calibration["schedule"]
     # the fewest computed steps whose measured cost per step fits ratio 0.5's error budget
-    fits = [int(m) for m, c in record["least_cost"].items() if c / SCHEDULE_STEPS <= 0.5 * ERROR_PER_RATIO + 1e-5]
+    (only,) = record["ranges"]
+    fits = [int(m) for m, c in only["least_cost"].items() if c / SCHEDULE_STEPS <= 0.5 * ERROR_PER_RATIO + 1e-5]
     assert gate.probe == "none" and gate.strategy == "schedule"
     assert sum(gate.mask) == min(fits) < SCHEDULE_STEPS
-    assert len(record["step_costs"]) == SCHEDULE_STEPS and all(c > 0 for c in record["step_costs"][1:])
+    assert len(only["step_costs"]) == SCHEDULE_STEPS and all(c > 0 for c in only["step_costs"][1:])
     images = sample(model, 7)
     (decisions,) = model.stats()["decisions"].values()
     assert decisions == planned_actions(gate, SCHEDULE_STEPS) and decisions.count("reused") == gate.mask.count(False)
@@ -106,6 +109,55 @@ def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_
     mask = "[" + ", ".join(str(m).lower() for m in gate.mask) + "]"
     by_hand = _compile(tmp_path, f"{{strategy: scm, options: {{mask: {mask}}}}}", steps=SCHEDULE_STEPS)
     assert torch.equal(sample(dacc.load(by_hand), 7), images)
+
+
+def test_a_step_by_range_schedule_gives_each_block_range_its_own_mask(tmp_path, capsys):
+    """`ranges: 2`: two gates over consecutive halves of the blocks, each following its own
+    calibrated mask; with one mask for both, it computes what the one-range schedule computes."""
+    artifact = _compile(tmp_path, "{strategy: schedule, cache_ratio: 0.5, options: {ranges: 2}}", steps=SCHEDULE_STEPS)
+    model = dacc.load(artifact)
+    program = model.manifest.programs[0]
+    first, second = program.gates
+    blocks = [i for i, s in enumerate(program.segments) if s.kind == "block"]
+    covered = [i for g in program.gates for i in range(g.skip_first, g.skip_last + 1) if i in blocks]
+    assert covered == blocks and first.skip_last < second.skip_first and len(covered) == 6
+    measured = first.calibration["schedule"]["ranges"]
+    assert len(measured) == 2 and all(r["flops"] > 0 for r in measured)
+    assert not (all(first.mask) and all(second.mask)) and first.mask[0] and second.mask[-1]
+    images = sample(model, 7)
+    decisions = model.stats()["decisions"]
+    assert {key.rsplit("/", 1)[1] for key in decisions} == {"range0", "range1"}  # per CFG context, per range
+    for key, actions in decisions.items():
+        gate = program.gates[int(key[-1])]
+        assert actions == planned_actions(gate, SCHEDULE_STEPS) and [a == "computed" for a in actions] == gate.mask
+    # the masks given in the plan (what `dacc calibrate` prints) compile, uncalibrated, to the same images
+    (tmp_path / "fixed").mkdir()
+    given = yaml.safe_dump([first.mask, second.mask], default_flow_style=True).strip()
+    fixed = dacc.load(_compile(tmp_path / "fixed", f"{{strategy: schedule, options: {{ranges: 2, masks: {given}}}}}",
+                               steps=SCHEDULE_STEPS))
+    assert fixed.manifest.programs[0].gates[1].calibration == {} and torch.equal(sample(fixed, 7), images)
+    # one mask for both ranges: the residuals of the halves add up to the whole range's
+    mask = first.mask if not all(first.mask) else second.mask
+    runner = model.programs[0]
+    runner.spec.gates = [dataclasses.replace(g, mask=mask) for g in runner.spec.gates]
+    model.reset()
+    halves = sample(model, 7)
+    text = "[" + ", ".join(str(m).lower() for m in mask) + "]"
+    (tmp_path / "scm").mkdir()
+    whole = sample(dacc.load(_compile(tmp_path / "scm", f"{{strategy: scm, options: {{mask: {text}}}}}",
+                                      steps=SCHEDULE_STEPS)), 7)
+    assert torch.allclose(halves, whole, atol=1e-4)
+    if first.mask != second.mask:  # and the calibrated masks, where they differ, compute something else
+        assert not torch.allclose(halves, images, atol=1e-3)
+    assert main(["inspect", str(artifact)]) == 0
+    shown = capsys.readouterr().out
+    assert "cache gate 2 of 2: schedule" in shown and "planned steps of range 2" in shown
+
+
+def test_more_ranges_than_blocks_is_refused(tmp_path):
+    with pytest.raises(DaccError, match="cannot split 6 blocks into 7 ranges") as info:
+        _compile(tmp_path, "{strategy: schedule, cache_ratio: 0.5, options: {ranges: 7}}", steps=3)
+    assert "set ranges to at most 6" in str(info.value)
 
 
 @pytest.mark.slow  # `make test-all`: a full trace and three 8-step calibrations, 45 s on two cores
@@ -118,12 +170,12 @@ def test_dacc_calibrate_prints_options_that_reproduce_the_calibrated_artifact(tm
     (tmp_path / "plan.yaml").write_text(f"num_inference_steps: {SCHEDULE_STEPS}\ncache: {plan}\n")
     assert main(["calibrate", str(MODEL), "--plan", str(tmp_path / "plan.yaml")]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)["cache"]
-    gate = calibrated.manifest.programs[0].cache
+    gate = calibrated.manifest.programs[0].gates[0]
     assert printed["options"] == {"order": 1, "interval": 1, "scm_mask": gate.mask} and not all(gate.mask)
     assert "ratio_map" in gate.calibration and gate.interval == 1
     fixed = dacc.load(_compile(tmp_path / "b", yaml.safe_dump(printed, default_flow_style=True).strip(),
                                steps=SCHEDULE_STEPS))
-    assert "ratio_map" not in fixed.manifest.programs[0].cache.calibration  # nothing left to calibrate
+    assert "ratio_map" not in fixed.manifest.programs[0].gates[0].calibration  # nothing left to calibrate
     assert torch.equal(sample(fixed, 11), sample(calibrated, 11))
     (decisions,) = calibrated.stats()["decisions"].values()
     assert [d == "computed" for d in decisions] == gate.mask
@@ -132,7 +184,7 @@ def test_dacc_calibrate_prints_options_that_reproduce_the_calibrated_artifact(tm
 @pytest.mark.slow  # `make test-all`: an 8-step calibration of the glyphs model, 20 s on two cores
 def test_magcache_measures_its_own_curve_and_ships_a_static_mask(tmp_path, capsys):
     model = dacc.load(_compile(tmp_path, "{strategy: magcache, cache_ratio: 0.5}", steps=SCHEDULE_STEPS))
-    gate = model.manifest.programs[0].cache
+    gate = model.manifest.programs[0].gates[0]
     curve = gate.calibration["magnitude_ratios"]["ratios"]
     assert len(curve) == SCHEDULE_STEPS and curve[0] == 1.0 and all(0.2 < r < 5 for r in curve)
     assert gate.probe == "none" and not all(gate.mask) and gate.threshold > 0

@@ -11,7 +11,7 @@ import dacc
 from dacc.compiler.compile import compile_model
 from dacc.models import model_file
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import manifest_digest
+from dacc.schema.manifest import SCHEMA_VERSION, manifest_digest
 from tests.conftest import fresh_like, rel_err, shared_trace
 
 
@@ -73,7 +73,7 @@ def test_incompatible_schema_version_is_refused(artifact):
     data["schema_version"] = 999
     data["digest"] = manifest_digest(data)
     (artifact / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(DaccError, match="schema version 999 is not supported.*reads version 1"):
+    with pytest.raises(DaccError, match=f"schema version 999 is not supported.*reads version {SCHEMA_VERSION}"):
         dacc.load(artifact)
 
 

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from dacc.schema.manifest import (MANIFEST, PLAN_FILE, WEIGHTS_FILE, CacheGate, InputSpec, Manifest, OutputType, PassRecord,
-                                  ProgramSpec, SegmentSpec, SymbolSpec, dump_manifest, file_sha256,
+from dacc.schema.manifest import (MANIFEST, PLAN_FILE, SCHEMA_VERSION, WEIGHTS_FILE, CacheGate, InputSpec, Manifest,
+                                  OutputType, PassRecord, ProgramSpec, SegmentSpec, SymbolSpec, dump_manifest, file_sha256,
                                   manifest_digest)
 
 # Real trees, copied from the manifests the compiler writes for these families.
@@ -52,8 +52,8 @@ def valid_manifest() -> Manifest:
                                           "img_ids": [16, 3], "txt_ids": [8, 3]},
                           outputs=["out"], guards=[FLUX_GUARD, DIT_SQRT_GUARD, SD3_RANGE_GUARD],
                           guard_text=["Eq(s1 + s2, s3 + s4)", "Eq(TruncToInt(...), 4)", "(...) & (...)"],
-                          segments=segments, attention=[], linears=[], cache=gate)
-    return Manifest(schema_version=1, dacc_version="0.1.0", torch_version="2.x", diffusers_version=None,
+                          segments=segments, attention=[], linears=[], gates=[gate])
+    return Manifest(schema_version=SCHEMA_VERSION, dacc_version="0.1.0", torch_version="2.x", diffusers_version=None,
                     model_class="Toy", model_config={"layers": 2}, config_hash="0" * 64,
                     passes=[PassRecord("segment_blocks", "cut")], num_inference_steps=8, timestep_input="timestep",
                     output_type=OutputType("diffusers.models", "Transformer2DModelOutput", ["sample"]),

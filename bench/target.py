@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", type=float, default=30.0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--models", default="glyphs,patterns,demo")
-    p.add_argument("--only", help="substring: run only strategies whose name contains it")
+    p.add_argument("--only", help="comma-separated substrings: run only strategies whose name contains one")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         m = trained_models()[name]
         refs = held_out_references(m, args.steps)
         for label, cache in STRATEGIES:
-            if args.only and args.only not in label:
+            if args.only and not any(part in label for part in args.only.split(",")):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()

@@ -105,6 +105,15 @@ def test_step_mask_conflicts(tmp_path):
              "scm_mask: [true, false, true]}}\n", "scm_policy and cache.options.scm_mask")
     _refused(tmp_path, "cache: {strategy: scm, options: {mask: [true, false]}}\n",
              "cache.options.mask has 2 entries for num_inference_steps 50")
+    _refused(tmp_path, "num_inference_steps: 3\ncache: {strategy: schedule, options: {ranges: 2, masks: "
+             "[[true, false, true]]}}\n", "cache.options.masks has 1 masks for ranges 2")
+    _refused(tmp_path, "num_inference_steps: 3\ncache: {strategy: schedule, options: {ranges: 2, masks: "
+             "[[true, false, true], [true, true]]}}\n", "cache.options.masks[1] has 2 entries for num_inference_steps 3")
+    _refused(tmp_path, "cache: {strategy: schedule, target_psnr: 30, options: {masks: [[true]]}}\n",
+             "cache.options.masks fixes it")
+    plan = _loads(tmp_path, "num_inference_steps: 3\ncache: {strategy: schedule, options: {ranges: 2, masks: "
+                  "[[true, false, true], [true, true, true]]}}\n")
+    assert plan.cache.options["masks"][0] == [True, False, True]
 
 
 def test_other_settings_that_would_be_ignored(tmp_path):

@@ -18,9 +18,9 @@ import torch
 
 import dacc
 from common import compile_trained
-from dacc.compiler.calibrate import _recorded, measure_schedules, with_knobs
+from dacc.compiler.calibrate import _recorded, measure_schedules
 from dacc.compiler.magcache import magnitude_ratios
-from dacc.compiler.ratio_map import RatioMap, trajectories
+from dacc.compiler.ratio_map import RatioMap, trajectories, with_knobs
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, seed_psnr
 from dacc.models.flow import sample
 from dacc.models.train import trained_models

@@ -18,7 +18,8 @@ import torch
 
 from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.magcache import magcache_mask, magnitude_ratios
-from dacc.compiler.ratio_map import ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, range_flops, trajectories
+from dacc.compiler.ratio_map import (ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, range_flops, trajectories,
+                                     with_knobs)
 from dacc.compiler.schedule import RangeSchedules, optimal_schedules, residual_costs, residual_scale
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
 from dacc.runtime.cache import StepRecord, rel_l1
@@ -33,14 +34,6 @@ def _set_gates(model, make: Callable[[CacheGate, int], CacheGate]) -> None:
     """Each gate of each program becomes make(gate, its position among the program's gates)."""
     for runner in model.programs:
         runner.spec.gates = [make(gate, g) for g, gate in enumerate(runner.spec.gates)]
-
-
-def with_knobs(knobs: dict) -> Callable[[CacheGate, int], CacheGate]:
-    """A `_set_gates` maker setting `knobs` on every gate; `masks` (a step x range schedule: one mask
-    per gate) sets each gate's own mask."""
-    masks = knobs.get("masks")
-    shared = {k: v for k, v in knobs.items() if k != "masks"}
-    return lambda gate, g: dataclasses.replace(gate, **{**shared, **({"mask": masks[g]} if masks else {})})
 
 
 def _never_skip(gate: CacheGate, g: int) -> CacheGate:
@@ -290,11 +283,11 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
 
 
 def _knob_text(strategy: str, knobs: dict) -> str:
-    if len(knobs.get("masks", [])) > 1:
-        return "masks " + ", ".join(_letters(m) for m in knobs["masks"])
+    masks = knobs.get("masks") or ([knobs["mask"]] if knobs.get("mask") else [])
+    shown = ("mask " if len(masks) == 1 else "masks ") + ", ".join(_letters(m) for m in masks) if masks else ""
     if strategy in ("dbcache", "teacache", "magcache"):
-        return f"threshold {knobs['threshold']:.4g}" + (", mask " + _letters(knobs["mask"]) if knobs["mask"] else "")
-    return "mask " + _letters(knobs["mask"]) if knobs["mask"] else "no mask"
+        return f"threshold {knobs['threshold']:.4g}" + (", " + shown if shown else "")
+    return shown or "no mask"
 
 
 def _letters(mask: list[bool]) -> str:

@@ -76,6 +76,14 @@ def trajectories(records: list[StepRecord], steps: int, gate: int = 0) -> list[T
     return out
 
 
+def with_knobs(knobs: dict) -> Callable[[CacheGate, int], CacheGate]:
+    """knobs -> a function of (gate, its position among the program's gates) giving the gate with
+    them set; `masks` (a schedule's: one mask per gate) sets each gate's own mask."""
+    masks = knobs.get("masks")
+    shared = {k: v for k, v in knobs.items() if k != "masks"}
+    return lambda gate, g: dataclasses.replace(gate, **{**shared, **({"mask": masks[g]} if masks else {})})
+
+
 def range_flops(records: list[StepRecord], gates: int) -> list[float]:
     """Per gate, the mean FLOPs of its range per call."""
     return [statistics.mean(r.flops for r in records if r.gate == g) for g in range(gates)]
@@ -142,7 +150,7 @@ class RatioMap:
         step x range schedule, its measured cost per step and the fraction of the ranges' FLOPs it skips."""
         if len(knobs.get("masks", [])) > 1:
             return self.schedules.cost(knobs["masks"]) / self.steps, self.schedules.skipped(knobs["masks"])
-        gate = dataclasses.replace(self.gate, **{k: v for k, v in knobs.items() if k != "masks"})
+        gate = with_knobs(knobs)(self.gate, 0)
         results = [replay(gate, t, self.scale) for t in self.ts]
         n = len(results) * self.steps
         return sum(e for e, _ in results) / n, sum(s for _, s in results) / n
@@ -155,16 +163,13 @@ class RatioMap:
 
     def _no_skip(self) -> dict:
         if self.gate.strategy in CALIBRATED_MASKS:
-            ranges = len(self.schedules.ranges) if self.schedules else 1
-            return {"threshold": 0.0, "interval": 1, "mask": [True] * self.steps,
-                    "masks": [[True] * self.steps] * ranges}
+            return {"threshold": 0.0, "interval": 1, "mask": [True] * self.steps}  # on every gate
         return {"threshold": 0.0, "interval": 1, "mask": list(self.base_mask)}
 
     def _knobs(self, budget: float) -> dict:
         strategy = self.gate.strategy
         if strategy == "schedule":
-            masks = self.schedules.choose(budget * self.steps)
-            return {"threshold": 0.0, "interval": 1, "mask": masks[0] if len(masks) == 1 else [], "masks": masks}
+            return {"threshold": 0.0, "interval": 1, "masks": self.schedules.choose(budget * self.steps)}
         if strategy == "magcache":
             def make(threshold: float) -> dict:
                 return {"threshold": threshold, "interval": 1,

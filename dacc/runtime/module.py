@@ -184,7 +184,10 @@ class CompiledTransformer(torch.nn.Module):
 
         stats.calls += 1
         stats.flops_total += sum(seg_flops)
-        states = self._gate_states.setdefault((self._context, index), [GateState() for _ in gates])
+        key = (self._context, index)
+        if key not in self._gate_states:  # not setdefault: a list of fresh states on every call would be waste
+            self._gate_states[key] = [GateState() for _ in gates]
+        states = self._gate_states[key]
         recorded, done = [], 0
         for g, (gate, state) in enumerate(zip(gates, states)):
             run(done, gate.skip_first)

@@ -58,3 +58,6 @@ PIPELINE: list[PassEntry] = [
 
 # what costing a candidate plan needs (parallel.auto): every rewrite, no kernels built
 UNLOWERED: list[PassEntry] = [p for p in PIPELINE if p.name != "lower_segments"]
+
+# what a quantized artifact is verified against: the same rewrite, one process, op by op
+QUANTIZED_REFERENCE: list[PassEntry] = PIPELINE[:[p.name for p in PIPELINE].index("quantize_linears") + 1]

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import io
 import logging
+import math
 import os
 from typing import Any
 
@@ -139,7 +140,10 @@ def rel_error(got: list[Any], ref: list[Any]) -> float:
         if not b.numel():
             continue
         scale = b.abs().max().clamp_min(1e-12)
-        worst = max(worst, float(((a.float() - b.float()).abs().max() / scale)))
+        err = float(((a.float() - b.float()).abs().max() / scale))
+        if not math.isfinite(err):  # a NaN would lose every comparison with the tolerance and pass
+            return float("inf")
+        worst = max(worst, err)
     return worst
 
 
@@ -157,15 +161,20 @@ def eager_reference(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[lis
     return flat_outputs(out), otype
 
 
+def program_outputs(traced: Traced, model: torch.nn.Module, inputs: dict[str, Any]) -> list[torch.Tensor] | None:
+    """A traced (or rewritten) program's outputs on `inputs`, op by op; None when its guards reject the shapes."""
+    try:
+        with torch.no_grad():
+            return flat_outputs(traced.ep.module()(**_call_kwargs(model, inputs)))
+    except Exception:  # a failed guard, or a program that cannot run this shape at all
+        return None
+
+
 def program_error(traced: Traced, model: torch.nn.Module, inputs: dict[str, Any],
                   ref: list[torch.Tensor]) -> float | None:
     """Relative error of a traced program on `inputs`; None when its guards reject the shapes."""
-    try:
-        with torch.no_grad():
-            got = traced.ep.module()(**_call_kwargs(model, inputs))
-    except Exception:  # a failed guard, or a program that cannot run this shape at all
-        return None
-    return rel_error(flat_outputs(got), ref)
+    got = program_outputs(traced, model, inputs)
+    return None if got is None else rel_error(got, ref)
 
 
 def trace(model: torch.nn.Module, examples: list[dict[str, Any]], dynamic_shapes: Any,

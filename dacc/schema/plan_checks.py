@@ -206,7 +206,8 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
                                     ("quantize.target_psnr", q.target_psnr is not None),
                                     ("a calibrated teacache rescale", c.strategy == "teacache"
                                      and getattr(options, "rescale", None) is None),
-                                    ("a calibrated schedule (cache.strategy 'schedule')", c.strategy == "schedule"),
+                                    ("a calibrated schedule (cache.strategy 'schedule' without options.masks)",
+                                     c.strategy == "schedule" and getattr(options, "masks", None) is None),
                                     ("a calibrated magnitude curve (cache.strategy 'magcache')",
                                      c.strategy == "magcache"))
                     if on]

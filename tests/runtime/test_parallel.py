@@ -24,6 +24,7 @@ from dacc.cost.memory_map import memory_map
 from dacc.compiler.model_file import load_model_file
 from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
+from dacc.runtime.cache import planned_actions
 from dacc.runtime.launch import run_local
 from dacc.schema.errors import DaccError
 from dacc.report import inspect_artifact
@@ -35,6 +36,10 @@ FLUX = Path(__file__).with_name("models") / "flux_cfg.py"
 WAN = Path(__file__).with_name("models") / "wan_cfg.py"  # self-attention over video tokens, cross-attention to text
 STEPS = 6
 DBCACHE = {"num_inference_steps": STEPS, "cache": {"strategy": "dbcache", "options": {"threshold": 0.2}}}
+# a static step x range schedule (two block ranges, each its own mask, Taylor forecasts on skipped steps)
+MASKS = [[True, True, False, True, False, True], [True, False, True, False, False, True]]
+SCHEDULE = {"num_inference_steps": STEPS, "cache": {"strategy": "schedule", "options": {
+    "ranges": 2, "masks": MASKS, "taylorseer_order": 1}}}
 ARTIFACTS = {  # name: (model file, plan)
     "flux": (FLUX, {}),
     "flux_u2": (FLUX, {"parallel": {"ulysses": 2}}),
@@ -48,6 +53,8 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_db": (FLUX, DBCACHE),
     "flux_db_f2": (FLUX, {**DBCACHE, "parallel": {"fsdp": 2}}),
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
+    "flux_sch": (FLUX, SCHEDULE),
+    "flux_sch_u2": (FLUX, {**SCHEDULE, "parallel": {"ulysses": 2}}),
     "sd3": (model_file("sd3"), {}),
     "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
     "wan": (WAN, {}),
@@ -90,7 +97,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
     return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
-                     "vae", "vae_p2")
+                     "flux_sch", "flux_sch_u2", "vae", "vae_p2")
 
 
 class Transfers(TorchDispatchMode):
@@ -213,10 +220,12 @@ def two_ranks(root, tmp_path_factory):
     jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]), "flux_r2": ("flux_r2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             "flux_r2_odd": ("flux_r2", [odd]), "flux_db_u2_odd": ("flux_db_u2", _generation(odd)),
+            "flux_sch_u2": ("flux_sch_u2", _generation(flux)),
             DIE: ("flux_u2.dacc", [flux])}
     refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]),
             "flux_db_u2": ("flux_db", _generation(flux)), "flux_u2_odd": ("flux", [odd]),
-            "flux_r2_odd": ("flux", [odd]), "flux_db_u2_odd": ("flux_db", _generation(odd))}
+            "flux_r2_odd": ("flux", [odd]), "flux_db_u2_odd": ("flux_db", _generation(odd)),
+            "flux_sch_u2": ("flux_sch", _generation(flux))}
     # fsdp ranks serve different requests: rank 1's latent changes faster, so its gate computes more
     other = _inputs(FLUX, 21, first=True)
     requests = {0: [flux], 1: [other]}
@@ -265,7 +274,7 @@ def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2", "flux_u2_odd", "flux_r2_odd",
-                                  "flux_db_u2_odd"])
+                                  "flux_db_u2_odd", "flux_sch_u2"])
 def test_every_rank_returns_the_single_process_output(two_ranks, name):
     results, single, _ = two_ranks
     _same_outputs(results, name, 2, single[name][0], single[name][2])
@@ -391,6 +400,31 @@ def test_cached_ulysses_skips_like_one_process_and_reduces_each_gated_step(root,
                 if s.segment == "transformer_blocks.0")
     exchanges = calls["dacc.seq_to_heads.default"] + calls["dacc.heads_to_seq.default"]
     assert exchanges == 4 * (STEPS * front + computed * (sites - front))
+
+
+def test_a_static_schedule_runs_its_masks_on_every_rank_with_no_probe(root, two_ranks):
+    """A step x range schedule under ulysses: each range follows its own compiled mask (forecasting
+    on the skipped steps), the ranks agree without exchanging a probe, and only the computed steps
+    of a range pay its blocks' attention exchanges."""
+    results, single, _ = two_ranks
+    assert results["flux_sch_u2", 0]["decisions"] == results["flux_sch_u2", 1]["decisions"]
+    decisions = single["flux_sch_u2"][2]["decisions"]
+    ranges = {key.rsplit("/", 1)[1]: actions for key, actions in decisions.items()}
+    assert sorted(ranges) == ["range0", "range1"]
+    program = read_manifest(root / "flux_sch_u2.dacc", None).programs[0]
+    for g, (mask, gate) in enumerate(zip(MASKS, program.gates)):
+        actions = ranges[f"range{g}"]
+        assert [a == "computed" for a in actions] == mask == gate.mask
+        assert actions == planned_actions(gate, STEPS)
+    # order 1 forecasts once two computed steps are known (before that a skipped step reuses)
+    assert ranges["range0"][4] == ranges["range1"][3] == "forecast" and ranges["range1"][1] == "reused"
+    calls = results["flux_sch_u2", 0]["calls"]
+    assert "c10d.allreduce_.default" not in calls  # a static schedule needs no agreement at run time
+    ranges = [{seg.name for seg in program.segments[g.skip_first:g.skip_last + 1]} for g in program.gates]
+    sites_per_range = [sum(not s.cross and s.segment in names for s in program.attention) for names in ranges]
+    assert all(sites_per_range)
+    computed = [sum(mask) for mask in MASKS]
+    assert calls["dacc.seq_to_heads.default"] == 3 * sum(c * n for c, n in zip(computed, sites_per_range))
 
 
 def test_uneven_tokens_are_padded_and_the_pads_never_count(root, two_ranks):

@@ -22,6 +22,7 @@ from dacc.compiler.lowering import lowering_spec
 from dacc.compiler.model_file import ModelFile, load_model_file
 from dacc.compiler.passes import run_pipeline
 from dacc.compiler.quant_search import choose_exclusions
+from dacc.compiler.gptq import measure_hessians
 from dacc.compiler.smoothing import measure_smoothing
 from dacc.compiler.pipeline import PIPELINE, QUANTIZED_REFERENCE, UNLOWERED
 from dacc.compiler.printer import print_graph
@@ -149,15 +150,17 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     mf, model, examples, output_type = traced.file, traced.model, traced.examples, traced.output_type
     user_plan, quantize_search, parallel_choice = plan, {}, None
     smoothing = measure_smoothing(plan, model, mf.sample, log)
+    hessians = measure_hessians(plan, model, mf.sample, log)
     if plan.quantize.mode != "none" and plan.quantize.target_psnr is not None:
-        plan, quantize_search = choose_exclusions(plan, model, mf.sample, log, smoothing)
+        plan, quantize_search = choose_exclusions(plan, model, mf.sample, log, smoothing, hessians)
     if plan.parallel.auto is not None:
         plan, parallel_choice = choose_parallel(
             plan, lambda candidate: partition_manifest(traced, candidate, programs), log, str(model_path))
     # before the passes rewrite the programs in place: the reference quantizes copies of them
-    quantized = (quantized_references(programs, plan, smoothing, model, examples, log)
+    quantized = (quantized_references(programs, plan, smoothing, hessians, model, examples, log)
                  if verify and plan.quantize.mode != "none" else None)
-    irs = [_run_passes(ProgramIR(t, smoothing), plan, PIPELINE, i, log, on_graph) for i, t in enumerate(programs)]
+    irs = [_run_passes(ProgramIR(t, smoothing, hessians), plan, PIPELINE, i, log, on_graph)
+           for i, t in enumerate(programs)]
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
     manifest.quantize_search = quantize_search
     manifest.parallel_choice = parallel_choice
@@ -231,12 +234,12 @@ def fsdp_spec(irs: list[ProgramIR], degree: int, where: str) -> FsdpSpec | None:
 QUANTIZED_TOL = 1e-2
 
 
-def quantized_references(programs: list[Traced], plan: Plan, smoothing, model: torch.nn.Module,
+def quantized_references(programs: list[Traced], plan: Plan, smoothing, hessians, model: torch.nn.Module,
                          examples: list[dict[str, Any]], log) -> list[list[torch.Tensor]]:
     """What a quantized artifact must reproduce: the same quantization on one process, op by op.
     Quantizing changes the output by design, by an amount the plan chose (and `dacc inspect`
     shows); everything after it (segments, gates, ranks, kernels) must not change it further."""
-    irs = [_run_passes(ProgramIR(_copy(t), smoothing), plan, QUANTIZED_REFERENCE, i, lambda m: None, None)
+    irs = [_run_passes(ProgramIR(_copy(t), smoothing, hessians), plan, QUANTIZED_REFERENCE, i, lambda m: None, None)
            for i, t in enumerate(programs)]
     refs = []
     for i, inputs in enumerate(examples):

@@ -36,7 +36,8 @@ class Traced:
 
 
 class ProgramIR:
-    def __init__(self, traced: Traced, smoothing: dict[str, torch.Tensor] | None = None):
+    def __init__(self, traced: Traced, smoothing: dict[str, torch.Tensor] | None = None,
+                 hessians: dict[str, torch.Tensor] | None = None):
         self.traced = traced
         self.ep = traced.ep
         sig = self.ep.graph_signature
@@ -52,6 +53,9 @@ class ProgramIR:
         # module path -> SmoothQuant factor per input channel (compile.py measures them on sample();
         # quantize_linears folds them into the weights); empty without quantize.smoothing
         self.smoothing: dict[str, torch.Tensor] = smoothing or {}
+        # module path -> sum of x x^T of its inputs on sample() (dacc/compiler/gptq.py); quantize_linears
+        # rounds those int4 weights by GPTQ; empty with quantize.rounding nearest
+        self.hessians: dict[str, torch.Tensor] = hessians or {}
         self.log: Callable[[str], None] = lambda message: None  # progress of long passes
 
     # -- graph access ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from dacc.kernels.schemes import SCHEMES
-from dacc.compiler.smoothing import fold
+from dacc.compiler.weight_quant import quantize_weight
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clears, seed_psnr, validates
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import Plan
@@ -81,7 +81,8 @@ def search(groups: list[str], measure: Measure, target: float, log: Callable[[st
 
 
 def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int, sample: Callable,
-                  smoothing: dict[str, torch.Tensor] | None = None) -> Measure:
+                  smoothing: dict[str, torch.Tensor] | None = None,
+                  hessians: dict[str, torch.Tensor] | None = None) -> Measure:
     """PSNR of `sample()` with the selected linears (path -> mode) computing their dacc operator,
     except the kept groups, against the float model, per seed."""
     float_out: dict[int, torch.Tensor] = {}
@@ -89,9 +90,10 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
     originals = {}
     for path, mode in modes.items():
         module = quantized.get_submodule(path)
-        s = (smoothing or {}).get(path)  # SmoothQuant factors, folded as quantize_linears folds them
-        weight, inv = (module.weight, None) if s is None else fold(module.weight, s, module.weight.dtype)
-        tensors = list(SCHEMES[mode].quantize(weight, group_size).values())
+        # as quantize_linears makes them: SmoothQuant folded, GPTQ-rounded where measured
+        tensors, inv = quantize_weight(mode, module.weight, group_size, (smoothing or {}).get(path),
+                                       (hessians or {}).get(path), module.weight.dtype)
+        tensors = list(tensors.values())
         originals[path] = module.forward
         # the operator itself, so what is measured is the kernel this machine runs (oneDNN's 7-bit
         # activations on CPUs without VNNI included)
@@ -113,7 +115,8 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
 
 
 def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | None, log: Callable[[str], None],
-                      smoothing: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict[str, Any]]:
+                      smoothing: dict[str, torch.Tensor] | None = None,
+                      hessians: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict[str, Any]]:
     """The plan with the search's groups added to quantize.exclude, and the search's record."""
     from dacc.passes.quantize_linears import select
 
@@ -127,7 +130,7 @@ def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | Non
              if SCHEMES[m].unsupported(model.get_submodule(p).weight, q.group_size) is None}
     groups = sorted({group_of(p) for p in modes})
     log(f"quantize search: PSNR >= {q.target_psnr} dB over {len(groups)} groups of {len(modes)} linears")
-    record = search(groups, eager_measure(model, modes, q.group_size, sample, smoothing), q.target_psnr, log)
+    record = search(groups, eager_measure(model, modes, q.group_size, sample, smoothing, hessians), q.target_psnr, log)
     if not record["met"]:
         log(f"warning: no choice of full-precision blocks reaches PSNR {q.target_psnr} dB on the validation "
             "seeds; this artifact is not quantized (lower quantize.target_psnr, or try another mode)")

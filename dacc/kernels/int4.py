@@ -23,10 +23,24 @@ def quantize_weight_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor
     if int4_group(k, group) is None:
         raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group}")
     w = weight.detach().float().reshape(n, k // group, group)
-    scales = (w.abs().amax(dim=-1) / QMAX).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
-    q = torch.round(w / scales.float()[..., None]).clamp_(-QMAX, QMAX).reshape(n, k).to(torch.int16) + 8
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    return packed, scales
+    scales = group_scales(w)
+    return pack_int4(round_int4(w, scales).reshape(n, k)), scales
+
+
+def group_scales(w: torch.Tensor) -> torch.Tensor:
+    """fp16 scales of groups [..., group] (their last dimension): absmax / 7, stored as fp16."""
+    return (w.abs().amax(dim=-1) / QMAX).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def round_int4(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """w [..., group] to integers in [-7, 7] against the fp16 `scales` [...] it will be stored with."""
+    return torch.round(w / scales.float()[..., None]).clamp_(-QMAX, QMAX)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Integers [out, in] in [-7, 7] two per byte (offset by 8; element 2i in the low nibble)."""
+    q = q.to(torch.int16) + 8
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

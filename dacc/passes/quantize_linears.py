@@ -11,6 +11,8 @@ and each linear's bytes before and after and its weight error are recorded for t
 With `quantize.smoothing`, a dynamic-mode linear's weight is scaled per input channel by the
 SmoothQuant factors compile.py measured (`ir.smoothing`, dacc/compiler/smoothing.py) before it is
 quantized, and the graph multiplies its input by `<fqn>.smooth_inv` just before the operator.
+An int4 weight whose inputs compile.py measured (`ir.hessians`) is rounded by GPTQ
+(dacc/compiler/gptq.py) into the same stored format.
 
 Selection: every linear, minus `quantize.exclude` (glob patterns on the module path, e.g.
 `transformer_blocks.0.*`). The layers known to be fragile (embedders, the final projection and
@@ -29,12 +31,13 @@ from torch.fx import Node
 
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.passes import PassResult
-from dacc.compiler.smoothing import fold
+from dacc.compiler.weight_quant import quantize_weight
 from dacc.kernels.schemes import SCHEMES, Scheme, Tensors, stored_bytes
 from dacc.schema.manifest import NodeInfo
 from dacc.schema.plan import SMOOTHABLE_MODES, Plan
 
-FRAGILE = ("*embed*", "proj_out", "norm_out.*", "*norm*.linear", "*norm*.linear_1", "*norm*.linear_2")
+FRAGILE = ("*embed*", "caption_projection.*", "proj_out", "norm_out.*",  # embedders, final projection
+           "*norm*.linear", "*norm*.linear_1", "*norm*.linear_2", "*adaln*.linear")  # adaptive-norm modulation
 
 
 def _module_path(fqn: str) -> str:
@@ -83,11 +86,11 @@ def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
         if why is not None:
             notes.append(f"{_module_path(fqn)} stays full precision: {why}")
             continue
-        smooth = ir.smoothing.get(_module_path(fqn)) if mode in SMOOTHABLE_MODES else None
-        scaled, inv = real, None
-        if smooth is not None:  # x / s feeds the operator: the activations' dtype, one value per channel
-            scaled, inv = fold(real, smooth, users[0].args[0].meta["val"].dtype)
-        tensors = scheme.quantize(scaled, plan.quantize.group_size)
+        path = _module_path(fqn)
+        smooth = ir.smoothing.get(path) if mode in SMOOTHABLE_MODES else None
+        # x / s feeds the operator: the activations' dtype, one value per channel
+        tensors, inv = quantize_weight(mode, real, plan.quantize.group_size, smooth, ir.hessians.get(path),
+                                       users[0].args[0].meta["val"].dtype)
         restored = scheme.dequantize(tensors) / (smooth[None, :] if smooth is not None else 1)
         error = float((restored - real.float()).norm() / real.float().norm().clamp_min(1e-12))
         nodes = _replace_weight(ir, weight, fqn, tensors)

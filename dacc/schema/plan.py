@@ -153,6 +153,10 @@ class QuantizePlan(_Strict):
     # int8_dynamic: SmoothQuant strength alpha; per-input-channel factors measured on
     # sample() move activation outliers into the weights (dacc/compiler/smoothing.py); 0: off
     smoothing: float = Field(0.0, ge=0, le=1)
+    # int4_weight: how weights meet their levels. gptq spreads each rounding error over the inputs
+    # not yet rounded, weighted by their correlation on sample() (dacc/compiler/gptq.py); auto is
+    # gptq where the model file has sample(), nearest where it has not
+    rounding: Literal["auto", "nearest", "gptq"] = "auto"
 
 
 class LowerPlan(_Strict):

@@ -24,7 +24,7 @@ from dacc.kernels.int4 import linear_int4_weight_reference
 from dacc.kernels.int8 import linear_int8_dynamic_reference, linear_int8_weight_reference
 from dacc.kernels.schemes import SCHEMES
 from dacc.models import model_file
-from dacc.passes.quantize_linears import FRAGILE
+from dacc.passes.quantize_linears import FRAGILE, select
 from dacc.schema.errors import DaccError
 from dacc.schema.plan import parse_plan
 from tests.conftest import fresh_like, rel_err, shared_trace
@@ -235,3 +235,15 @@ def test_verification_holds_a_quantized_artifact_to_its_own_quantization(tmp_pat
         compile_model(model_file("flux"), plan, tmp_path / "bad.dacc", log=lambda m: None,
                       traced=shared_trace(model_file("flux")))
     assert not (tmp_path / "bad.dacc").exists()
+
+
+def test_pixart_adaptive_norm_and_caption_embedder_count_as_fragile():
+    """PixArt names its AdaLN-single modulation `adaln_single.linear` and its text embedder
+    `caption_projection`: the default selection keeps them weight-only like Flux's and SD3's."""
+    model = load_model_file(model_file("pixart")).build()
+    paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    modes, _ = select(paths, parse_plan(yaml.safe_load("quantize: {mode: int4_weight}")))
+    expect = {"adaln_single.linear", "caption_projection.linear_1", "caption_projection.linear_2", "proj_out"}
+    assert expect <= set(paths)
+    assert {p for p, m in modes.items() if m == "int8_weight"} >= expect
+    assert modes["transformer_blocks.0.attn2.to_k"] == "int4_weight"

@@ -1,0 +1,103 @@
+"""GPTQ rounding for `int4_weight` (`quantize.rounding`): the same stored format as rounding to
+nearest (dacc/kernels/int4.py: values in [-7, 7], one fp16 scale per group), better values in it.
+
+Rounding each weight to its nearest level minimises the weight's error, not the layer's output
+error. GPTQ quantizes the input columns one at a time and spreads each column's rounding error
+over the columns not yet quantized, weighted by how the layer's inputs correlate:
+
+    H = sum over calibration tokens of x x^T          (input features x input features)
+    for column j: q_j = round(w_j); w_{>j} -= (w_j - q_j) * Hinv[j, >j] / Hinv[j, j]
+
+with Hinv the upper Cholesky factor of H^-1 (H damped by 1% of its mean diagonal: the published
+default, not tuned here). A group's scale is taken when the sweep reaches the group, from the
+weights as updated so far. H is measured on `sample()` over the calibration seeds, on the
+compiler's own copy of the model, never on the seeds quality is judged on. Memory: one fp32
+in x in matrix per quantized linear while the compile runs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+
+from dacc.compiler.search_seeds import CALIBRATION_SEEDS
+from dacc.kernels.int4 import group_scales, pack_int4, round_int4
+from dacc.kernels.schemes import Tensors
+from dacc.schema.errors import DaccError
+from dacc.schema.plan import Plan
+
+DAMP = 0.01  # of the mean diagonal of H: keeps H^-1 well conditioned where inputs are nearly collinear
+GPTQ_MODES = ("int4_weight",)
+
+
+def input_hessians(model: torch.nn.Module, paths: list[str], sample: Callable,
+                   seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> dict[str, torch.Tensor]:
+    """{path: sum of x x^T (fp32)} over every token each listed linear sees in sample() on `seeds`."""
+    probe = copy.deepcopy(model)
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(path: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            h = x.T @ x
+            sums[path] = sums[path] + h if path in sums else h
+        return hook
+    handles = [probe.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
+    try:
+        with torch.no_grad():
+            for seed in seeds:
+                sample(probe, seed)
+    finally:
+        for h in handles:
+            h.remove()
+    return sums
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int) -> Tensors:
+    """The int4 tensors ({"int4": packed, "scales": fp16}) of `weight` [out, in], GPTQ-rounded."""
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0  # inputs never non-zero: any value is exact, take 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMP * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    q = torch.empty_like(w)
+    scales = torch.empty(n, k // group, dtype=torch.float16)
+    for j in range(k):
+        g = j // group
+        if j % group == 0:
+            scales[:, g] = group_scales(w[:, j:j + group])
+        q[:, j] = round_int4(w[:, j:j + 1], scales[:, g])[:, 0]
+        err = (w[:, j] - q[:, j] * scales[:, g].float()) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+    return {"int4": pack_int4(q), "scales": scales}
+
+
+def measure_hessians(plan: Plan, model: torch.nn.Module, sample: Callable | None,
+                     log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    """{module path: H} for every linear the plan quantizes with GPTQ rounding (none otherwise)."""
+    from dacc.passes.quantize_linears import select
+
+    q = plan.quantize
+    if q.mode not in GPTQ_MODES or q.rounding == "nearest":
+        return {}
+    if sample is None:
+        if q.rounding == "gptq":
+            raise DaccError("quantize.rounding gptq measures the linears' inputs on sample(model, seed), which the "
+                            "model file does not define", "model file",
+                            "add sample(), or set quantize.rounding: nearest")
+        log("quantize rounding: to nearest (the model file has no sample() to measure GPTQ's inputs on)")
+        return {}
+    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    modes, _ = select(paths, plan)
+    chosen = [p for p, m in modes.items() if m in GPTQ_MODES]
+    hessians = input_hessians(model, chosen, sample)
+    size = sum(h.numel() * h.element_size() for h in hessians.values())
+    log(f"quantize rounding: GPTQ for {len(hessians)} linears, inputs measured on calibration seeds "
+        f"{list(CALIBRATION_SEEDS)} ({size / 2**20:.1f} MiB of input statistics)"
+        + (f"; {len(chosen) - len(hessians)} never ran in sample() and round to nearest"
+           if len(hessians) < len(chosen) else ""))
+    return hessians

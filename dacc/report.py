@@ -10,6 +10,7 @@ from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
 from dacc.schema.expr import NUMBER, evaluate
 from dacc.schema.manifest import PLAN_FILE, SIGNATURE, CacheGate, LoweringSpec, Manifest, ProgramSpec
+from dacc.schema.plan import THRESHOLD_STRATEGIES
 from dacc.schema.signature import fingerprint
 
 LETTERS = {"computed": "c", "reused": "r", "forecast": "f", "dynamic": "?"}
@@ -219,9 +220,9 @@ def _gate_lines(prog: ProgramSpec, steps: int) -> list[str]:
 
 
 def _gate_knob_lines(g: CacheGate, names: list[str], label: str) -> list[str]:
-    knobs = {"dbcache": f"threshold {g.threshold:g}", "teacache": f"threshold {g.threshold:g}",
-             "taylorseer": f"interval {g.interval}" if g.interval > 1 or not g.mask else "refreshes on the mask's steps",
-             "scm": "", "schedule": "", "magcache": f"threshold {g.threshold:g}"}[g.strategy]
+    knobs = (f"threshold {g.threshold:g}" if g.strategy in THRESHOLD_STRATEGIES else
+             (f"interval {g.interval}" if g.interval > 1 or not g.mask else "refreshes on the mask's steps")
+             if g.strategy == "taylorseer" else "")
     out = [f"  cache gate{label}: {g.strategy}, skips {names[g.skip_first]} .. {names[g.skip_last]} "
            f"({g.skip_last - g.skip_first + 1} segments), streams {', '.join(g.stream_out)}",
            f"    probe {g.probe}{' of ' + ', '.join(g.probe_values) if g.probe != 'none' else ''}"
@@ -264,7 +265,7 @@ def _calibration_lines(g: CacheGate, steps: int) -> list[str]:
 def _ratio_map_line(mapped: dict, strategy: str, steps: int) -> str:
     """What cache_ratio means on this model (dacc/compiler/ratio_map.py)."""
     def knob(p: dict) -> str:
-        return f"threshold {p['threshold']:.3g}, " if strategy in ("dbcache", "teacache", "magcache") else ""
+        return f"threshold {p['threshold']:.3g}, " if strategy in THRESHOLD_STRATEGIES else ""
     points = "; ".join(f"{p['cache_ratio']:g} -> {knob(p)}{p['computed_steps']}/{steps} steps computed"
                        for p in mapped["points"])
     return (f"    cache_ratio on this model (replayed on {mapped['recordings']} recorded generation(s), "

@@ -25,7 +25,7 @@ from dacc.compiler.search_seeds import CALIBRATION_SEEDS, VALIDATION_SEEDS, clea
 from dacc.runtime.cache import StepRecord, rel_l1
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import CacheGate, Manifest
-from dacc.schema.plan import Plan, cache_options
+from dacc.schema.plan import THRESHOLD_STRATEGIES, Plan, cache_options
 
 SEARCH_ITERATIONS = 6
 
@@ -285,7 +285,7 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
 def _knob_text(strategy: str, knobs: dict) -> str:
     masks = knobs.get("masks") or ([knobs["mask"]] if knobs.get("mask") else [])
     shown = ("mask " if len(masks) == 1 else "masks ") + ", ".join(_letters(m) for m in masks) if masks else ""
-    if strategy in ("dbcache", "teacache", "magcache"):
+    if strategy in THRESHOLD_STRATEGIES:
         return f"threshold {knobs['threshold']:.4g}" + (", " + shown if shown else "")
     return shown or "no mask"
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dacc.schema.errors import DaccError, short_repr
 from dacc.schema.expr import BOOL, NUMBER, validate
@@ -30,13 +30,22 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SegmentKind = Literal["prologue", "probe", "block", "transition", "epilogue"]
 
 
+NodeRole = Literal["attention", "linear"]  # what a node is to the passes that look for it
+GateRole = Literal["probe", "skippable"]  # computes a cache probe | lies in a cache gate's range
+
+
 @dataclass
 class NodeInfo:
     """dacc's annotation of one graph node, stored as a dict in `node.meta["custom"]["dacc"]`."""
     segment: str | None = None
-    role: str | None = None  # "attention" | "linear" | None
-    gate: str | None = None  # "probe" (computes a cache probe) | "skippable" (in a cache gate's range)
+    role: NodeRole | None = None
+    gate: GateRole | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):  # the annotation travels as a plain dict: a misspelt role fails here, loudly
+        if self.role not in (None, *get_args(NodeRole)) or self.gate not in (None, *get_args(GateRole)):
+            raise ValueError(f"NodeInfo: role {self.role!r} / gate {self.gate!r} is not one of "
+                             f"{get_args(NodeRole)} / {get_args(GateRole)}")
 
 
 def node_segment(meta: dict[str, Any]) -> str | None:

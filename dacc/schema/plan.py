@@ -95,6 +95,7 @@ class MagCacheOptions(_StepLimits):
     taylorseer_order: int = Field(0, ge=0, le=2)
 
 
+THRESHOLD_STRATEGIES = ("dbcache", "teacache", "magcache")  # whose gate compares an error with `threshold`
 CACHE_OPTIONS: dict[str, type[BaseModel]] = {"none": _Strict, "dbcache": DBCacheOptions,
                                              "teacache": TeaCacheOptions, "taylorseer": TaylorSeerOptions,
                                              "scm": SCMOptions, "schedule": ScheduleOptions,

@@ -99,3 +99,13 @@ def test_inspect_cannot_hang_on_a_tree_that_bypassed_load(tmp_path, monkeypatch)
 def test_json_text_round_trip_of_the_fixture():
     data = {**json.loads(json.dumps(valid_data())), "digest": ""}
     assert from_dict(Manifest, data) == valid_manifest()
+
+
+@pytest.mark.parametrize("raw", [{"role": "linaer"}, {"gate": "skipable"}, {"role": "Linear"}])
+def test_a_node_annotation_with_an_unknown_role_is_refused(raw):
+    from dacc.schema.manifest import NodeInfo
+    from dacc.schema.serial import from_dict
+
+    with pytest.raises(ValueError, match="is not one of"):
+        from_dict(NodeInfo, {"segment": "transformer_blocks.0", **raw})
+    assert from_dict(NodeInfo, {"role": "linear", "gate": "skippable"}).role == "linear"

@@ -112,4 +112,7 @@ def model_config(model: torch.nn.Module) -> dict:
     config = getattr(model, "config", None)
     if config is None:
         return {}
-    return json.loads(json.dumps(dict(config), default=str))
+    config = json.loads(json.dumps(dict(config), default=str))
+    if isinstance(config.get("_use_default_values"), list):  # diffusers fills it from a set: its order
+        config["_use_default_values"] = sorted(config["_use_default_values"])  # changes per process
+    return config

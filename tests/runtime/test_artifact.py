@@ -128,3 +128,16 @@ def test_force_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path):
         compile_model(model_file("dit"), None, out, force=True, log=lambda m: None,
                       traced=shared_trace(model_file("dit")))
     assert (out / "data.txt").read_text() == "keep me"
+
+
+def test_the_model_config_and_its_hash_do_not_depend_on_set_order():
+    """diffusers lists the config keys left at their defaults from a set, in an order that changes
+    with each process's string hashing; the manifest's config (and its hash) must not."""
+    from types import SimpleNamespace
+
+    from dacc.compiler.artifact import model_config
+
+    keys = ["qk_norm", "dual_attention_layers", "pos_embed_max_size"]
+    configs = [model_config(SimpleNamespace(config={"num_layers": 2, "_use_default_values": order}))
+               for order in (keys, keys[::-1])]
+    assert configs[0] == configs[1] and configs[0]["_use_default_values"] == sorted(keys)

@@ -1,12 +1,13 @@
 """Quantized linears: quality on every trained model and speed on a larger Flux config.
 
     python bench/quant.py [--models demo,glyphs,patterns] [--per-class 2] [--steps 50] [--seeds 100 101]
-                          [--rounds 5] [--skip-speed]
+                          [--rounds 5] [--skip-speed] [--only int4_weight,...]
 
 Quality, per trained model: every quantize mode with the default selection, target_psnr 35,
-int8_dynamic with SmoothQuant smoothing (and on the demo its recommended cache plan with
-int8_dynamic), PSNR/SSIM against the unquantized model's output and conditional accuracy,
-on seeds no compile step ever used (nothing here calibrates), and the bytes the artifact stores
+int8_dynamic with SmoothQuant smoothing, int4_weight with the fragile layers in int4 too (and on
+the demo its recommended cache plan with int8_dynamic), PSNR/SSIM against the unquantized
+model's output and conditional accuracy, on seeds no compile step ever used (GPTQ's input
+statistics, smoothing and the target search run on seeds 0-5), and the bytes the artifact stores
 for the whole model against fp32. Speed: `bench/flux_large.py` (hidden 1024, 1152 tokens, batch
 2) compiled with each mode, calls interleaved round by round against eager (median of `rounds`,
 eager measured in every round), and each linear shape timed alone (fp32 `F.linear` vs the dacc
@@ -78,7 +79,12 @@ def quality(args, tmp: Path, m: TrainedModel) -> dict:
     configs = [(mode, {"mode": mode}, None) for mode in MODES] + [
         ("int8_weight, target_psnr 35", {"mode": "int8_weight", "target_psnr": 35}, None),
         ("int8_dynamic, target_psnr 35", {"mode": "int8_dynamic", "target_psnr": 35}, None),
-        ("int8_dynamic, smoothing 0.5", {"mode": "int8_dynamic", "smoothing": 0.5}, None)]
+        ("int8_dynamic, smoothing 0.5", {"mode": "int8_dynamic", "smoothing": 0.5}, None),
+        # the memory mode with the fragile layers (adaptive-norm modulation: a third of an SD3 or
+        # Flux block's weights) in int4 too
+        ("int4_weight, fragile same", {"mode": "int4_weight", "fragile": "same"}, None)]
+    if args.only:
+        configs = [c for c in configs if any(s in c[0] for s in args.only.split(","))]
     if m.name == "demo":
         configs += [("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
                     ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
@@ -234,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--only", help="comma-separated substrings: run only the quality rows whose name contains "
+                                  "one, keeping the model's other rows from the previous results")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     previous = RESULTS / "quant.json"
@@ -244,7 +252,12 @@ def main(argv=None) -> int:
     report.setdefault("quality", {})
     with tempfile.TemporaryDirectory() as tmp:
         for name in [n for n in args.models.split(",") if n]:  # --models '': speed only
-            report["quality"][name] = quality(args, Path(tmp), trained_models()[name])
+            fresh = quality(args, Path(tmp), trained_models()[name])
+            earlier = report["quality"].get(name)
+            if args.only and earlier:  # a partial run replaces its own rows only
+                ran = {r["name"] for r in fresh["rows"]}
+                fresh["rows"] = [r for r in earlier["rows"] if r["name"] not in ran] + fresh["rows"]
+            report["quality"][name] = fresh
             _write(report)  # after every model: a long run keeps its part
         if not args.skip_speed:
             report["speed"] = speed(args, Path(tmp))

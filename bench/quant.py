@@ -83,11 +83,11 @@ def quality(args, tmp: Path, m: TrainedModel) -> dict:
         # the memory mode with the fragile layers (adaptive-norm modulation: a third of an SD3 or
         # Flux block's weights) in int4 too
         ("int4_weight, fragile same", {"mode": "int4_weight", "fragile": "same"}, None)]
-    if args.only:
-        configs = [c for c in configs if any(s in c[0] for s in args.only.split(","))]
     if m.name == "demo":
         configs += [("int8_dynamic + recommended cache plan", {"mode": "int8_dynamic"}, RECOMMENDED),
                     ("recommended cache plan alone", {"mode": "none"}, RECOMMENDED)]
+    if args.only:
+        configs = [c for c in configs if any(s in c[0] for s in args.only.split(","))]
     for name, quantize, cache in configs:
         notes: list[str] = []
         try:

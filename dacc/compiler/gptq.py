@@ -18,12 +18,12 @@ there `rounding: nearest` is the practical choice until the sweep runs blocked o
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
 
 from dacc.compiler.search_seeds import CALIBRATION_SEEDS
+from dacc.compiler.smoothing import fold_inputs
 from dacc.kernels.int4 import group_scales, pack_int4, round_int4
 from dacc.kernels.schemes import Tensors
 from dacc.schema.errors import DaccError
@@ -36,24 +36,7 @@ GPTQ_MODES = ("int4_weight",)
 def input_hessians(model: torch.nn.Module, paths: list[str], sample: Callable,
                    seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> dict[str, torch.Tensor]:
     """{path: sum of x x^T (fp32)} over every token each listed linear sees in sample() on `seeds`."""
-    probe = copy.deepcopy(model)
-    sums: dict[str, torch.Tensor] = {}
-
-    def record(path: str):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            h = x.T @ x
-            sums[path] = sums[path] + h if path in sums else h
-        return hook
-    handles = [probe.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            for seed in seeds:
-                sample(probe, seed)
-    finally:
-        for h in handles:
-            h.remove()
-    return sums
+    return fold_inputs(model, paths, sample, seeds, lambda x: x.T @ x, torch.add)
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int) -> Tensors:

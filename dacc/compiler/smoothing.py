@@ -42,17 +42,19 @@ def fold(weight: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> tuple[tor
     return weight.detach().float() * s[None, :], (1 / s).to(dtype)
 
 
-def activation_absmax(model: torch.nn.Module, paths: list[str], sample: Callable,
-                      seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> dict[str, torch.Tensor]:
-    """Per input channel, the largest |activation| each listed linear sees over `sample()` on the
-    seeds, measured on the compiler's own copy of the model (hooks never touch the user's)."""
+def fold_inputs(model: torch.nn.Module, paths: list[str], sample: Callable, seeds: tuple[int, ...],
+                summarize: Callable[[torch.Tensor], torch.Tensor],
+                combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{path: the `combine` over calls of `summarize(x)`}, x being the [tokens, in_features] fp32
+    input of each listed linear in `sample()` on the seeds, measured on the compiler's own copy of
+    the model (hooks never touch the user's)."""
     probe = copy.deepcopy(model)
     seen: dict[str, torch.Tensor] = {}
 
     def record(path: str):
         def hook(module, args):
-            a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(dim=0)
-            seen[path] = torch.maximum(seen[path], a) if path in seen else a
+            a = summarize(args[0].detach().float().reshape(-1, args[0].shape[-1]))
+            seen[path] = combine(seen[path], a) if path in seen else a
         return hook
     handles = [probe.get_submodule(p).register_forward_pre_hook(record(p)) for p in paths]
     try:
@@ -63,6 +65,12 @@ def activation_absmax(model: torch.nn.Module, paths: list[str], sample: Callable
         for h in handles:
             h.remove()
     return seen
+
+
+def activation_absmax(model: torch.nn.Module, paths: list[str], sample: Callable,
+                      seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> dict[str, torch.Tensor]:
+    """Per input channel, the largest |activation| each listed linear sees over `sample()` on the seeds."""
+    return fold_inputs(model, paths, sample, seeds, lambda x: x.abs().amax(dim=0), torch.maximum)
 
 
 def measure_smoothing(plan: Plan, model: torch.nn.Module, sample: Callable | None,

@@ -81,8 +81,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     if gate is None:
         raise DaccError("the plan has no cache strategy to calibrate", args.plan or "<empty plan>",
                         "set cache.strategy (and cache.target_psnr to search its knobs)")
-    # the plan's options with the gate's own knobs fixed: what a plan that cannot calibrate (a
-    # parallel one) takes
+    # the plan's options with the gate's own knobs fixed: a plan that compiles again without
+    # calibration and computes the same images
     options: dict = {k: v for k, v in load_plan(args.plan).cache.options.items()
                      if k not in ("scm_policy", "calibration_seeds")}
     if gate.rescale:

@@ -4,6 +4,9 @@ tuned on (dacc/compiler/search_seeds.py).
 
 Both run the freshly written artifact through the runtime, so what is measured is what ships.
 Speed is measured in FLOPs (deterministic); PSNR against the same artifact with the gate off.
+A parallel artifact cannot run in the compiling process (it holds one rank): its single-process
+twin, the same plan without parallel degrees, is calibrated instead and its knobs adopted
+(adopt_calibration), since a parallel gate decides as the twin's does.
 """
 from __future__ import annotations
 
@@ -207,8 +210,7 @@ def _needs(manifest: Manifest, plan: Plan) -> Needs:
     skips = plan.cache.cache_ratio > 0 or plan.cache.target_psnr is not None
     return Needs(rescale=any(g.strategy == "teacache" and not g.rescale for g in gates),
                  mask=any(g.strategy in CALIBRATED_MASKS and not g.mask for g in gates),
-                 ratio_map=bool(gates) and strategy in MAPPED and not fixed and plan.parallel.world_size == 1
-                 and (skips or masked),
+                 ratio_map=bool(gates) and strategy in MAPPED and not fixed and (skips or masked),
                  search=bool(gates) and plan.cache.target_psnr is not None)
 
 
@@ -280,6 +282,25 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         info["search"] = search_ratio(model, plan, sample, plan.cache.target_psnr, log, knobs_for)
     for spec, runner in zip(manifest.programs, model.programs):
         spec.gates = [dataclasses.replace(gate, calibration=info) for gate in runner.spec.gates]
+
+
+# What calibration sets on a gate; everything else is the passes' and the same in the twin
+CALIBRATED_FIELDS = ("threshold", "rescale", "interval", "mask", "calibration")
+
+
+def adopt_calibration(manifest: Manifest, twin: Manifest) -> None:
+    """The gates of a parallel `manifest` take the knobs calibrated on its single-process `twin`.
+    A parallel gate sums its statistic over every rank serving the request (or takes the most
+    cautious decision of the fsdp ranks; dacc/runtime/ranks.py), so it decides as the twin's
+    gate does on the same request, and a static mask is identical on every rank."""
+    for spec, one in zip(manifest.programs, twin.programs, strict=True):
+        ranges, one_ranges = [(g.skip_first, g.skip_last) for g in spec.gates], [(g.skip_first, g.skip_last)
+                                                                                for g in one.gates]
+        if [g.strategy for g in spec.gates] != [g.strategy for g in one.gates] or len(ranges) != len(one_ranges):
+            raise DaccError(f"the parallel program's cache gates {ranges} do not match its single-process twin's "
+                            f"{one_ranges}", spec.file, "this is a compiler bug; please report it with the plan")
+        spec.gates = [dataclasses.replace(g, **{f: getattr(t, f) for f in CALIBRATED_FIELDS})
+                      for g, t in zip(spec.gates, one.gates)]
 
 
 def _knob_text(strategy: str, knobs: dict) -> str:

@@ -13,7 +13,7 @@ import torch
 
 import dacc
 from dacc.compiler.choose_parallel import choose_parallel
-from dacc.compiler.calibrate import calibrate, check_calibration_inputs, needs_calibration
+from dacc.compiler.calibrate import adopt_calibration, calibrate, check_calibration_inputs, needs_calibration
 from dacc.compiler.artifact import model_config, write_artifact
 from dacc.compiler.output import check_output_path, deferred_signals, discard, reserve
 from dacc.compiler.invariants import check_invariants
@@ -33,7 +33,7 @@ from dacc.schema.errors import DaccError
 from dacc.schema.expr import to_tree
 from dacc.schema.manifest import (GRAPH_FILE, PLAN_FILE, SCHEMA_VERSION, FsdpSpec, Manifest, OutputType,
                                   ParallelSpec, PassRecord, ProgramSpec, fsdp_file)
-from dacc.schema.plan import Plan, load_plan
+from dacc.schema.plan import ParallelPlan, Plan, load_plan
 
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
@@ -159,6 +159,8 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     # before the passes rewrite the programs in place: the reference quantizes copies of them
     quantized = (quantized_references(programs, plan, smoothing, hessians, model, examples, log)
                  if verify and plan.quantize.mode != "none" else None)
+    twin = (_calibrated_twin(traced, programs, plan, smoothing, hessians, log)
+            if plan.parallel.world_size > 1 and plan.cache.strategy != "none" else None)
     irs = [_run_passes(ProgramIR(t, smoothing, hessians), plan, PIPELINE, i, log, on_graph)
            for i, t in enumerate(programs)]
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))
@@ -172,13 +174,40 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     def finalize(tmp: Path) -> None:
         if verify:
             verify_artifact(tmp, model, examples, log, quantized, world=plan.parallel.world_size)
-        if needs_calibration(manifest, plan):
+        if twin is not None:
+            adopt_calibration(manifest, twin)
+        elif needs_calibration(manifest, plan):
             from dacc.runtime.module import load
             calibrate(manifest, load(tmp, allow_native_code=True, _allow_incomplete=True), plan, mf.sample, log)
 
     write_artifact(tmp, out, manifest, irs, texts, finalize, Path(sign_key) if sign_key else None, packages)
     log(f"wrote {out}" + (" (signed)" if sign_key else ""))
     return manifest
+
+
+def _calibrated_twin(traced: TracedModel, programs: list[Traced], plan: Plan, smoothing, hessians,
+                     log) -> Manifest | None:
+    """For a parallel plan whose gates calibrate: the manifest of its single-process twin (the same
+    plan without parallel degrees, written to a scratch directory and calibrated there), whose knobs
+    the parallel gates adopt. None when nothing calibrates. The passes run on copies."""
+    twin_plan = plan.model_copy(update={"parallel": ParallelPlan()})
+    irs = [_run_passes(ProgramIR(_copy(t), smoothing, hessians), twin_plan, PIPELINE, i, lambda m: None, None)
+           for i, t in enumerate(programs)]
+    twin = build_manifest(traced.model, twin_plan, irs, traced.output_type, str(traced.path))
+    if not needs_calibration(twin, twin_plan):
+        return None
+    check_calibration_inputs(twin, twin_plan, traced.file.sample)
+    log(f"calibrating the cache gates on one process: the plan without its parallel degrees "
+        f"({plan.parallel.world_size} ranks), whose gates decide as the ranks' do together")
+    from dacc.runtime.module import load
+
+    def calibrate_twin(tmp: Path) -> None:
+        calibrate(twin, load(tmp, allow_native_code=True, _allow_incomplete=True), twin_plan, traced.file.sample, log)
+
+    with tempfile.TemporaryDirectory(prefix="dacc-twin-") as scratch:
+        out = Path(scratch) / "twin.dacc"
+        write_artifact(reserve(out, False, _state_bytes(traced.model)), out, twin, irs, {}, calibrate_twin)
+    return twin
 
 
 def partition_manifest(traced: TracedModel, plan: Plan, programs: list[Traced] | None = None) -> Manifest:

@@ -200,24 +200,9 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     if par.vae_patch > 1 and par.world_size > par.vae_patch:
         out.append((("parallel", "vae_patch"), "parallel.vae_patch splits a VAE decoder, the other degrees a "
                     "transformer: compile each model with its own degrees (same world size, one artifact each)"))
-    if plan.parallel.world_size > 1:
-        # both run the artifact in the compiling process, which holds one rank, not the plan's world
-        if plan.lower.backend != "none":
-            out.append((("lower", "backend"), "lower.backend 'inductor' does not yet compile parallel plans "
-                        "(their segments exchange data between ranks); use one or the other"))
-        searches = [k for k, on in (("cache.target_psnr", c.target_psnr is not None),
-                                    ("quantize.target_psnr", q.target_psnr is not None),
-                                    ("a calibrated teacache rescale", c.strategy == "teacache"
-                                     and getattr(options, "rescale", None) is None),
-                                    ("a calibrated schedule (cache.strategy 'schedule' without options.masks)",
-                                     c.strategy == "schedule" and getattr(options, "masks", None) is None),
-                                    ("a calibrated magnitude curve (cache.strategy 'magcache')",
-                                     c.strategy == "magcache"))
-                    if on]
-        if searches:
-            out.append((("parallel",), f"{searches[0]} is calibrated by running the artifact in one process, so it "
-                        "cannot be combined with parallel degrees above 1: compile the plan without `parallel` "
-                        "first, then copy the settings it chose (dacc inspect) into the parallel plan"))
+    if plan.parallel.world_size > 1 and plan.lower.backend != "none":
+        out.append((("lower", "backend"), "lower.backend 'inductor' does not yet compile parallel plans "
+                    "(their segments exchange data between ranks); use one or the other"))
     if c.warmup + c.cooldown > plan.num_inference_steps:
         out.append((("cache", "warmup"), f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
                     f"num_inference_steps ({plan.num_inference_steps}) (lower warmup/cooldown or raise "

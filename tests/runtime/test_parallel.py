@@ -40,6 +40,10 @@ DBCACHE = {"num_inference_steps": STEPS, "cache": {"strategy": "dbcache", "optio
 MASKS = [[True, True, False, True, False, True], [True, False, True, False, False, True]]
 SCHEDULE = {"num_inference_steps": STEPS, "cache": {"strategy": "schedule", "options": {
     "ranges": 2, "masks": MASKS, "taylorseer_order": 1}}}
+# calibrated at compile time (flux_cfg.py's sample()): a parallel plan calibrates its single-process twin
+CALIBRATED = {"num_inference_steps": STEPS, "cache": {"strategy": "schedule", "cache_ratio": 0.5, "options": {
+    "ranges": 2, "taylorseer_order": 1}}}
+TEACACHE = {"num_inference_steps": STEPS, "cache": {"strategy": "teacache", "cache_ratio": 0.5}}
 ARTIFACTS = {  # name: (model file, plan)
     "flux": (FLUX, {}),
     "flux_u2": (FLUX, {"parallel": {"ulysses": 2}}),
@@ -55,6 +59,10 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "flux_sch": (FLUX, SCHEDULE),
     "flux_sch_u2": (FLUX, {**SCHEDULE, "parallel": {"ulysses": 2}}),
+    "flux_cal": (FLUX, CALIBRATED),
+    "flux_cal_u2": (FLUX, {**CALIBRATED, "parallel": {"ulysses": 2}}),
+    "flux_tc": (FLUX, TEACACHE),
+    "flux_tc_c2": (FLUX, {**TEACACHE, "parallel": {"cfg": 2}}),
     "sd3": (model_file("sd3"), {}),
     "sd3_u2": (model_file("sd3"), {"parallel": {"ulysses": 2}}),
     "wan": (WAN, {}),
@@ -97,7 +105,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
     return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
-                     "flux_sch", "flux_sch_u2", "vae", "vae_p2")
+                     "flux_sch", "flux_sch_u2", "flux_cal", "flux_cal_u2", "vae", "vae_p2")
 
 
 class Transfers(TorchDispatchMode):
@@ -220,12 +228,12 @@ def two_ranks(root, tmp_path_factory):
     jobs = {"flux_u2": ("flux_u2", [flux]), "flux_c2": ("flux_c2", [flux]), "flux_r2": ("flux_r2", [flux]),
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             "flux_r2_odd": ("flux_r2", [odd]), "flux_db_u2_odd": ("flux_db_u2", _generation(odd)),
-            "flux_sch_u2": ("flux_sch_u2", _generation(flux)),
+            "flux_sch_u2": ("flux_sch_u2", _generation(flux)), "flux_cal_u2": ("flux_cal_u2", _generation(flux)),
             DIE: ("flux_u2.dacc", [flux])}
     refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]),
             "flux_db_u2": ("flux_db", _generation(flux)), "flux_u2_odd": ("flux", [odd]),
             "flux_r2_odd": ("flux", [odd]), "flux_db_u2_odd": ("flux_db", _generation(odd)),
-            "flux_sch_u2": ("flux_sch", _generation(flux))}
+            "flux_sch_u2": ("flux_sch", _generation(flux)), "flux_cal_u2": ("flux_cal", _generation(flux))}
     # fsdp ranks serve different requests: rank 1's latent changes faster, so its gate computes more
     other = _inputs(FLUX, 21, first=True)
     requests = {0: [flux], 1: [other]}
@@ -274,7 +282,7 @@ def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2", "flux_u2_odd", "flux_r2_odd",
-                                  "flux_db_u2_odd", "flux_sch_u2"])
+                                  "flux_db_u2_odd", "flux_sch_u2", "flux_cal_u2"])
 def test_every_rank_returns_the_single_process_output(two_ranks, name):
     results, single, _ = two_ranks
     _same_outputs(results, name, 2, single[name][0], single[name][2])
@@ -425,6 +433,23 @@ def test_a_static_schedule_runs_its_masks_on_every_rank_with_no_probe(root, two_
     assert all(sites_per_range)
     computed = [sum(mask) for mask in MASKS]
     assert calls["dacc.seq_to_heads.default"] == 3 * sum(c * n for c, n in zip(computed, sites_per_range))
+
+
+@pytest.mark.parametrize("one, parallel", [("flux_cal", "flux_cal_u2"), ("flux_tc", "flux_tc_c2")])
+def test_a_parallel_plan_ships_the_knobs_its_single_process_twin_calibrates(artifacts, one, parallel):
+    """What calibration chooses by running the artifact (a schedule's masks, TeaCache's polynomial
+    and mapped threshold) is chosen on one process for a parallel plan, and its gates get exactly
+    the single-process compile's knobs; flux_cal_u2's ranks then run them (the test above)."""
+    artifacts(one, parallel)
+    gates = [read_manifest(artifacts.root / f"{name}.dacc", None).programs[0].gates for name in (one, parallel)]
+    assert len(gates[0]) == len(gates[1]) >= 1
+    for a, b in zip(*gates):
+        assert "ratio_map" in a.calibration and a.calibration == b.calibration
+        assert (a.mask, a.threshold, a.rescale) == (b.mask, b.threshold, b.rescale)
+    if one == "flux_cal":
+        assert all(len(g.mask) == STEPS and not all(g.mask) for g in gates[1])  # each range skips some steps
+    else:
+        assert gates[1][0].rescale and gates[1][0].threshold > 0  # fitted, then mapped from cache_ratio
 
 
 def test_uneven_tokens_are_padded_and_the_pads_never_count(root, two_ranks):

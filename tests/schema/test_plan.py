@@ -31,7 +31,6 @@ def test_round_trip_through_yaml(tmp_path):
     ({"parallel": {"cfg": 4}}, ["parallel.cfg", "1", "2"]),
     ({"parallel": {"ulysses": 0}}, ["parallel.ulysses", "greater than or equal to 1"]),
     ({"parallel": {"ulysses": 2}, "lower": {"backend": "inductor"}}, ["lower.backend", "parallel plans"]),
-    ({"parallel": {"cfg": 2}, "cache": {"strategy": "teacache"}}, ["calibrated teacache rescale", "without `parallel`"]),
     ({"cache": {"strategy": "scm", "warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
     ([1, 2], ["must be a mapping"]),
 ])

@@ -68,3 +68,13 @@ def test_bad_cache_knobs(cache, fragments):
         parse_plan({"cache": cache}, "plan.yaml")
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("extra", [{"cache": {"strategy": "teacache"}}, {"cache": {"strategy": "schedule"}},
+                                   {"cache": {"strategy": "dbcache", "target_psnr": 30}},
+                                   {"quantize": {"mode": "int8_weight", "target_psnr": 35}}])
+def test_parallel_plans_take_what_calibrates_on_one_process(extra):
+    """Calibration and the searches run on the single-process twin or the eager model
+    (tests/runtime/test_parallel.py runs the calibrated ones), so no parallel degree refuses them."""
+    plan = parse_plan({"parallel": {"cfg": 2, "ulysses": 2}, **extra})
+    assert plan.parallel.world_size == 4

@@ -63,7 +63,8 @@ def _quantize_search_lines(q: dict) -> list[str]:
     if not q.get("met"):
         return ["", head + ": not reachable, the artifact is not quantized"]
     kept = q.get("kept") or []
-    return ["", head, f"  kept in full precision: {', '.join(kept) if kept else 'none'}",
+    moves = sorted(set((q.get("promoted") or {}).values()))  # what the kept groups' linears compute in
+    return ["", head, f"  kept at higher precision ({', '.join(moves) or 'full'}): {', '.join(kept) if kept else 'none'}",
             f"  validation PSNR (seeds {q.get('validation_seeds')}): mean {q.get('validation_psnr_mean')} dB, "
             f"worst seed {q.get('validation_psnr_worst')} dB; calibration (seeds {q.get('calibration_seeds')}): "
             f"{q.get('calibration_psnr')}"]

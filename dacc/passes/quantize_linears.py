@@ -15,7 +15,8 @@ An int4 weight whose inputs compile.py measured (`ir.hessians`) is rounded by GP
 (dacc/compiler/gptq.py) into the same stored format.
 
 Selection: every linear, minus `quantize.exclude` (glob patterns on the module path, e.g.
-`transformer_blocks.0.*`). The layers known to be fragile (embedders, the final projection and
+`transformer_blocks.0.*`); a linear matching a `quantize.overrides` pattern takes that pattern's
+mode (the first match). Of the rest, the layers known to be fragile (embedders, the final projection and
 adaptive-norm modulation, whose errors every token or every block inherits) get
 `quantize.fragile`: weight-only int8 by default (their activations, which carry the timestep and
 the conditioning, are never quantized), full precision, or the plan's mode.
@@ -49,17 +50,20 @@ def select(paths: list[str], plan: Plan) -> tuple[dict[str, str], list[str]]:
     nothing)."""
     q = plan.quantize
     warnings = []
-    for pat in q.exclude:
-        if not fnmatch.filter(paths, pat):
-            near = difflib.get_close_matches(pat, paths, n=3, cutoff=0.3)
-            warnings.append(f"warning: quantize.exclude pattern {pat!r} matches no linear"
-                            + (f"; nearest paths: {', '.join(near)}" if near else ""))
+    for key, patterns in (("exclude", q.exclude), ("overrides", list(q.overrides))):
+        for pat in patterns:
+            if not fnmatch.filter(paths, pat):
+                near = difflib.get_close_matches(pat, paths, n=3, cutoff=0.3)
+                warnings.append(f"warning: quantize.{key} pattern {pat!r} matches no linear"
+                                + (f"; nearest paths: {', '.join(near)}" if near else ""))
     chosen = {}
     for path in paths:
         if any(fnmatch.fnmatchcase(path, pat) for pat in q.exclude):
             continue
-        fragile = any(fnmatch.fnmatchcase(path, pat) for pat in FRAGILE)
-        mode = q.mode if not fragile or q.fragile == "same" else q.fragile
+        mode = next((m for pat, m in q.overrides.items() if fnmatch.fnmatchcase(path, pat)), None)
+        if mode is None:
+            fragile = any(fnmatch.fnmatchcase(path, pat) for pat in FRAGILE)
+            mode = q.mode if not fragile or q.fragile == "same" else q.fragile
         if mode != "full":
             chosen[path] = mode
     return chosen, warnings

@@ -330,7 +330,8 @@ class Manifest:
     output_type: OutputType | None
     programs: list[ProgramSpec]
     files: dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
-    # quantize.target_psnr: the groups kept in full precision and the PSNR measured (quant_search.py)
+    # quantize.target_psnr: the groups kept at higher precision, each linear's promotion, the PSNR measured
+    # (quant_search.py)
     quantize_search: dict[str, Any] = field(default_factory=dict)
     lowering: LoweringSpec | None = None  # compiled packages (plan `lower`); None: segments run as graphs
     parallel: ParallelSpec = field(default_factory=ParallelSpec)

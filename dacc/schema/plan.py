@@ -27,6 +27,7 @@ QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_we
 # channels starve (fp8's floating point keeps its relative precision; measured, no gain)
 SMOOTHABLE_MODES = ("int8_dynamic",)
 FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
+OVERRIDE_MODES = QUANTIZE_MODES[1:] + ("full",)  # what quantize.overrides may give a linear
 
 
 class _Strict(BaseModel):
@@ -147,6 +148,10 @@ class QuantizePlan(_Strict):
     # embedders, the final projection and adaptive-norm modulation: weight-only int8 (activations
     # untouched), full precision, or the same mode as the rest
     fragile: Literal[FRAGILE_MODES] = "int8_weight"  # type: ignore[valid-type]
+    # per-linear modes ahead of exclude's neighbours `fragile` and `mode`: {glob pattern on module
+    # paths: mode}, the first matching pattern wins; "full" keeps full precision. The quantize
+    # search promotes the linears of the blocks it keeps through the same mechanism
+    overrides: dict[str, Literal[OVERRIDE_MODES]] = Field(default_factory=dict)  # type: ignore[valid-type]
     group_size: Literal[32, 64, 128] = 64  # int4_weight: input weights per scale
     # keep the most sensitive blocks in full precision until sample()'s PSNR against the float
     # model holds on validation seeds (dacc/compiler/quant_search.py)

@@ -176,18 +176,19 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     from dacc.schema.plan import SMOOTHABLE_MODES  # plan.py imports this module
     q, defaults = plan.quantize, type(plan.quantize)()
     # by value, not by presence: a plan dumped with every default (the artifact's plan.yaml) reads back
-    changed = [k for k in ("exclude", "fragile", "group_size", "target_psnr", "smoothing", "rounding")
+    changed = [k for k in ("exclude", "fragile", "overrides", "group_size", "target_psnr", "smoothing", "rounding")
                if getattr(q, k) != getattr(defaults, k)]
+    used = {q.mode, *q.overrides.values()}  # the modes some linear may get
     for knob in changed:
         if q.mode == "none":
             out.append((("quantize", knob), f"quantize.{knob} has no effect with quantize.mode 'none' (remove it)"))
-        elif knob == "group_size" and q.mode != "int4_weight":
+        elif knob == "group_size" and "int4_weight" not in used:
             out.append((("quantize", knob), f"quantize.group_size applies to int4_weight only, not to "
                         f"quantize.mode '{q.mode}' (remove it)"))
-        elif knob == "rounding" and q.mode != "int4_weight":
+        elif knob == "rounding" and "int4_weight" not in used:
             out.append((("quantize", knob), "quantize.rounding chooses the levels of int4_weight only, not of "
                         f"quantize.mode '{q.mode}' (remove it)"))
-        elif knob == "smoothing" and q.mode not in SMOOTHABLE_MODES:
+        elif knob == "smoothing" and not used & set(SMOOTHABLE_MODES):
             out.append((("quantize", knob), f"quantize.smoothing moves activation outliers into the weights for "
                         f"{', '.join(SMOOTHABLE_MODES)}, whose integer activations they starve, not '{q.mode}' "
                         "(remove it)"))

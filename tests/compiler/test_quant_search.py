@@ -5,9 +5,12 @@ from __future__ import annotations
 import statistics
 
 import pytest
+import torch
 
-from dacc.compiler.quant_search import (CALIBRATION_SEEDS, VALIDATION_SEEDS, exclude_patterns, group_of,
-                                        search)
+from dacc.compiler.quant_search import (CALIBRATION_SEEDS, VALIDATION_SEEDS, choose_exclusions, eager_measure,
+                                        group_of, promoted, quantizable, search)
+from dacc.passes.quantize_linears import select
+from dacc.schema.plan import parse_plan
 
 GROUPS = ["context_embedder", "single_transformer_blocks.0", "single_transformer_blocks.1",
           "transformer_blocks.0", "transformer_blocks.1", "x_embedder"]
@@ -67,15 +70,60 @@ def test_an_unreachable_target_is_reported_not_met():
     assert not result["met"] and result["validation_psnr_mean"] is None
 
 
-def test_groups_and_their_patterns():
+def test_groups():
     assert group_of("transformer_blocks.3.attn.to_q") == "transformer_blocks.3"
     assert group_of("time_text_embed.timestep_embedder.linear_1") == "time_text_embed.timestep_embedder.linear_1"
     assert group_of("blocks.12") == "blocks.12"
-    import fnmatch
-    paths = ["transformer_blocks.1.ff.net.2", "transformer_blocks.10.ff.net.2", "proj_out"]
-    patterns = exclude_patterns(["transformer_blocks.1", "proj_out"])
-    assert [p for p in paths if any(fnmatch.fnmatchcase(p, pat) for pat in patterns)] == \
-        ["transformer_blocks.1.ff.net.2", "proj_out"]
+
+
+def test_overrides_come_before_fragile_and_mode_and_the_first_match_wins():
+    paths = ["proj_out", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.norm1.linear",
+             "transformer_blocks.1.attn.to_q", "transformer_blocks.1.ff.net.2", "x_embedder"]
+    plan = parse_plan({"quantize": {"mode": "int4_weight", "exclude": ["x_embedder"], "overrides": {
+        "transformer_blocks.1.attn.*": "full", "transformer_blocks.1.*": "int8_dynamic",
+        "transformer_blocks.0.norm1.linear": "int4_weight", "x_embedder": "int8_weight", "typo.*": "full"}}})
+    modes, warnings = select(paths, plan)
+    assert modes == {"proj_out": "int8_weight",  # fragile, no override: quantize.fragile's default
+                     "transformer_blocks.0.attn.to_q": "int4_weight",  # the mode
+                     "transformer_blocks.0.norm1.linear": "int4_weight",  # fragile, overridden
+                     "transformer_blocks.1.ff.net.2": "int8_dynamic"}  # the second pattern; the first keeps to_q
+    assert len(warnings) == 1 and "quantize.overrides pattern 'typo.*' matches no linear" in warnings[0]
+
+
+def _tiny_flux():
+    """The Flux test family (random weights) with a two-call sample()."""
+    from dacc.models.flux import _inputs, build
+
+    torch.manual_seed(0)
+    model = build().eval()
+
+    def sample(m, seed):
+        call = _inputs(2, 4, 4, seed=500 + seed)
+        out = m(**call).sample
+        return m(**{**call, "hidden_states": call["hidden_states"] - 0.5 * out}).sample
+    return model, sample
+
+
+def test_the_search_promotes_int4_blocks_to_int8_and_the_plan_computes_what_it_measured():
+    """int4 everywhere misses a target int8 meets: the kept blocks' int4 linears become int8 (not
+    full precision: a quarter of the bytes), their fragile int8 ones full, and the plan the search
+    returns selects exactly that, measuring the PSNR it recorded."""
+    model, sample = _tiny_flux()
+    plan = parse_plan({"quantize": {"mode": "int4_weight", "fragile": "same", "group_size": 32, "rounding": "nearest",
+                                    "target_psnr": 45, "overrides": {"proj_out": "int8_weight"}}})
+    before = quantizable(model, plan)
+    every_int4 = eager_measure(model, before, 32, sample)(frozenset(), VALIDATION_SEEDS)
+    assert max(every_int4) < 45  # something has to be kept
+    chosen, record = choose_exclusions(plan, model, sample, log=lambda m: None)
+    assert record["met"] and record["kept"]
+    after = quantizable(model, chosen)
+    for path, mode in before.items():
+        want = promoted(mode) if group_of(path) in record["kept"] else mode
+        assert after.get(path, "full") == want, path
+    assert any(m == "int8_weight" for p, m in after.items() if before[p] == "int4_weight")
+    assert chosen.quantize.overrides["proj_out"] == "int8_weight" or group_of("proj_out") in record["kept"]
+    again = eager_measure(model, after, 32, sample)(frozenset(), VALIDATION_SEEDS)
+    assert statistics.mean(again) == pytest.approx(record["validation_psnr_mean"], abs=1e-3)
 
 
 SHORT_DEMO = '''"""The demo model file with 5-step sampling (the search's cost, not its logic, scales with steps)."""
@@ -90,8 +138,8 @@ def sample(model, seed):
 @pytest.mark.slow  # `make test-all`: end to end, covered piece by piece in `make test`
 def test_the_search_on_the_demo_model_is_reproduced_by_the_artifact(tmp_path):
     """int4 everywhere (fragile layers too), rounded to nearest, loses a few dB on the trained demo model: the search
-    keeps the blocks it ranks most sensitive, the manifest says which, their linears stay full
-    precision in the graph, and the artifact's own samples on the validation seeds give the
+    keeps the blocks it ranks most sensitive, the manifest says which, their linears compute in
+    int8 in the graph, and the artifact's own samples on the validation seeds give the
     PSNR the manifest records (the search measured an eager emulation of the same rewrite)."""
     import dacc
     from dacc.compiler.compile import compile_model
@@ -110,8 +158,9 @@ def test_the_search_on_the_demo_model_is_reproduced_by_the_artifact(tmp_path):
     assert record["kept"] == sorted(record["sensitivity"], key=record["sensitivity"].get)[:len(record["kept"])]
     kept = set(record["kept"])
     for site in compiled.manifest.programs[0].linears:
-        full = group_of(site.weight.removesuffix(".weight")) in kept or site.in_features % 64  # int4 groups
-        assert (site.quant == "none") == bool(full), site
+        int4 = site.in_features % 64 == 0  # int4 groups of 64; other linears stay full precision
+        promote = group_of(site.weight.removesuffix(".weight")) in kept
+        assert site.quant == ("none" if not int4 else "int8_weight" if promote else "int4_weight"), site
     from dacc.models.demo.model import sample
     eager = load_transformer()
     got = [float(psnr_per_image(sample(compiled, s, steps=5), sample(eager, s, steps=5)).mean())

@@ -67,9 +67,15 @@ def main(argv=None) -> int:
                    "held_out_mean": statistics.mean(held), "held_out_worst": min(held), "held_out": held,
                    "flops_speedup": speedup}
             rows.append(row)
+            _write(args, rows)  # after every row: a long run keeps what it measured
             print(f"{name:9s} {label:26s} met={row['met']!s:5s} held-out {row['held_out_mean']:6.2f} dB "
                   f"(worst {row['held_out_worst']:.2f}) {row['flops_speedup']:.2f}x  compile {compile_s:.0f}s",
                   file=sys.stderr)
+    return 0
+
+
+def _write(args, fresh: list[dict]) -> None:
+    rows = list(fresh)
     previous = RESULTS / "target.json"  # a partial run (--only, --models) keeps the other rows
     if previous.exists():
         earlier = json.loads(previous.read_text())
@@ -79,7 +85,6 @@ def main(argv=None) -> int:
     report = {"target_psnr": args.target, "steps": args.steps, "held_out_seeds": list(HELD_OUT_SEEDS),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
     write_results("target", report, markdown(report))
-    return 0
 
 
 def markdown(report: dict) -> str:

@@ -216,9 +216,10 @@ def _quality_lines(q: dict) -> list[str]:
             continue
         modes = ", ".join(f"{n} {m}" for m, n in sorted(r["modes"].items()))
         if r["search"]:
-            promoted = sorted(set(r["search"].get("promoted", {}).values())) or ["full"]
-            modes += f"; search kept {', '.join(r['search']['kept']) or 'nothing'} at higher precision " \
-                     f"({', '.join(promoted)}; validated {r['search']['validation_psnr_mean']} dB)"
+            promoted = ", ".join(sorted(set(r["search"].get("promoted", {}).values()))) or "full"
+            kept = f"{', '.join(r['search']['kept'])} at higher precision ({promoted})" if r["search"]["kept"] \
+                else "nothing at higher precision"
+            modes += f"; search kept {kept} (validated {r['search']['validation_psnr_mean']} dB)"
         lines.append(f"| {r['name']} | {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} | {r['ssim_mean']:.4f} | "
                      f"{100 * r['accuracy']:.1f}% | {r['bytes_ratio']:.3f}x | {modes} |")
     return lines

@@ -294,11 +294,10 @@ def adopt_calibration(manifest: Manifest, twin: Manifest) -> None:
     cautious decision of the fsdp ranks; dacc/runtime/ranks.py), so it decides as the twin's
     gate does on the same request, and a static mask is identical on every rank."""
     for spec, one in zip(manifest.programs, twin.programs, strict=True):
-        ranges, one_ranges = [(g.skip_first, g.skip_last) for g in spec.gates], [(g.skip_first, g.skip_last)
-                                                                                for g in one.gates]
-        if [g.strategy for g in spec.gates] != [g.strategy for g in one.gates] or len(ranges) != len(one_ranges):
-            raise DaccError(f"the parallel program's cache gates {ranges} do not match its single-process twin's "
-                            f"{one_ranges}", spec.file, "this is a compiler bug; please report it with the plan")
+        if [g.strategy for g in spec.gates] != [g.strategy for g in one.gates]:  # in count too
+            ranges = [[(g.skip_first, g.skip_last) for g in s.gates] for s in (spec, one)]
+            raise DaccError(f"the parallel program's cache gates {ranges[0]} do not match its single-process twin's "
+                            f"{ranges[1]}", spec.file, "this is a compiler bug; please report it with the plan")
         spec.gates = [dataclasses.replace(g, **{f: getattr(t, f) for f in CALIBRATED_FIELDS})
                       for g, t in zip(spec.gates, one.gates)]
 

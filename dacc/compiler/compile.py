@@ -191,8 +191,7 @@ def _calibrated_twin(traced: TracedModel, programs: list[Traced], plan: Plan, sm
     plan without parallel degrees, written to a scratch directory and calibrated there), whose knobs
     the parallel gates adopt. None when nothing calibrates. The passes run on copies."""
     twin_plan = plan.model_copy(update={"parallel": ParallelPlan()})
-    irs = [_run_passes(ProgramIR(_copy(t), smoothing, hessians), twin_plan, PIPELINE, i, lambda m: None, None)
-           for i, t in enumerate(programs)]
+    irs = _passes_on_copies(programs, twin_plan, PIPELINE, smoothing, hessians)
     twin = build_manifest(traced.model, twin_plan, irs, traced.output_type, str(traced.path))
     if not needs_calibration(twin, twin_plan):
         return None
@@ -213,9 +212,14 @@ def _calibrated_twin(traced: TracedModel, programs: list[Traced], plan: Plan, sm
 def partition_manifest(traced: TracedModel, plan: Plan, programs: list[Traced] | None = None) -> Manifest:
     """The manifest `plan` would compile to, without lowering or writing anything: what
     parallel.auto and the predictions cost. The passes run on copies of the programs."""
-    irs = [_run_passes(ProgramIR(_copy(t)), plan, UNLOWERED, i, lambda m: None, None)
-           for i, t in enumerate(programs or traced.programs)]
+    irs = _passes_on_copies(programs or traced.programs, plan, UNLOWERED)
     return build_manifest(traced.model, plan, irs, traced.output_type, str(traced.path))
+
+
+def _passes_on_copies(programs: list[Traced], plan: Plan, passes, smoothing=None, hessians=None) -> list[ProgramIR]:
+    """`passes` run quietly on copies of `programs`, which stay as they are."""
+    return [_run_passes(ProgramIR(_copy(t), smoothing, hessians), plan, passes, i, lambda m: None, None)
+            for i, t in enumerate(programs)]
 
 
 def _copy(t: Traced) -> Traced:
@@ -268,8 +272,7 @@ def quantized_references(programs: list[Traced], plan: Plan, smoothing, hessians
     """What a quantized artifact must reproduce: the same quantization on one process, op by op.
     Quantizing changes the output by design, by an amount the plan chose (and `dacc inspect`
     shows); everything after it (segments, gates, ranks, kernels) must not change it further."""
-    irs = [_run_passes(ProgramIR(_copy(t), smoothing, hessians), plan, QUANTIZED_REFERENCE, i, lambda m: None, None)
-           for i, t in enumerate(programs)]
+    irs = _passes_on_copies(programs, plan, QUANTIZED_REFERENCE, smoothing, hessians)
     refs = []
     for i, inputs in enumerate(examples):
         got = next((o for o in (program_outputs(ir.traced, model, inputs) for ir in irs) if o is not None), None)

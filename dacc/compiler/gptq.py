@@ -73,10 +73,11 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group: int) -> Tensor
 def measure_hessians(plan: Plan, model: torch.nn.Module, sample: Callable | None,
                      log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """{module path: H} for every linear the plan quantizes with GPTQ rounding (none otherwise)."""
-    from dacc.passes.quantize_linears import select
+    from dacc.passes.quantize_linears import linear_modes
 
     q = plan.quantize
-    if q.mode not in GPTQ_MODES or q.rounding == "nearest":
+    chosen = [p for p, m in linear_modes(model, plan).items() if m in GPTQ_MODES]  # overrides included
+    if not chosen or q.rounding == "nearest":
         return {}
     if sample is None:
         if q.rounding == "gptq":
@@ -85,9 +86,6 @@ def measure_hessians(plan: Plan, model: torch.nn.Module, sample: Callable | None
                             "add sample(), or set quantize.rounding: nearest")
         log("quantize rounding: to nearest (the model file has no sample() to measure GPTQ's inputs on)")
         return {}
-    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    modes, _ = select(paths, plan)
-    chosen = [p for p, m in modes.items() if m in GPTQ_MODES]
     hessians = input_hessians(model, chosen, sample)
     size = sum(h.numel() * h.element_size() for h in hessians.values())
     log(f"quantize rounding: GPTQ for {len(hessians)} linears, inputs measured on calibration seeds "

@@ -121,16 +121,6 @@ def eager_measure(model: torch.nn.Module, modes: dict[str, str], group_size: int
     return measure
 
 
-def quantizable(model: torch.nn.Module, plan: Plan) -> dict[str, str]:
-    """{module path: mode} of the linears the plan quantizes and their mode can store."""
-    from dacc.passes.quantize_linears import select
-
-    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    modes, _ = select(paths, plan)
-    return {p: m for p, m in modes.items()
-            if SCHEMES[m].unsupported(model.get_submodule(p).weight, plan.quantize.group_size) is None}
-
-
 def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | None, log: Callable[[str], None],
                       smoothing: dict[str, torch.Tensor] | None = None,
                       hessians: dict[str, torch.Tensor] | None = None) -> tuple[Plan, dict[str, Any]]:
@@ -140,7 +130,9 @@ def choose_exclusions(plan: Plan, model: torch.nn.Module, sample: Callable | Non
     if sample is None:
         raise DaccError("quantize.target_psnr needs the model file to define sample(model, seed)", "model file",
                         "add sample(), or drop quantize.target_psnr and choose quantize.exclude yourself")
-    modes = quantizable(model, plan)
+    from dacc.passes.quantize_linears import linear_modes
+
+    modes = linear_modes(model, plan)
     groups = sorted({group_of(p) for p in modes})
     log(f"quantize search: PSNR >= {q.target_psnr} dB over {len(groups)} groups of {len(modes)} linears")
     record = search(groups, eager_measure(model, modes, q.group_size, sample, smoothing, hessians), q.target_psnr, log)

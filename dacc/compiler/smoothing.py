@@ -77,17 +77,17 @@ def measure_smoothing(plan: Plan, model: torch.nn.Module, sample: Callable | Non
                       log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     """{module path: s} for every linear the plan quantizes with int8_dynamic (none when
     quantize.smoothing is 0)."""
-    from dacc.passes.quantize_linears import select
+    from dacc.passes.quantize_linears import linear_modes
 
     q = plan.quantize
-    if q.smoothing == 0 or q.mode not in SMOOTHABLE_MODES:
+    if q.smoothing == 0:
+        return {}
+    dynamic = [p for p, m in linear_modes(model, plan).items() if m in SMOOTHABLE_MODES]  # overrides included
+    if not dynamic:
         return {}
     if sample is None:
         raise DaccError("quantize.smoothing measures activations on sample(model, seed), which the model file "
                         "does not define", "model file", "add sample(), or remove quantize.smoothing")
-    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    modes, _ = select(paths, plan)
-    dynamic = [p for p, m in modes.items() if m in SMOOTHABLE_MODES]
     seen = activation_absmax(model, dynamic, sample)
     factors = {p: smoothing_factors(seen[p], model.get_submodule(p).weight, q.smoothing) for p in dynamic if p in seen}
     spread = [float(a.max() / a.median().clamp_min(_FLOOR)) for a in seen.values()] or [0.0]

@@ -69,6 +69,17 @@ def select(paths: list[str], plan: Plan) -> tuple[dict[str, str], list[str]]:
     return chosen, warnings
 
 
+def linear_modes(model: torch.nn.Module, plan: Plan) -> dict[str, str]:
+    """{module path: mode} of the model's linears the plan quantizes whose mode can store their
+    weight (what the compile's measurements before the passes, and the quantize search, see)."""
+    if plan.quantize.mode == "none":
+        return {}
+    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    modes, _ = select(paths, plan)
+    return {p: m for p, m in modes.items()
+            if SCHEMES[m].unsupported(model.get_submodule(p).weight, plan.quantize.group_size) is None}
+
+
 def quantize_linears(ir: ProgramIR, plan: Plan) -> PassResult:
     if plan.quantize.mode == "none":
         return PassResult(False, ["quantize.mode none"])

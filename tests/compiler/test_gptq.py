@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 
 from dacc.compiler.gptq import BLOCK, gptq_int4, input_hessians, measure_hessians
+from dacc.compiler.smoothing import measure_smoothing
 from dacc.compiler.invariants import check_invariants
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.model_file import load_model_file
@@ -148,3 +149,24 @@ def test_gptq_needs_sample_and_auto_says_it_rounds_to_nearest_without():
     auto = parse_plan(yaml.safe_load("quantize: {mode: int4_weight}"))
     assert measure_hessians(auto, model, None, notes.append) == {}
     assert notes and "to nearest" in notes[0]
+
+
+def test_overridden_int4_and_int8_dynamic_linears_are_measured_whatever_the_plan_mode():
+    """quantize.overrides may give int4 (or int8_dynamic) to linears of a plan in another mode: GPTQ's
+    statistics (and SmoothQuant's maxima) cover exactly those linears, not nothing."""
+    model = load_model_file(model_file("flux")).build()
+
+    def sample(m, seed):
+        return m(**_flux_call(seed)).sample
+    plan = parse_plan(yaml.safe_load(
+        "quantize: {mode: int8_weight, group_size: 32, smoothing: 0.5,"
+        " overrides: {'transformer_blocks.0.ff.*': int4_weight, 'single_transformer_blocks.0.proj_mlp': int8_dynamic}}"))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    int4 = sorted(p for p in linears if p.startswith("transformer_blocks.0.ff."))
+    assert int4 and sorted(measure_hessians(plan, model, sample, lambda m: None)) == int4
+    assert sorted(measure_smoothing(plan, model, sample, lambda m: None)) == ["single_transformer_blocks.0.proj_mlp"]
+
+
+def _flux_call(seed: int) -> dict:
+    from dacc.models.flux import _inputs
+    return _inputs(2, 4, 4, seed=700 + seed)

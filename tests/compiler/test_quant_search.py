@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dacc.compiler.quant_search import (CALIBRATION_SEEDS, VALIDATION_SEEDS, choose_exclusions, eager_measure,
-                                        group_of, promoted, quantizable, search)
-from dacc.passes.quantize_linears import select
+                                        group_of, promoted, search)
+from dacc.passes.quantize_linears import linear_modes, select
 from dacc.schema.plan import parse_plan
 
 GROUPS = ["context_embedder", "single_transformer_blocks.0", "single_transformer_blocks.1",
@@ -111,12 +111,12 @@ def test_the_search_promotes_int4_blocks_to_int8_and_the_plan_computes_what_it_m
     model, sample = _tiny_flux()
     plan = parse_plan({"quantize": {"mode": "int4_weight", "fragile": "same", "group_size": 32, "rounding": "nearest",
                                     "target_psnr": 45, "overrides": {"proj_out": "int8_weight"}}})
-    before = quantizable(model, plan)
+    before = linear_modes(model, plan)
     every_int4 = eager_measure(model, before, 32, sample)(frozenset(), VALIDATION_SEEDS)
     assert max(every_int4) < 45  # something has to be kept
     chosen, record = choose_exclusions(plan, model, sample, log=lambda m: None)
     assert record["met"] and record["kept"]
-    after = quantizable(model, chosen)
+    after = linear_modes(model, chosen)
     for path, mode in before.items():
         want = promoted(mode) if group_of(path) in record["kept"] else mode
         assert after.get(path, "full") == want, path

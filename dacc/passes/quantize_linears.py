@@ -16,10 +16,14 @@ An int4 weight whose inputs compile.py measured (`ir.hessians`) is rounded by GP
 
 Selection: every linear, minus `quantize.exclude` (glob patterns on the module path, e.g.
 `transformer_blocks.0.*`); a linear matching a `quantize.overrides` pattern takes that pattern's
-mode (the first match). Of the rest, the layers known to be fragile (embedders, the final projection and
-adaptive-norm modulation, whose errors every token or every block inherits) get
-`quantize.fragile`: weight-only int8 by default (their activations, which carry the timestep and
-the conditioning, are never quantized), full precision, or the plan's mode.
+mode (the first match). Of the rest, the layers known to be fragile get `quantize.fragile`:
+weight-only int8 by default, full precision, or the plan's mode. Fragile are the embedders and the
+final projection, whose errors every token inherits, whatever the mode; and, in the modes that
+quantize activations, adaptive-norm modulation, whose input is the timestep and conditioning
+vector every block's scales and shifts come from. Weight-only, modulation is not fragile: int4
+there costs the trained models nothing measurable (glyphs 32.90 dB either way, patterns 27.62 vs
+27.65, demo 38.88 vs 38.96; with rounding to nearest, glyphs 26.01 vs 26.02) and it is a third of
+an SD3 or Flux block's weights.
 """
 from __future__ import annotations
 
@@ -35,10 +39,16 @@ from dacc.compiler.passes import PassResult
 from dacc.compiler.weight_quant import quantize_weight
 from dacc.kernels.schemes import SCHEMES, Scheme, Tensors, stored_bytes
 from dacc.schema.manifest import NodeInfo
-from dacc.schema.plan import SMOOTHABLE_MODES, Plan
+from dacc.schema.plan import DYNAMIC_MODES, SMOOTHABLE_MODES, Plan
 
-FRAGILE = ("*embed*", "caption_projection.*", "proj_out", "norm_out.*",  # embedders, final projection
-           "*norm*.linear", "*norm*.linear_1", "*norm*.linear_2", "*adaln*.linear")  # adaptive-norm modulation
+INHERITED = ("*embed*", "caption_projection.*", "proj_out", "norm_out.*")  # embedders, final projection
+MODULATION = ("*norm*.linear", "*norm*.linear_1", "*norm*.linear_2", "*adaln*.linear")  # adaptive-norm
+FRAGILE = INHERITED + MODULATION  # every pattern that may be fragile, whatever the mode
+
+
+def fragile_patterns(mode: str) -> tuple[str, ...]:
+    """The patterns of the linears that get quantize.fragile instead of `mode`."""
+    return FRAGILE if mode in DYNAMIC_MODES else INHERITED
 
 
 def _module_path(fqn: str) -> str:
@@ -62,7 +72,7 @@ def select(paths: list[str], plan: Plan) -> tuple[dict[str, str], list[str]]:
             continue
         mode = next((m for pat, m in q.overrides.items() if fnmatch.fnmatchcase(path, pat)), None)
         if mode is None:
-            fragile = any(fnmatch.fnmatchcase(path, pat) for pat in FRAGILE)
+            fragile = any(fnmatch.fnmatchcase(path, pat) for pat in fragile_patterns(q.mode))
             mode = q.mode if not fragile or q.fragile == "same" else q.fragile
         if mode != "full":
             chosen[path] = mode

@@ -26,6 +26,7 @@ QUANTIZE_MODES = ("none", "int8_weight", "int8_dynamic", "fp8_dynamic", "int4_we
 # where quantize.smoothing applies: integer activations, whose one scale per token a few outlier
 # channels starve (fp8's floating point keeps its relative precision; measured, no gain)
 SMOOTHABLE_MODES = ("int8_dynamic",)
+DYNAMIC_MODES = ("int8_dynamic", "fp8_dynamic")  # the modes that quantize activations too
 FRAGILE_MODES = ("int8_weight", "full", "same")  # what the fragile layers get instead of quantize.mode
 OVERRIDE_MODES = QUANTIZE_MODES[1:] + ("full",)  # what quantize.overrides may give a linear
 
@@ -145,8 +146,8 @@ class ParallelPlan(_Strict):
 class QuantizePlan(_Strict):
     mode: Literal[QUANTIZE_MODES] = "none"  # type: ignore[valid-type]
     exclude: list[str] = Field(default_factory=list)  # glob patterns on linear module paths
-    # embedders, the final projection and adaptive-norm modulation: weight-only int8 (activations
-    # untouched), full precision, or the same mode as the rest
+    # embedders and the final projection (and, where activations are quantized, adaptive-norm
+    # modulation): weight-only int8 (activations untouched), full precision, or the plan's mode
     fragile: Literal[FRAGILE_MODES] = "int8_weight"  # type: ignore[valid-type]
     # per-linear modes ahead of exclude's neighbours `fragile` and `mode`: {glob pattern on module
     # paths: mode}, the first matching pattern wins; "full" keeps full precision. The quantize

@@ -77,15 +77,16 @@ def test_groups():
 
 
 def test_overrides_come_before_fragile_and_mode_and_the_first_match_wins():
-    paths = ["proj_out", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.norm1.linear",
+    paths = ["context_embedder", "proj_out", "transformer_blocks.0.attn.to_q", "transformer_blocks.0.norm1.linear",
              "transformer_blocks.1.attn.to_q", "transformer_blocks.1.ff.net.2", "x_embedder"]
     plan = parse_plan({"quantize": {"mode": "int4_weight", "exclude": ["x_embedder"], "overrides": {
         "transformer_blocks.1.attn.*": "full", "transformer_blocks.1.*": "int8_dynamic",
-        "transformer_blocks.0.norm1.linear": "int4_weight", "x_embedder": "int8_weight", "typo.*": "full"}}})
+        "proj_out": "int4_weight", "x_embedder": "int8_weight", "typo.*": "full"}}})
     modes, warnings = select(paths, plan)
-    assert modes == {"proj_out": "int8_weight",  # fragile, no override: quantize.fragile's default
+    assert modes == {"context_embedder": "int8_weight",  # fragile, no override: quantize.fragile's default
+                     "proj_out": "int4_weight",  # fragile, overridden
                      "transformer_blocks.0.attn.to_q": "int4_weight",  # the mode
-                     "transformer_blocks.0.norm1.linear": "int4_weight",  # fragile, overridden
+                     "transformer_blocks.0.norm1.linear": "int4_weight",  # modulation: fragile only where activations are quantized
                      "transformer_blocks.1.ff.net.2": "int8_dynamic"}  # the second pattern; the first keeps to_q
     assert len(warnings) == 1 and "quantize.overrides pattern 'typo.*' matches no linear" in warnings[0]
 

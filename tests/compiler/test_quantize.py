@@ -237,13 +237,19 @@ def test_verification_holds_a_quantized_artifact_to_its_own_quantization(tmp_pat
     assert not (tmp_path / "bad.dacc").exists()
 
 
-def test_pixart_adaptive_norm_and_caption_embedder_count_as_fragile():
+@pytest.mark.parametrize("mode", ["int4_weight", "int8_dynamic", "fp8_dynamic"])
+def test_pixart_adaptive_norm_and_caption_embedder_count_as_fragile(mode):
     """PixArt names its AdaLN-single modulation `adaln_single.linear` and its text embedder
-    `caption_projection`: the default selection keeps them weight-only like Flux's and SD3's."""
+    `caption_projection`: the default selection treats them as it treats Flux's and SD3's. The
+    embedders and the final projection are weight-only int8 in every mode; the modulation is
+    too where activations are quantized, and takes a weight-only mode like any block's linear."""
     model = load_model_file(model_file("pixart")).build()
     paths = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    modes, _ = select(paths, parse_plan(yaml.safe_load("quantize: {mode: int4_weight}")))
-    expect = {"adaln_single.linear", "caption_projection.linear_1", "caption_projection.linear_2", "proj_out"}
-    assert expect <= set(paths)
-    assert {p for p, m in modes.items() if m == "int8_weight"} >= expect
-    assert modes["transformer_blocks.0.attn2.to_k"] == "int4_weight"
+    modes, _ = select(paths, parse_plan(yaml.safe_load(f"quantize: {{mode: {mode}}}")))
+    inherited = {"caption_projection.linear_1", "caption_projection.linear_2", "proj_out"}
+    assert inherited | {"adaln_single.linear"} <= set(paths)
+    fragile = {p for p, m in modes.items() if m == "int8_weight"}
+    assert fragile >= inherited
+    assert ("adaln_single.linear" in fragile) == (mode != "int4_weight")
+    assert modes["transformer_blocks.0.attn2.to_k"] == mode
+    assert len(fragile) < len(paths) / 4

@@ -16,11 +16,12 @@ def l1_change_reference(current: torch.Tensor, previous: torch.Tensor | None,
     value = current if base is None else current - base
     if previous is None:
         return value, None
-    # a subtraction and two 1-norms, each norm one kernel (|x| summed in the same pass; l1_loss
-    # would be three); half types reduce in fp32, an fp16/bf16 sum would round the statistic
+    # |x| then a sum: on CPU this is 1.5-2x faster than linalg.vector_norm(x, 1) at probe sizes
+    # (measured at 2-40 x 256 x 128 fp32), and the difference's |x| is taken in place; half types
+    # sum in fp32, an fp16/bf16 sum would round the statistic
     reduce = torch.float64 if value.dtype == torch.float64 else torch.float32
-    num = torch.linalg.vector_norm(value - previous, 1, dtype=reduce)
-    den = torch.linalg.vector_norm(previous, 1, dtype=reduce)
+    num = (value - previous).abs_().sum(dtype=reduce)
+    den = previous.abs().sum(dtype=reduce)
     return value, torch.stack([num, den]).float()
 
 

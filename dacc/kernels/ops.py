@@ -59,13 +59,21 @@ def linear_int8_dynamic(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor 
     """y = (quant_rows(x) @ qweight.T in int32) * x_scale * scale + bias. On x86 CPUs the GEMM is
     oneDNN's (`int8_onednn.py`: 7-bit activations where the CPU lacks VNNI)."""
     if use_onednn(x):
-        return linear_int8_dynamic_onednn(x, qweight, scale, bias)
+        return torch.ops.dacc.linear_int8_dynamic_onednn(x, qweight, scale, bias)
     if use_triton(x) and x.numel() > 0:
         from dacc.kernels.quant_triton import int8_linear_triton, quantize_rows_triton
         xq, xs = quantize_rows_triton(_rows(x), fp8=False)
         y = int8_linear_triton(xq, xs, qweight, scale, bias, x.dtype)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
     return linear_int8_dynamic_reference(x, qweight, scale, bias)
+
+
+@torch.library.custom_op("dacc::linear_int8_dynamic_onednn", mutates_args=())
+def _linear_int8_dynamic_onednn(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """linear_int8_dynamic's x86 CPU path, an op of its own and never a `triton_op`: Inductor, which
+    traces into linear_int8_dynamic's body when it lowers a segment, calls this one as it is
+    (oneDNN's weight prepacking is nothing Inductor or an AOTInductor package can compile)."""
+    return linear_int8_dynamic_onednn(x, qweight, scale, bias)
 
 
 @_declare("linear_fp8_dynamic")
@@ -89,7 +97,7 @@ def linear_int4_weight(x: Tensor, packed: Tensor, scales: Tensor, bias: Tensor |
     return linear_int4_weight_reference(x, packed, scales, bias)
 
 
-for _op in (linear_int8_weight, linear_int8_dynamic, linear_fp8_dynamic):
+for _op in (linear_int8_weight, linear_int8_dynamic, _linear_int8_dynamic_onednn, linear_fp8_dynamic):
     _op.register_fake(_linear_fake)
 
 
@@ -108,7 +116,7 @@ def _int4_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 register_flop_formula([torch.ops.dacc.linear_int8_weight, torch.ops.dacc.linear_int8_dynamic,
-                       torch.ops.dacc.linear_fp8_dynamic])(_linear_flops)
+                       torch.ops.dacc.linear_int8_dynamic_onednn, torch.ops.dacc.linear_fp8_dynamic])(_linear_flops)
 register_flop_formula([torch.ops.dacc.linear_int4_weight])(_int4_flops)
 
 QUANTIZED_LINEARS = {torch.ops.dacc.linear_int8_weight.default, torch.ops.dacc.linear_int8_dynamic.default,

@@ -26,6 +26,7 @@ from tests.conftest import rel_err, shared_trace
 FAMILY = "sd3"
 PLANS = {"none": "{strategy: none}", "dbcache": "{strategy: dbcache, options: {threshold: 0.3}}",
          "taylorseer": "{strategy: taylorseer, options: {order: 1, interval: 3}}"}
+QUANTIZED = {"int8_dynamic": "{mode: int8_dynamic}", "int4_weight": "{mode: int4_weight, group_size: 32}"}
 
 
 def _inputs(batch: int, height: int, width: int, seed: int) -> dict:
@@ -49,12 +50,14 @@ def built(tmp_path_factory):
     def get(strategy: str):
         if strategy not in cache:
             plan = root / f"{strategy}.yaml"
-            plan.write_text(f"num_inference_steps: 6\ncache: {PLANS[strategy]}\n"
-                            "lower: {backend: inductor, device: cpu}\n")
+            section = (f"quantize: {QUANTIZED[strategy]}\n" if strategy in QUANTIZED
+                       else f"cache: {PLANS[strategy]}\n")
+            plan.write_text(f"num_inference_steps: 6\n{section}lower: {{backend: inductor, device: cpu}}\n")
             out, log = root / f"{strategy}.dacc", []
-            # the compile verifies the lowered empty plan against eager; the tests compare the rest
-            compile_model(model_file(FAMILY), plan, out, log=log.append, verify=strategy == "none",
-                          traced=shared_trace(model_file(FAMILY)))
+            # the compile verifies the lowered empty plan against eager and a quantized one against
+            # its quantization run op by op; the tests compare the rest
+            compile_model(model_file(FAMILY), plan, out, log=log.append,
+                          verify=strategy == "none" or strategy in QUANTIZED, traced=shared_trace(model_file(FAMILY)))
             cache[strategy] = (out, log)
         return cache[strategy]
     yield get
@@ -141,6 +144,23 @@ def test_cache_plans_reuse_the_packages_and_match_the_unlowered_plan(built, stra
     decisions = plain.stats()["decisions"]["default/program0"]
     assert lowered.stats()["decisions"]["default/program0"] == decisions
     assert set(decisions) != {"computed"}, "the gate never skipped: the test would not exercise the cached path"
+
+
+@pytest.mark.slow  # its own packages: a quantized block is another structure (about 3 minutes)
+@pytest.mark.parametrize("mode", list(QUANTIZED))
+def test_quantized_linears_lower_into_the_packages_and_match_the_unlowered_artifact(built, mode):
+    """The dacc operators a quantized program calls are compiled around by Inductor (extern calls
+    through the dispatcher): every segment is lowered, and matches the same artifact run op by op
+    (within 1e-4, the quantized reference's own rounding included) on fresh sizes."""
+    path, log = built(mode)
+    data = _manifest(path)
+    assert all(s["lowered"] is not None for s in data["programs"][0]["segments"]), data["lowering"]["unlowered"]
+    assert any(s["quant"] == mode for s in data["programs"][0]["linears"])
+    lowered, plain = dacc.load(path, allow_native_code=True), dacc.load(path, lowered="off")
+    assert lowered.programs[0].lowered_segments == len(data["programs"][0]["segments"])
+    for i, (b, h, w) in enumerate([(2, 12, 20), (3, 8, 8)]):
+        x = _inputs(b, h, w, seed=200 + i)
+        assert rel_err(lowered(**x).sample, plain(**x).sample) < 1e-4
 
 
 def test_packages_are_native_code_loaded_only_when_trusted(built):

@@ -9,7 +9,8 @@ How a dacc operator is declared (quantization, parallelism and lowering all add 
    `torch.library.wrap_triton`. Where Triton is installed the op is declared with
    `torch.library.triton_op` rather than `custom_op`, so Inductor traces into the body and sees
    the kernels when the artifact is lowered. The kernels are tested against the references
-   (under `TRITON_INTERPRET=1` on CPU).
+   (under `TRITON_INTERPRET=1` on CPU). A path Inductor cannot compile (oneDNN's prepacked int8
+   GEMM) is a `custom_op` of its own that the body calls, so Inductor calls it too.
 3. `register_fake`: output shapes and dtypes from input shapes, symbolic sizes included, so the
    compiler can insert the op into an exported graph and Inductor can compile around it.
 4. `register_flop_formula`: the matmul FLOPs `torch.utils.flop_counter.FlopCounterMode` reports,

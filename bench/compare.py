@@ -1,6 +1,6 @@
 """dacc against the libraries users would pick instead, side by side, on every trained model.
 
-    python bench/compare.py [--models demo,glyphs,patterns]     # or: make bench
+    python bench/compare.py [--models demo,glyphs,patterns] [--only NAME]     # or: make bench
 
 Per model, 50 steps, the same seeds, classes and sampler for everyone: eager; dacc at several plans;
 diffusers' cache hooks (`transformer.enable_cache(...)`); cache-dit (`cache_dit.enable_cache`).
@@ -179,8 +179,8 @@ def run(m: TrainedModel, make: Callable, encoder, labels, repeats: int, seed: in
     return result, statistics.median(times), flops
 
 
-def compare_model(m: TrainedModel, per_class: int, repeats: int, seed: int) -> dict:
-    """Every configuration on one model, eager first and last."""
+def compare_model(m: TrainedModel, per_class: int, repeats: int, seed: int, only: str | None = None) -> dict:
+    """Every configuration on one model (or those whose name contains `only`), eager first and last."""
     labels = torch.arange(m.classes).repeat_interleave(per_class)
     encoder, classifier = m.load_encoder(), m.load_classifier()
     generate(m, m.load_transformer(), encoder, labels[:2], steps=2, seed=seed)  # warm-up
@@ -197,6 +197,8 @@ def compare_model(m: TrainedModel, per_class: int, repeats: int, seed: int) -> d
                 print(f"{library}: skipped ({exc})", file=sys.stderr)
                 continue
             for name, make in entries:
+                if only and only not in name:
+                    continue
                 start = time.perf_counter()
                 try:
                     out, seconds, flops = run(m, make, encoder, labels, repeats, seed)
@@ -219,6 +221,7 @@ def compare_model(m: TrainedModel, per_class: int, repeats: int, seed: int) -> d
         if "seconds" in r:
             r["speedup"] = eager_s / r["seconds"]
             r["flops_speedup"] = eager_flops / r["flops"]
+            r["eager_seconds"] = eager_s  # the baseline of this row's run (rows of an --only run have their own)
     return {"samples": len(labels), "steps": STEPS, "repeats": repeats,
             "eager": {"seconds_first": eager_first, "seconds_last": eager_last, "flops": eager_flops,
                       "accuracy": conditional_accuracy(ref.images, labels, classifier)},
@@ -232,6 +235,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     # a seed no calibration or validation used: quality is judged where the compile never looked
     p.add_argument("--seed", type=int, default=HELD_OUT_SEEDS[0])
+    p.add_argument("--only", help="substring: rerun only the configurations whose name contains it (eager "
+                                  "first and last as always); the model's other rows are kept from the last run")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     previous = RESULTS / "compare.json"
@@ -241,8 +246,15 @@ def main(argv=None) -> int:
     report.update({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "versions": _versions()})
     for name in args.models.split(","):
-        report["models"][name] = {**compare_model(trained_models()[name], args.per_class, args.repeats, args.seed),
-                                  "versions": _versions()}
+        fresh = {**compare_model(trained_models()[name], args.per_class, args.repeats, args.seed, args.only),
+                 "versions": _versions()}
+        earlier = report["models"].get(name)
+        if args.only and earlier:  # the new rows replace their namesakes; the section's eager stays the full run's
+            names = {c["name"] for c in fresh["configs"]}
+            kept = [c for c in earlier["configs"] if c["name"] not in names]
+            fresh = {**earlier, "configs": kept + fresh["configs"], "summary": summarize(kept + fresh["configs"]),
+                     "rerun": {**earlier.get("rerun", {}), args.only: fresh["eager"]}}
+        report["models"][name] = fresh
         write_results("compare", finite(report), markdown(report))  # after every model: a long run keeps its part
         pareto_plot(report, RESULTS / "compare.png")
     return 0
@@ -286,7 +298,9 @@ def markdown(report: dict) -> str:
         e = r["eager"]
         lines += ["", f"## {name}", "",
                   f"{r['samples']} samples, median of {r['repeats']}; eager {e['seconds_first']:.2f} s (first) / "
-                  f"{e['seconds_last']:.2f} s (last), conditional accuracy {100 * e['accuracy']:.1f}%.", "",
+                  f"{e['seconds_last']:.2f} s (last), conditional accuracy {100 * e['accuracy']:.1f}%."
+                  + "".join(f" Rows matching '{k}' were rerun later against their own eager ({v['seconds_first']:.2f} s"
+                            f" / {v['seconds_last']:.2f} s)." for k, v in r.get("rerun", {}).items()), "",
                   "| library | configuration | speedup (wall) | speedup (FLOPs) | PSNR dB | SSIM | cond. acc |",
                   "|---|---|---|---|---|---|---|"]
         ran = [c for c in r["configs"] if "speedup" in c]

@@ -257,6 +257,9 @@ def _calibration_lines(g: CacheGate, steps: int) -> list[str]:
     mapped = g.calibration.get("ratio_map")
     if mapped:
         out.append(_ratio_map_line(mapped, g.strategy, steps))
+    fit = g.calibration.get("ratio_fit")
+    if fit:
+        out.append(_ratio_fit_line(fit))
     search = g.calibration.get("search")
     if search:
         out.append(_search_line(search))
@@ -270,7 +273,16 @@ def _ratio_map_line(mapped: dict, strategy: str, steps: int) -> str:
     points = "; ".join(f"{p['cache_ratio']:g} -> {knob(p)}{p['computed_steps']}/{steps} steps computed"
                        for p in mapped["points"])
     return (f"    cache_ratio on this model (replayed on {mapped['recordings']} recorded generation(s), "
-            f"{mapped['error_per_ratio']:g} error per step at ratio 1): {points}")
+            f"{mapped['error_per_ratio'] * mapped.get('gain', 1.0):.4g} error per step at ratio 1): {points}")
+
+
+def _ratio_fit_line(fit: dict) -> str:
+    """How the ratio's budget was set from measured PSNR (dacc/compiler/ratio_fit.py)."""
+    runs = ", ".join(f"{b:.3g} -> {p:.2f} dB" for b, p, _ in fit["runs"])
+    budget, psnr, speedup = fit["chosen"]
+    return (f"    cache_ratio {fit['cache_ratio']:g} asks for about {fit['target_psnr']:.1f} dB; measured on seeds "
+            f"{fit['seeds']} (budget -> PSNR: {runs}): chose budget {budget:.3g}, {psnr:.2f} dB, "
+            f"{speedup:.2f}x fewer FLOPs")
 
 
 def _search_line(search: dict) -> str:

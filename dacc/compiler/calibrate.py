@@ -21,6 +21,7 @@ import torch
 
 from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.magcache import magcache_mask, magnitude_ratios
+from dacc.compiler.ratio_fit import fit_budget, ratio_psnr
 from dacc.compiler.ratio_map import (ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, range_flops, trajectories,
                                      with_knobs)
 from dacc.compiler.schedule import RangeSchedules, optimal_schedules, residual_costs, residual_scale
@@ -51,18 +52,30 @@ def run_samples(model, sample: Callable, seeds: list[int]) -> tuple[list[torch.T
     return outs, model.stats()
 
 
-def _recorded(model, sample: Callable, seeds: list[int]) -> list[StepRecord]:
-    """Every call of uncached generations from `seeds`, as the runtime records them."""
+def _recorded(model, sample: Callable, seeds: list[int]) -> tuple[list[StepRecord], dict[int, torch.Tensor]]:
+    """Every call of uncached generations from `seeds`, as the runtime records them, and each seed's
+    uncached output."""
     originals = {id(r): r.spec.gates for r in model.programs}
     _set_gates(model, _never_skip)
     model._recorder = []
     try:
-        run_samples(model, sample, seeds)
-        return model._recorder
+        outs = run_samples(model, sample, seeds)[0]
+        return model._recorder, dict(zip(seeds, outs))
     finally:
         model._recorder = None
         for runner in model.programs:
             runner.spec.gates = originals[id(runner)]
+
+
+def measure_knobs(model, sample: Callable, knobs: dict, seeds: list[int] | tuple[int, ...],
+                  references: dict[int, torch.Tensor]) -> tuple[list[float], float, dict]:
+    """(PSNR per seed against its uncached output, FLOPs speedup, decisions) of the artifact with
+    `knobs` on every gate; the knobs are exactly the fields _never_skip overrides, so they replace
+    whatever the gates held."""
+    _set_gates(model, with_knobs(knobs))
+    outs, stats = run_samples(model, sample, list(seeds))
+    psnrs = [round(seed_psnr(o, references[s]), 3) for o, s in zip(outs, seeds)]
+    return psnrs, stats["flops_total"] / max(stats["flops_computed"], 1.0), stats["decisions"]
 
 
 def fit_rescale(records: list[StepRecord], seeds: list[int], log) -> tuple[list[float], dict]:
@@ -127,7 +140,8 @@ def choose_ratio(evaluate: Callable[[float, tuple[int, ...]], dict], target: flo
 
 
 def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
-                 knobs_for: Callable[[float], dict] | None = None) -> dict[str, Any]:
+                 knobs_for: Callable[[float], dict] | None = None,
+                 references: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """The largest cache_ratio that clears `target` on the calibration seeds with a margin (bisection),
     then holds on the validation seeds (halved until it does); the no-skip knobs if none does.
     Returns the chosen knobs and what was measured."""
@@ -138,24 +152,19 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
                         "target_psnr")
     steps, strategy = plan.num_inference_steps, plan.cache.strategy
     knobs_for = knobs_for or (lambda ratio: dynamic_knobs(strategy, ratio, options, steps))
-    references: dict[int, torch.Tensor] = {}
+    references = dict(references or {})  # uncached outputs per seed, run when first needed
 
     def evaluate(ratio: float, seeds: tuple[int, ...]) -> dict[str, Any]:
         missing = [s for s in seeds if s not in references]
         if missing:
             _set_gates(model, _never_skip)
             references.update(zip(missing, run_samples(model, sample, missing)[0]))
-        # the knobs are exactly the fields _never_skip overrode, so they replace those on every call
         knobs = knobs_for(ratio)
-        _set_gates(model, with_knobs(knobs))
         start = time.perf_counter()
-        outs, stats = run_samples(model, sample, list(seeds))
-        psnrs = [round(seed_psnr(o, references[s]), 3) for o, s in zip(outs, seeds)]
-        speedup = stats["flops_total"] / max(stats["flops_computed"], 1.0)
+        psnrs, speedup, decisions = measure_knobs(model, sample, knobs, seeds, references)
         log(f"  cache_ratio {ratio:.3f} on seeds {list(seeds)}: PSNR {', '.join(f'{p:.2f}' for p in psnrs)} dB, "
             f"{speedup:.2f}x fewer FLOPs ({time.perf_counter() - start:.1f}s)")
-        return {"cache_ratio": ratio, "psnrs": psnrs, "flops_speedup": speedup, **knobs,
-                "decisions": stats["decisions"]}
+        return {"cache_ratio": ratio, "psnrs": psnrs, "flops_speedup": speedup, **knobs, "decisions": decisions}
 
     log(f"searching cache_ratio for PSNR >= {target} dB: calibration seeds {list(CALIBRATION_SEEDS)}, "
         f"validation seeds {list(VALIDATION_SEEDS)}")
@@ -241,11 +250,12 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
     check_calibration_inputs(manifest, plan, sample)
     info: dict[str, Any] = {}
     steps, options = plan.num_inference_steps, cache_options(plan)
-    records = _recorded(model, sample, list(CALIBRATION_SEEDS)) if needs.ratio_map or needs.mask else []
+    records, references = (_recorded(model, sample, list(CALIBRATION_SEEDS)) if needs.ratio_map or needs.mask
+                           else ([], {}))
     if needs.rescale:
         # seeds 0.. : the search's validation seeds stay unseen unless the plan asks for many
         seeds = list(range(options.calibration_seeds))
-        fit_records = records if records and seeds == list(CALIBRATION_SEEDS) else _recorded(model, sample, seeds)
+        fit_records = records if records and seeds == list(CALIBRATION_SEEDS) else _recorded(model, sample, seeds)[0]
         rescale, info["rescale_fit"] = fit_rescale(fit_records, seeds, log)
         _set_gates(model, lambda gate, g: dataclasses.replace(gate, rescale=rescale))
     knobs_for = None  # the plan's own knobs, unless calibration maps cache_ratio for this model
@@ -268,20 +278,43 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
         if needs.ratio_map:
             ratio_map = RatioMap(gate, ts, base, schedules, magnitudes)
             knobs_for = ratio_map.knobs
+            ratio = plan.cache.cache_ratio
+            if not needs.search and ratio > 0:
+                info["ratio_fit"] = _fit_gain(ratio_map, ratio, model, sample, references, log)
             info["ratio_map"] = ratio_map.describe()
             if not needs.search:
-                knobs = knobs_for(plan.cache.cache_ratio)
+                knobs = knobs_for(ratio)
                 _set_gates(model, with_knobs(knobs))
                 error, skipped = ratio_map.error(knobs)
-                log(f"cache_ratio {plan.cache.cache_ratio:g} on this model: {_knob_text(plan.cache.strategy, knobs)}, "
+                log(f"cache_ratio {ratio:g} on this model: {_knob_text(plan.cache.strategy, knobs)}, "
                     f"replayed on {len(ts)} recorded generation(s): {skipped:.0%} of the gated FLOPs "
-                    f"skipped, error {error:.4f} per step (budget {plan.cache.cache_ratio * ERROR_PER_RATIO:.4f})")
+                    f"skipped, error {error:.4f} per step (budget {ratio_map.budget(ratio):.4f})")
         else:  # magcache with a fixed threshold: only its mask to fill in
             _set_gates(model, lambda g, _: dataclasses.replace(g, mask=magcache_mask(g, magnitudes, options.threshold)))
     if needs.search:
-        info["search"] = search_ratio(model, plan, sample, plan.cache.target_psnr, log, knobs_for)
+        info["search"] = search_ratio(model, plan, sample, plan.cache.target_psnr, log, knobs_for, references)
     for spec, runner in zip(manifest.programs, model.programs):
         spec.gates = [dataclasses.replace(gate, calibration=info) for gate in runner.spec.gates]
+
+
+def _fit_gain(ratio_map: RatioMap, ratio: float, model, sample: Callable, references: dict[int, torch.Tensor],
+              log) -> dict[str, Any]:
+    """Set the ratio map's gain so that `ratio` gives about ratio_psnr(ratio) on the calibration seeds
+    (dacc/compiler/ratio_fit.py); what was measured, for the manifest."""
+    target = ratio_psnr(ratio)
+    log(f"cache_ratio {ratio:g} asks for about {target:.1f} dB: measuring this model's output error on "
+        f"calibration seeds {list(CALIBRATION_SEEDS)}")
+
+    def measure(knobs: dict) -> tuple[float, float]:
+        psnrs, speedup, _ = measure_knobs(model, sample, knobs, CALIBRATION_SEEDS, references)
+        return statistics.mean(psnrs), speedup
+
+    chosen, runs = fit_budget(ratio_map.knobs_at, measure, ratio_map.budget(ratio), target, log)
+    ratio_map.gain = chosen.budget / (ratio * ERROR_PER_RATIO)
+    log(f"  chose budget {chosen.budget:.4g} (gain {ratio_map.gain:.3g}): {chosen.psnr:.2f} dB, "
+        f"{chosen.flops_speedup:.2f}x fewer FLOPs")
+    return {"cache_ratio": ratio, "target_psnr": round(target, 3), "seeds": list(CALIBRATION_SEEDS),
+            "runs": [r.row() for r in runs], "chosen": chosen.row()}
 
 
 # What calibration sets on a gate; everything else is the passes' and the same in the twin

@@ -10,9 +10,10 @@ its knob, and scores each setting by the error it would add:
     error = (1 / steps) * sum over skipped steps i of mean|stand-in_i - residual_i| / mean|residual|
 
 where the stand-in is what the runtime would use (the last computed residual, or its Taylor
-forecast). `cache_ratio` r buys an error budget of r * ERROR_PER_RATIO, and each strategy gets the
-most aggressive knob whose replayed error fits the budget. The same ratio thus means about the same
-error, on every model and for every strategy:
+forecast). `cache_ratio` r buys an error budget of r * ERROR_PER_RATIO * gain, and each strategy
+gets the most aggressive knob whose replayed error fits the budget. The same ratio thus means about
+the same replayed error on every model and for every strategy; the gain, measured on sample()
+(dacc/compiler/ratio_fit.py), turns that into about the same PSNR:
 
 - dbcache, teacache: the largest threshold within budget (bisection);
 - taylorseer: refresh steps chosen greedily where the forecast error would exceed a tolerance (so
@@ -22,8 +23,9 @@ error, on every model and for every strategy:
   fewest FLOPs (dacc/compiler/schedule.py);
 - magcache: the largest threshold of MagCache's rule within budget (dacc/compiler/magcache.py).
 
-The replay ignores that skipping a step changes what later steps see, so the budget is a guide;
-`target_psnr` (dacc/compiler/calibrate.py) measures the real thing.
+The replay ignores that skipping a step changes what later steps see, and how the model carries a
+residual error to its output, so the budget alone is a guide; the gain and `target_psnr`
+(dacc/compiler/calibrate.py) measure the real thing.
 """
 from __future__ import annotations
 
@@ -143,6 +145,7 @@ class RatioMap:
         self.magnitudes = magnitudes
         self.steps = len(ts[0].residuals)
         self.scale = max(float(torch.cat([t.residuals.abs().flatten() for t in ts]).mean()), 1e-12)
+        self.gain = 1.0  # budget per ratio over ERROR_PER_RATIO: set from measured PSNR (ratio_fit.py)
         self._memo: dict[float, dict] = {}
 
     def error(self, knobs: dict) -> tuple[float, float]:
@@ -155,11 +158,18 @@ class RatioMap:
         n = len(results) * self.steps
         return sum(e for e, _ in results) / n, sum(s for _, s in results) / n
 
+    def budget(self, ratio: float) -> float:
+        return ratio * ERROR_PER_RATIO * self.gain
+
     def knobs(self, ratio: float) -> dict:
-        """The most aggressive knobs whose replayed error fits ratio * ERROR_PER_RATIO."""
-        if ratio not in self._memo:
-            self._memo[ratio] = self._knobs(ratio * ERROR_PER_RATIO) if ratio > 0 else self._no_skip()
-        return dict(self._memo[ratio])
+        """The most aggressive knobs whose replayed error fits the ratio's budget."""
+        return self.knobs_at(self.budget(ratio))
+
+    def knobs_at(self, budget: float) -> dict:
+        """The most aggressive knobs whose replayed error per step fits `budget`."""
+        if budget not in self._memo:
+            self._memo[budget] = self._knobs(budget) if budget > 0 else self._no_skip()
+        return dict(self._memo[budget])
 
     def _no_skip(self) -> dict:
         if self.gate.strategy in CALIBRATED_MASKS:
@@ -194,7 +204,8 @@ class RatioMap:
             points.append({"cache_ratio": r, "threshold": round(knobs["threshold"], 6),
                            "computed_steps": self.steps - round(skipped * self.steps),
                            "error": round(error, 5), "skipped": round(skipped, 3)})
-        return {"error_per_ratio": ERROR_PER_RATIO, "recordings": len(self.ts), "points": points}
+        return {"error_per_ratio": ERROR_PER_RATIO, "gain": round(self.gain, 4), "recordings": len(self.ts),
+                "points": points}
 
 
 def _largest_within(make: Callable[[float], dict], fits: Callable[[dict], bool]) -> dict:

@@ -18,8 +18,9 @@ import yaml
 import dacc
 from dacc.cli import main
 from dacc.compiler.compile import compile_model
+from dacc.compiler.ratio_fit import FitRun, choose
 from dacc.compiler.ratio_map import ERROR_PER_RATIO
-from dacc.compiler.search_seeds import HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_psnr
+from dacc.compiler.search_seeds import CALIBRATION_SEEDS, HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_psnr
 from dacc.models.glyphs import GLYPHS
 from dacc.models.glyphs.model import sample
 from dacc.runtime.cache import planned_actions
@@ -98,7 +99,9 @@ def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_
     record = gate.calibration["schedule"]
     # the fewest computed steps whose measured cost per step fits ratio 0.5's error budget
     (only,) = record["ranges"]
-    fits = [int(m) for m, c in only["least_cost"].items() if c / SCHEDULE_STEPS <= 0.5 * ERROR_PER_RATIO + 1e-5]
+    budget = gate.calibration["ratio_fit"]["chosen"][0]  # ratio 0.5's budget on this model, fitted on sample()
+    assert budget == pytest.approx(0.5 * ERROR_PER_RATIO * gate.calibration["ratio_map"]["gain"], rel=1e-3)
+    fits = [int(m) for m, c in only["least_cost"].items() if c / SCHEDULE_STEPS <= budget + 1e-5]
     assert gate.probe == "none" and gate.strategy == "schedule"
     assert sum(gate.mask) == min(fits) < SCHEDULE_STEPS
     assert len(only["step_costs"]) == SCHEDULE_STEPS and all(c > 0 for c in only["step_costs"][1:])
@@ -109,6 +112,20 @@ def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_
     mask = "[" + ", ".join(str(m).lower() for m in gate.mask) + "]"
     by_hand = _compile(tmp_path, f"{{strategy: scm, options: {{mask: {mask}}}}}", steps=SCHEDULE_STEPS)
     assert torch.equal(sample(dacc.load(by_hand), 7), images)
+
+
+def test_the_ratio_fit_records_what_the_artifact_computes_on_the_calibration_seeds(scheduled, eager):
+    """cache_ratio 0.5 asks for about 30 dB: the fit's chosen run is the shipped artifact, measured
+    against the uncached model on the calibration seeds, and the run its rule prefers."""
+    model = dacc.load(scheduled)
+    fit = model.manifest.programs[0].gates[0].calibration["ratio_fit"]
+    budget, psnr, speedup = fit["chosen"]
+    assert fit["target_psnr"] == 30.0 and fit["seeds"] == list(CALIBRATION_SEEDS) and [budget, psnr, speedup] in fit["runs"]
+    measured = [seed_psnr(sample(model, s), sample(eager, s, steps=SCHEDULE_STEPS)) for s in CALIBRATION_SEEDS]
+    stats = model.stats()
+    assert statistics.mean(measured) == pytest.approx(psnr, abs=0.05)
+    assert stats["flops_total"] / stats["flops_computed"] == pytest.approx(speedup, rel=1e-3) and speedup > 1
+    assert choose([FitRun(*run) for run in fit["runs"]], 30.0).row() == fit["chosen"]
 
 
 def test_a_step_by_range_schedule_gives_each_block_range_its_own_mask(tmp_path, capsys):

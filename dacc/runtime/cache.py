@@ -96,17 +96,20 @@ def rel_l1(current: list[torch.Tensor], previous: list[torch.Tensor]) -> float:
 
 def measure(gate: CacheGate, state: GateState, env: dict) -> tuple[list[torch.Tensor] | None, float | None]:
     """The gate's probe value for this step and its change against the remembered one (None on
-    the first step), in one fused pass per probed tensor."""
+    the first step). Several probed tensors (a joint block's two streams) are flattened into one
+    value first: one fused statistics pass and no per-stream sums to add, the fewest dispatches on
+    the one path a never-firing gate runs every step."""
     if gate.probe == "none":
         return None, None
-    prev = state.prev_probe
-    values, stats = [], []
-    for k, name in enumerate(gate.probe_values):
-        base = env[gate.probe_base[k]] if gate.probe == "residual" else None
-        value, s = l1_change(env[name], prev[k] if prev is not None else None, base)
-        values.append(value)
-        stats.append(s)
-    return values, (_ratio(stats) if prev is not None else None)
+    prev = state.prev_probe[0] if state.prev_probe is not None else None
+    residual = gate.probe == "residual"
+    if len(gate.probe_values) == 1:  # the value and its statistics in one pass (Triton on CUDA)
+        value, stats = l1_change(env[gate.probe_values[0]], prev, env[gate.probe_base[0]] if residual else None)
+    else:
+        parts = ([env[v] - env[b] for v, b in zip(gate.probe_values, gate.probe_base)] if residual
+                 else [env[v] for v in gate.probe_values])
+        value, stats = l1_change(torch.cat([x.reshape(-1) for x in parts]), prev)
+    return [value], (_ratio([stats]) if stats is not None else None)
 
 
 def polyval(coefficients: list[float], x: float) -> float:

@@ -90,7 +90,7 @@ def markdown(report: dict) -> str:
     lines = [f"`cache_ratio: {report['cache_ratio']:g}` at {report['steps']} steps: held-out PSNR (seeds "
              f"{report['held_out_seeds']}, mean) and matmul FLOPs speedup; fixed = the defaults' knob, mapped = "
              f"measured on the model's own recordings and fitted to the asked PSNR "
-             f"({ratio_psnr(report['cache_ratio']):.1f} dB) on calibration seeds 0-1 (the scale's anchor was "
+             f"({ratio_psnr(report['cache_ratio']):.1f} dB) on seeds 0-3 (the scale's anchor was "
              f"chosen on {TUNED_ON}).", "",
              "| strategy | model | fixed: PSNR dB | fixed: FLOPs | mapped: PSNR dB | mapped: FLOPs |", "|---|---|---|---|---|---|"]
     by_strategy: dict[str, list[dict]] = {}

@@ -21,7 +21,7 @@ import torch
 
 from dacc.compiler.cache_knobs import CALIBRATED_MASKS, dynamic_knobs
 from dacc.compiler.magcache import magcache_mask, magnitude_ratios
-from dacc.compiler.ratio_fit import fit_budget, ratio_psnr
+from dacc.compiler.ratio_fit import FIT_SEEDS, fit_budget, ratio_psnr
 from dacc.compiler.ratio_map import (ERROR_PER_RATIO, MAPPED, RatioMap, Trajectory, range_flops, trajectories,
                                      with_knobs)
 from dacc.compiler.schedule import RangeSchedules, optimal_schedules, residual_costs, residual_scale
@@ -299,21 +299,24 @@ def calibrate(manifest: Manifest, model, plan: Plan, sample: Callable | None, lo
 
 def _fit_gain(ratio_map: RatioMap, ratio: float, model, sample: Callable, references: dict[int, torch.Tensor],
               log) -> dict[str, Any]:
-    """Set the ratio map's gain so that `ratio` gives about ratio_psnr(ratio) on the calibration seeds
+    """Set the ratio map's gain so that `ratio` gives about ratio_psnr(ratio) on the fit seeds
     (dacc/compiler/ratio_fit.py); what was measured, for the manifest."""
     target = ratio_psnr(ratio)
     log(f"cache_ratio {ratio:g} asks for about {target:.1f} dB: measuring this model's output error on "
-        f"calibration seeds {list(CALIBRATION_SEEDS)}")
+        f"seeds {list(FIT_SEEDS)}")
+    missing = [s for s in FIT_SEEDS if s not in references]
+    _set_gates(model, _never_skip)
+    references = {**references, **dict(zip(missing, run_samples(model, sample, missing)[0]))}
 
     def measure(knobs: dict) -> tuple[float, float]:
-        psnrs, speedup, _ = measure_knobs(model, sample, knobs, CALIBRATION_SEEDS, references)
+        psnrs, speedup, _ = measure_knobs(model, sample, knobs, FIT_SEEDS, references)
         return statistics.mean(psnrs), speedup
 
     chosen, runs = fit_budget(ratio_map.knobs_at, measure, ratio_map.budget(ratio), target, log)
     ratio_map.gain = chosen.budget / (ratio * ERROR_PER_RATIO)
     log(f"  chose budget {chosen.budget:.4g} (gain {ratio_map.gain:.3g}): {chosen.psnr:.2f} dB, "
         f"{chosen.flops_speedup:.2f}x fewer FLOPs")
-    return {"cache_ratio": ratio, "target_psnr": round(target, 3), "seeds": list(CALIBRATION_SEEDS),
+    return {"cache_ratio": ratio, "target_psnr": round(target, 3), "seeds": list(FIT_SEEDS),
             "runs": [r.row() for r in runs], "chosen": chosen.row()}
 
 

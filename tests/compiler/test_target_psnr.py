@@ -18,9 +18,9 @@ import yaml
 import dacc
 from dacc.cli import main
 from dacc.compiler.compile import compile_model
-from dacc.compiler.ratio_fit import FitRun, choose
+from dacc.compiler.ratio_fit import FIT_SEEDS, FitRun, choose
 from dacc.compiler.ratio_map import ERROR_PER_RATIO
-from dacc.compiler.search_seeds import CALIBRATION_SEEDS, HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_psnr
+from dacc.compiler.search_seeds import HELD_OUT_SEEDS, VALIDATION_SEEDS, seed_psnr
 from dacc.models.glyphs import GLYPHS
 from dacc.models.glyphs.model import sample
 from dacc.runtime.cache import planned_actions
@@ -116,12 +116,12 @@ def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_
 
 def test_the_ratio_fit_records_what_the_artifact_computes_on_the_calibration_seeds(scheduled, eager):
     """cache_ratio 0.5 asks for about 30 dB: the fit's chosen run is the shipped artifact, measured
-    against the uncached model on the calibration seeds, and the run its rule prefers."""
+    against the uncached model on the fit seeds, and the run its rule prefers."""
     model = dacc.load(scheduled)
     fit = model.manifest.programs[0].gates[0].calibration["ratio_fit"]
     budget, psnr, speedup = fit["chosen"]
-    assert fit["target_psnr"] == 30.0 and fit["seeds"] == list(CALIBRATION_SEEDS) and [budget, psnr, speedup] in fit["runs"]
-    measured = [seed_psnr(sample(model, s), sample(eager, s, steps=SCHEDULE_STEPS)) for s in CALIBRATION_SEEDS]
+    assert fit["target_psnr"] == 30.0 and fit["seeds"] == list(FIT_SEEDS) and [budget, psnr, speedup] in fit["runs"]
+    measured = [seed_psnr(sample(model, s), sample(eager, s, steps=SCHEDULE_STEPS)) for s in FIT_SEEDS]
     stats = model.stats()
     assert statistics.mean(measured) == pytest.approx(psnr, abs=0.05)
     assert stats["flops_total"] / stats["flops_computed"] == pytest.approx(speedup, rel=1e-3) and speedup > 1

@@ -11,8 +11,8 @@ So the compiler measures that gain on the model. Starting from the replay's budg
 cached artifact on the fit seeds (sample()), compares with their uncached output, and moves
 the budget along the line PSNR = a + slope * log10(budget): first with the slope of an output error
 proportional to the budget (-20 dB per decade), then with the slope the runs measured, and once two
-runs bracket the asked PSNR, by interpolating between them. At most FIT_RUNS runs; it keeps the fastest run within FIT_TOLERANCE of the asked PSNR (or above it), else
-the one closest from below. `cache.target_psnr` is the setting that promises a PSNR on unseen
+runs bracket the asked PSNR, by interpolating between them. At most FIT_RUNS runs; it keeps the
+fastest run within FIT_TOLERANCE of the asked PSNR (or above it), else the one closest from below. `cache.target_psnr` is the setting that promises a PSNR on unseen
 seeds; this makes the plain ratio mean about the same on every model, at the cost of a few cached
 generations at compile time.
 """
@@ -97,7 +97,6 @@ def next_budget(runs: list[FitRun], target: float) -> float:
             measured = (last.psnr - prev.psnr) / decades
             slope = measured if SLOPE_RANGE[0] <= measured <= SLOPE_RANGE[1] else slope
     return last.budget * 10.0 ** ((target - last.psnr) / slope)
-    return choose(runs, target), runs
 
 
 def choose(runs: list[FitRun], target: float) -> FitRun:

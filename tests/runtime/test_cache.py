@@ -88,6 +88,24 @@ def test_measure_probes_residual_against_the_remembered_one():
     assert abs(stat - float((a - prev).abs().sum() / prev.abs().sum())) < 1e-6 * expected
 
 
+@pytest.mark.parametrize("probe", ["residual", "input"])
+def test_two_probed_streams_change_as_one_value(probe):
+    """A joint block's two streams (of different token counts) are one probe value: the statistic
+    over both equals the sums of each stream's |change| over the sums of each stream's |previous|."""
+    g = gate(probe=probe, probe_values=["p", "t"], probe_base=["q", "u"] if probe == "residual" else [])
+    env = {k: torch.randn(2, n, 16) for k, n in (("p", 8), ("q", 8), ("t", 3), ("u", 3))}
+    streams = [env["p"] - env["q"], env["t"] - env["u"]] if probe == "residual" else [env["p"], env["t"]]
+    state = GateState()
+    (first,), stat = measure(g, state, env)
+    assert stat is None and torch.equal(first, torch.cat([s.flatten() for s in streams]))
+    previous = [torch.randn_like(s) for s in streams]
+    state.prev_probe = [torch.cat([p.flatten() for p in previous])]
+    _, stat = measure(g, state, env)
+    expected = sum(float((s - p).abs().sum()) for s, p in zip(streams, previous)) / sum(
+        float(p.abs().sum()) for p in previous)
+    assert stat == pytest.approx(expected, rel=1e-5)
+
+
 def test_residuals_are_formed_only_when_a_step_skips():
     inputs, outputs = [torch.randn(4)], [torch.randn(4)]
     c = Computed(0, inputs, outputs)

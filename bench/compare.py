@@ -249,15 +249,19 @@ def main(argv=None) -> int:
         fresh = {**compare_model(trained_models()[name], args.per_class, args.repeats, args.seed, args.only),
                  "versions": _versions()}
         earlier = report["models"].get(name)
-        if args.only and earlier:  # the new rows replace their namesakes; the section's eager stays the full run's
-            names = {c["name"] for c in fresh["configs"]}
-            kept = [c for c in earlier["configs"] if c["name"] not in names]
-            fresh = {**earlier, "configs": kept + fresh["configs"], "summary": summarize(kept + fresh["configs"]),
-                     "rerun": {**earlier.get("rerun", {}), args.only: fresh["eager"]}}
-        report["models"][name] = fresh
+        report["models"][name] = merge_rerun(earlier, fresh, args.only) if args.only and earlier else fresh
         write_results("compare", finite(report), markdown(report))  # after every model: a long run keeps its part
         pareto_plot(report, RESULTS / "compare.png")
     return 0
+
+
+def merge_rerun(earlier: dict, fresh: dict, only: str) -> dict:
+    """A model's section after rerunning the configurations matching `only`: the new rows replace
+    their namesakes, the section's eager stays the full run's, and the rerun's eager is recorded."""
+    names = {c["name"] for c in fresh["configs"]}
+    rows = [c for c in earlier["configs"] if c["name"] not in names] + fresh["configs"]
+    return {**earlier, "configs": rows, "summary": summarize(rows),
+            "rerun": {**earlier.get("rerun", {}), only: fresh["eager"]}}
 
 
 LIBRARIES = ("dacc", "diffusers", "cache-dit")
@@ -267,9 +271,11 @@ def summarize(rows: list[dict], target: float = 30.0) -> dict:
     """Per library, the fastest configuration (wall) at PSNR >= target."""
     best = {}
     for r in rows:
-        if "speedup" in r and r["psnr"] >= target:
+        psnr = r.get("psnr")
+        if "speedup" in r and (psnr is None or psnr >= target):  # None: identical (inf, as JSON keeps it)
             if r["library"] not in best or r["speedup"] > best[r["library"]]["speedup"]:
-                best[r["library"]] = {"name": r["name"], "speedup": r["speedup"], "psnr": r["psnr"],
+                best[r["library"]] = {"name": r["name"], "speedup": r["speedup"],
+                                      "psnr": psnr if psnr is not None else float("inf"),
                                       "flops_speedup": r["flops_speedup"]}
     return {"target_psnr": target, "best": best}
 

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
             flops = generation_flops(model, encoder, labels, args.steps, seed, trained=m)
             outs = held_out(m, model, encoder, args.steps)
             per_seed = [seed_psnr(o, r) for o, r in zip(outs, refs)]
-            gate = model.manifest.programs[0].gates[0]
+            gates = model.manifest.programs[0].gates
+            gate = gates[0] if gates else None  # the empty plan has none
             rows.append({"name": name, "cache": cache, "seconds": seconds, "flops": flops,
                          "psnr": statistics.mean(per_seed), "psnr_worst_seed": min(per_seed),
                          "ssim": ssim(torch.cat(outs), torch.cat(refs)),

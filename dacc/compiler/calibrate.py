@@ -67,6 +67,14 @@ def _recorded(model, sample: Callable, seeds: list[int]) -> tuple[list[StepRecor
             runner.spec.gates = originals[id(runner)]
 
 
+def add_references(model, sample: Callable, seeds, references: dict[int, torch.Tensor]) -> None:
+    """Put the uncached output of every seed of `seeds` that `references` lacks into it."""
+    missing = [s for s in seeds if s not in references]
+    if missing:
+        _set_gates(model, _never_skip)
+        references.update(zip(missing, run_samples(model, sample, missing)[0]))
+
+
 def measure_knobs(model, sample: Callable, knobs: dict, seeds: list[int] | tuple[int, ...],
                   references: dict[int, torch.Tensor]) -> tuple[list[float], float, dict]:
     """(PSNR per seed against its uncached output, FLOPs speedup, decisions) of the artifact with
@@ -155,10 +163,7 @@ def search_ratio(model, plan: Plan, sample: Callable, target: float, log,
     references = dict(references or {})  # uncached outputs per seed, run when first needed
 
     def evaluate(ratio: float, seeds: tuple[int, ...]) -> dict[str, Any]:
-        missing = [s for s in seeds if s not in references]
-        if missing:
-            _set_gates(model, _never_skip)
-            references.update(zip(missing, run_samples(model, sample, missing)[0]))
+        add_references(model, sample, seeds, references)
         knobs = knobs_for(ratio)
         start = time.perf_counter()
         psnrs, speedup, decisions = measure_knobs(model, sample, knobs, seeds, references)
@@ -304,9 +309,8 @@ def _fit_gain(ratio_map: RatioMap, ratio: float, model, sample: Callable, refere
     target = ratio_psnr(ratio)
     log(f"cache_ratio {ratio:g} asks for about {target:.1f} dB: measuring this model's output error on "
         f"seeds {list(FIT_SEEDS)}")
-    missing = [s for s in FIT_SEEDS if s not in references]
-    _set_gates(model, _never_skip)
-    references = {**references, **dict(zip(missing, run_samples(model, sample, missing)[0]))}
+    references = dict(references)
+    add_references(model, sample, FIT_SEEDS, references)
 
     def measure(knobs: dict) -> tuple[float, float]:
         psnrs, speedup, _ = measure_knobs(model, sample, knobs, FIT_SEEDS, references)

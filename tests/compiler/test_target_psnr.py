@@ -114,7 +114,7 @@ def test_the_schedule_ships_as_a_static_mask_the_runtime_follows(scheduled, tmp_
     assert torch.equal(sample(dacc.load(by_hand), 7), images)
 
 
-def test_the_ratio_fit_records_what_the_artifact_computes_on_the_calibration_seeds(scheduled, eager):
+def test_the_ratio_fit_records_what_the_artifact_computes_on_the_fit_seeds(scheduled, eager):
     """cache_ratio 0.5 asks for about 30 dB: the fit's chosen run is the shipped artifact, measured
     against the uncached model on the fit seeds, and the run its rule prefers."""
     model = dacc.load(scheduled)

@@ -191,7 +191,8 @@ def _calibrated_twin(traced: TracedModel, programs: list[Traced], plan: Plan, sm
     plan without parallel degrees, written to a scratch directory and calibrated there), whose knobs
     the parallel gates adopt. None when nothing calibrates. The passes run on copies."""
     twin_plan = plan.model_copy(update={"parallel": ParallelPlan()})
-    irs = _passes_on_copies(programs, twin_plan, PIPELINE, smoothing, hessians)
+    # no lowering: the twin only runs to calibrate, op by op
+    irs = _passes_on_copies(programs, twin_plan, UNLOWERED, smoothing, hessians)
     twin = build_manifest(traced.model, twin_plan, irs, traced.output_type, str(traced.path))
     if not needs_calibration(twin, twin_plan):
         return None
@@ -246,9 +247,13 @@ def build_manifest(model: torch.nn.Module, plan: Plan, irs: list[ProgramIR], out
         passes=[PassRecord(p.name, p.reason) for p in PIPELINE], num_inference_steps=plan.num_inference_steps,
         timestep_input=next((n for n in TIMESTEP_NAMES if n in paths), None), output_type=output_type,
         programs=[program_spec(ir, i, where) for i, ir in enumerate(irs)], files={},
-        parallel=ParallelSpec(plan.parallel.cfg, plan.parallel.ulysses, plan.parallel.ring, plan.parallel.fsdp,
-                              plan.parallel.vae_patch),
+        parallel=parallel_spec(plan),
         fsdp=fsdp_spec(irs, plan.parallel.fsdp, where))
+
+
+def parallel_spec(plan: Plan) -> ParallelSpec:
+    par = plan.parallel
+    return ParallelSpec(par.cfg, par.ulysses, par.ring, par.fsdp, par.vae_patch)
 
 
 def fsdp_spec(irs: list[ProgramIR], degree: int, where: str) -> FsdpSpec | None:

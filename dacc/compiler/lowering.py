@@ -12,6 +12,10 @@ Packages are cached under $DACC_CACHE_DIR (default ~/.cache/dacc) by key, torch 
 target, so recompiling a model reuses them. Every segment a package serves is checked against
 its graph on the boundary values of every example the program serves, cached or not; a segment
 whose package fails to build or to match runs as a graph, and the manifest says why.
+A partitioned program's segments call dacc's communication operators (dacc/kernels/collectives.py);
+Inductor leaves a custom operator as a call back into the dispatcher, so a package exchanges data
+over whatever groups the runtime binds, like the graph. Such a program is lowered on its ranks
+(dacc/compiler/lowering_ranks.py).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import sympy
 import torch
@@ -212,14 +216,41 @@ def flat_example(inputs, example: dict[str, Any]) -> list[Any]:
     return [given[s.path] if s.kind == "tensor" else s.value for s in inputs]
 
 
-def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, symbol_names: dict[Any, str],
-                  log: Callable[[str], None]) -> ProgramLowering:
-    """Lower every segment of `runner` (a runtime ProgramRunner over the program being compiled)."""
+class Ranks(Protocol):
+    """How the ranks of a parallel program's lowering agree (dacc/compiler/lowering_ranks.py): one
+    rank builds each package, every rank checks it on its own boundary values (its collectives
+    exchange data with the others, so all of them run every check, in the same order)."""
+    builds: bool
+
+    def share(self, why: str | None) -> str | None:  # the building rank's outcome, on every rank
+        ...
+
+    def worst(self, error: float) -> float:  # the largest error over the ranks
+        ...
+
+
+def symbol_exprs(runner) -> dict[Any, str]:
+    """The program's size symbols as they appear in its traced shapes -> their manifest names."""
+    nodes = {n.name: n for n in runner.weights.graph.nodes}
+    index = {spec.path: k for k, spec in enumerate(runner.spec.inputs)}
+    found = {}
+    for sym in runner.spec.symbols:
+        size = nodes[runner.placeholder_names[index[sym.input]]].meta["val"].shape[sym.dim]
+        if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+            found[size.node.expr] = sym.name
+    return found
+
+
+def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, log: Callable[[str], None],
+                  ranks: Ranks | None = None) -> ProgramLowering:
+    """Lower every segment of `runner` (a runtime ProgramRunner over the program being compiled);
+    `ranks` when the program is partitioned and this is one of its ranks."""
     from torch._C._aoti import AOTIModelPackageLoader
 
     result = ProgramLowering(device)
     specs = runner.spec.segments
     source = {n.name: n for n in runner.weights.graph.nodes}
+    symbol_names = symbol_exprs(runner)
     move = (lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
     recorded: list[list[list[Any]]] = []  # per example, per segment: its arguments
     carriers: list[dict[str, torch.Tensor]] = []  # per example: the size carriers
@@ -256,25 +287,31 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, s
     for n, (key, members) in enumerate(groups.items(), start=1):
         first, canon = members[0]
         names = ", ".join(specs[i].name for i, _ in members)
-        path, seconds = store / f"{key}.pt2", 0.0
-        try:
-            if not path.is_file():
-                log(f"lowering [{n}/{len(groups)}] {names} ({canon.num_nodes} nodes) ...")
-                start = time.perf_counter()
-                build(canon, package_args(canon, 0, first), path)
-                seconds = time.perf_counter() - start
-                log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")
-            else:
-                log(f"lowering [{n}/{len(groups)}] {names}: package from the compile cache")
-            loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-            for i, canon_i in members:
-                _verify(loader, runner.segments[i], [(r[i], package_args(canon_i, e, i)) for e, r in enumerate(recorded)])
-        except Exception as exc:  # an Inductor failure or a mismatch: the segments still run as graphs
-            why = str(exc) if isinstance(exc, NotLowerable) else \
-                f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        path, seconds, why = store / f"{key}.pt2", 0.0, None
+        if ranks is None or ranks.builds:
+            try:
+                if not path.is_file():
+                    log(f"lowering [{n}/{len(groups)}] {names} ({canon.num_nodes} nodes) ...")
+                    start = time.perf_counter()
+                    # the example with the largest dynamic sizes: export would fix a size of 1 (the
+                    # batch a CFG rank holds of a batch of 2) as a constant
+                    example = max(range(len(recorded)), key=lambda e: _smallest_dynamic(canon, package_args(canon, e, first)))
+                    build(canon, package_args(canon, example, first), path)
+                    seconds = time.perf_counter() - start
+                    log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")
+                else:
+                    log(f"lowering [{n}/{len(groups)}] {names}: package from the compile cache")
+            except Exception as exc:  # an Inductor failure: the segments still run as graphs
+                why = _reason(exc)
+        if ranks is not None:
+            why = ranks.share(why)
+        if why is None:
+            why = _check(AOTIModelPackageLoader, path, runner, members, recorded, package_args, ranks)
+        if why is not None:
             for i, _ in members:
                 result.unlowered[specs[i].name] = why
-            path.unlink(missing_ok=True)  # never reuse a package that failed
+            if ranks is None or ranks.builds:
+                path.unlink(missing_ok=True)  # never reuse a package that failed
             log(f"warning: {names} stay unlowered: {why}")
             continue
         file = f"lowered-{key[:16]}.pt2"
@@ -284,17 +321,38 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, s
     return result
 
 
-def _verify(loader, segment: fx.GraphModule, cases: list[tuple[list[Any], list[torch.Tensor]]]) -> None:
-    """The package against the segment's graph on each example's (graph arguments, package arguments)."""
-    with torch.no_grad():
-        for values, package_args in cases:
-            ref = list(segment(*values))
-            got = loader.run(package_args)
-            dtype = next((r.dtype for r in ref if isinstance(r, torch.Tensor)), torch.float32)
-            tol = TOLERANCE.get(dtype, 1e-2)
-            err = rel_error(got, ref)
-            if err > tol:
-                raise NotLowerable(f"the package differs from the graph (relative error {err:.2e} > {tol:g})")
+def _smallest_dynamic(canon: Canonical, args: list[torch.Tensor]) -> int:
+    return min((a.shape[d] for a, dims in zip(args, canon.dynamic) for d in dims or {}), default=0)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, NotLowerable) else \
+        f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def _check(loader_type, path: Path, runner, members, recorded, package_args, ranks: Ranks | None) -> str | None:
+    """Why the package at `path` cannot serve its segments (None when it matches every one on every
+    example). Every check runs even after one fails, so that ranks stay in step."""
+    worst, tol, why = 0.0, 1.0, None
+    try:
+        loader = loader_type(str(path), "model", False, 1, -1)
+        with torch.no_grad():
+            for i, canon in members:
+                for e, per_segment in enumerate(recorded):
+                    ref = list(runner.segments[i](*per_segment[i]))
+                    got = loader.run(package_args(canon, e, i))
+                    dtype = next((r.dtype for r in ref if isinstance(r, torch.Tensor)), torch.float32)
+                    tol = min(tol, TOLERANCE.get(dtype, 1e-2))
+                    worst = max(worst, rel_error(got, ref))
+    except Exception as exc:
+        worst, why = float("inf"), _reason(exc)
+    if ranks is not None:
+        worst = ranks.worst(worst)
+    if worst > tol:
+        if why is None and worst == float("inf"):
+            why = "the package failed on another rank (its error is in that rank's output)"
+        return why or f"the package differs from the graph (relative error {worst:.2e} > {tol:g})"
+    return None
 
 
 def lowering_spec(device: str, lowerings: list[ProgramLowering | None]) -> tuple[LoweringSpec | None, dict[str, Path]]:

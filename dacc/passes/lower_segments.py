@@ -2,7 +2,8 @@
 
 The graph is not rewritten: the segments stay in the program (the artifact still runs without
 the packages, on another machine or when asked to), and each lowered segment's manifest entry
-names the package and the arguments it takes. See dacc/compiler/lowering.py.
+names the package and the arguments it takes. See dacc/compiler/lowering.py; a partitioned
+program is lowered on its ranks (dacc/compiler/lowering_ranks.py).
 """
 from __future__ import annotations
 
@@ -22,17 +23,28 @@ def lower_segments(ir: ProgramIR, plan: Plan) -> PassResult:
     if low.device == "cuda" and not torch.cuda.is_available():
         raise DaccError("lower.device is cuda, but this machine has no CUDA device to build and check the kernels on",
                         "plan: lower.device", "compile on a CUDA machine, or set lower.device: cpu")
-    from dacc.compiler.compile import program_spec  # the runtime's view of this program, to cut it as it will
+    # the runtime's view of this program, to cut it as it will
+    from dacc.compiler.compile import parallel_spec, program_spec
     from dacc.runtime.program import ProgramRunner
 
     where = "program being lowered"
+    examples = [ir.traced.example, *ir.traced.also_serves]
+    if plan.parallel.world_size > 1:
+        from dacc.compiler.lowering_ranks import lower_on_ranks
+
+        ir.lowering = lower_on_ranks(ir.ep, program_spec(ir, 0, where), ir.traced.inputs, examples, low.device,
+                                     parallel_spec(plan), ir.log)
+        return _result(ir)
     runner = ProgramRunner(ir.ep, program_spec(ir, 0, where), where)
     if low.device == "cuda":
         runner.to("cuda")
         runner.retarget(torch.device("cuda"))
         runner.refresh_weights()
-    examples = [ir.traced.example, *ir.traced.also_serves]
-    ir.lowering = lower_program(runner, ir.traced.inputs, examples, low.device, ir.symbols, ir.log)
+    ir.lowering = lower_program(runner, ir.traced.inputs, examples, low.device, ir.log)
+    return _result(ir)
+
+
+def _result(ir: ProgramIR) -> PassResult:
     result = ir.lowering
     notes = [f"{len(result.calls)} segment(s) lowered into {len(result.packages)} package(s)"]
     notes += [f"{name} unlowered: {why}" for name, why in result.unlowered.items()]

@@ -5,6 +5,7 @@ A rank that raises makes `run_local` raise, naming the rank; the others are stop
 """
 from __future__ import annotations
 
+import datetime
 import socket
 from typing import Any, Callable
 
@@ -21,18 +22,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple, timeout: datetime.timedelta | None) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=default_timeout())
+                            timeout=timeout or default_timeout())
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_local(fn: Callable, world: int, *args: Any) -> None:
+def run_local(fn: Callable, world: int, *args: Any, timeout: datetime.timedelta | None = None) -> None:
+    """`timeout`: how long a collective waits (default: `default_timeout()`); a rank that exits
+    stops the others at once whatever it is."""
     try:
-        mp.spawn(_entry, args=(fn, world, _free_port(), args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(fn, world, _free_port(), args, timeout), nprocs=world, join=True)
     except mp.ProcessRaisedException as exc:
         text = str(exc).strip().splitlines()
         raise DaccError(f"a rank failed: {text[-1] if text else exc}", "run_local",

@@ -201,9 +201,10 @@ def conflicts(plan: "Plan", options: BaseModel) -> list[tuple[tuple, str]]:
     if par.vae_patch > 1 and par.world_size > par.vae_patch:
         out.append((("parallel", "vae_patch"), "parallel.vae_patch splits a VAE decoder, the other degrees a "
                     "transformer: compile each model with its own degrees (same world size, one artifact each)"))
-    if plan.parallel.world_size > 1 and plan.lower.backend != "none":
-        out.append((("lower", "backend"), "lower.backend 'inductor' does not yet compile parallel plans "
-                    "(their segments exchange data between ranks); use one or the other"))
+    if plan.parallel.world_size > 1 and plan.lower.backend != "none" and plan.lower.device == "cuda":
+        out.append((("lower", "device"), "lower.device cuda with parallel degrees: a parallel plan is lowered on "
+                    "its ranks, and the compiler starts them as local CPU processes (gloo); lower it for cpu, "
+                    "or compile the plan without lower and let the ranks run its graphs on CUDA"))
     if c.warmup + c.cooldown > plan.num_inference_steps:
         out.append((("cache", "warmup"), f"cache.warmup ({c.warmup}) + cache.cooldown ({c.cooldown}) exceed "
                     f"num_inference_steps ({plan.num_inference_steps}) (lower warmup/cooldown or raise "

@@ -30,7 +30,8 @@ def test_round_trip_through_yaml(tmp_path):
     ({"parallel": {"vae_patch": 65}}, ["parallel.vae_patch", "64"]),
     ({"parallel": {"cfg": 4}}, ["parallel.cfg", "1", "2"]),
     ({"parallel": {"ulysses": 0}}, ["parallel.ulysses", "greater than or equal to 1"]),
-    ({"parallel": {"ulysses": 2}, "lower": {"backend": "inductor"}}, ["lower.backend", "parallel plans"]),
+    ({"parallel": {"ulysses": 2}, "lower": {"backend": "inductor", "device": "cuda"}},
+     ["lower.device", "parallel degrees", "lower it for cpu"]),
     ({"cache": {"strategy": "scm", "warmup": 30, "cooldown": 30}}, ["warmup (30) + cache.cooldown (30) exceed num_inference_steps (50)"]),
     ([1, 2], ["must be a mapping"]),
 ])

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from dacc.kernels import l1_change
+from dacc.kernels import add_weighted, l1_change
 from dacc.runtime.ranks import fsdp_group, gate_group
 from dacc.schema.manifest import CacheGate
 
@@ -119,25 +119,39 @@ def polyval(coefficients: list[float], x: float) -> float:
     return out
 
 
-def forecast(history: list[tuple[int, list[torch.Tensor]]], order: int, step: int) -> list[torch.Tensor]:
-    """Newton interpolation through the newest `order + 1` computed residuals, evaluated at `step`:
-    exact for trajectories that are polynomials of degree <= order in the step index."""
-    points = history[-(order + 1):]
-    steps = [s for s, _ in points]
-    # divided-difference table, built from the newest point backwards
-    table = [r for _, r in reversed(points)]
-    xs = list(reversed(steps))
-    coeffs = [table[0]]
-    level = table
-    for k in range(1, len(points)):
-        level = [[(a - b) / (xs[i] - xs[i + k]) for a, b in zip(level[i], level[i + 1])] for i in range(len(level) - 1)]
-        coeffs.append(level[0])
-    out = [t.clone() for t in coeffs[0]]
-    basis = 1.0
-    for k in range(1, len(coeffs)):
-        basis *= step - xs[k - 1]
-        out = [o + basis * c for o, c in zip(out, coeffs[k])]
-    return out
+def forecast_weights(steps: list[int], step: int) -> list[float]:
+    """The weights that interpolate values known at `steps` to `step` (Lagrange's basis): a
+    forecast through these points is Σ w_k value_k, exact for trajectories that are polynomials of
+    degree < len(steps) in the step index. Host floats: a forecast is then one fused pass."""
+    weights = []
+    for k, xk in enumerate(steps):
+        w = 1.0
+        for j, xj in enumerate(steps):
+            if j != k:
+                w *= (step - xj) / (xk - xj)
+        weights.append(w)
+    return weights
+
+
+def skip_terms(gate: CacheGate, state: GateState, step: int, action: Action) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """What a skipped step adds to each stream's input: per stream, the cached residuals, and
+    their weights (a reuse: the last computed residual, weight 1; a forecast: the newest
+    order + 1, interpolated to this step)."""
+    if action is Action.FORECAST:
+        points = state.history[-(min(gate.taylor_order, len(state.history) - 1) + 1):]
+        weights = forecast_weights([c.step for c in points], step)
+    else:
+        points, weights = state.history[-1:], [1.0]
+    per_point = [c.residuals() for c in points]
+    return [list(stream) for stream in zip(*per_point)], weights
+
+
+def skipped_outputs(gate: CacheGate, state: GateState, step: int, action: Action,
+                    inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each stream's output on a skipped step: its input plus the weighted residuals, one fused
+    pass per stream (dacc/kernels/add_weighted.py)."""
+    terms, weights = skip_terms(gate, state, step, action)
+    return [add_weighted(x, t, weights) for x, t in zip(inputs, terms)]
 
 
 def action_when_skipped(gate: CacheGate, state: GateState) -> Action:
@@ -225,7 +239,6 @@ def record(gate: CacheGate, state: GateState, step: int, action: Action, compute
 
 
 def skipped_residuals(gate: CacheGate, state: GateState, step: int, action: Action) -> list[torch.Tensor]:
-    if action is Action.FORECAST:
-        points = [(c.step, c.residuals()) for c in state.history]
-        return forecast(points, min(gate.taylor_order, len(state.history) - 1), step)
-    return state.history[-1].residuals()
+    """The residual a skipped step stands in for each stream (what calibration compares)."""
+    terms, weights = skip_terms(gate, state, step, action)
+    return [add_weighted(torch.zeros_like(t[0]), t, weights) if weights != [1.0] else t[0] for t in terms]

@@ -11,7 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, decide, measure, record,
-                                skipped_residuals)
+                                skipped_outputs, skipped_residuals)
 from dacc.kernels.ops import missing_support
 from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
@@ -205,9 +205,10 @@ class CompiledTransformer(torch.nn.Module):
                     residuals = [o - i for i, o in zip(computed.inputs, computed.outputs)]
                 record(gate, state, counter.step, action, computed)
             else:
-                residuals = skipped_residuals(gate, state, counter.step, action)
-                for i, o, r in zip(gate.stream_in, gate.stream_out, residuals):
-                    env[o] = env[i] + r
+                if self._recorder is not None:
+                    residuals = skipped_residuals(gate, state, counter.step, action)
+                outs = skipped_outputs(gate, state, counter.step, action, [env[i] for i in gate.stream_in])
+                env.update(zip(gate.stream_out, outs))
                 record(gate, state, counter.step, action, None)
                 stats.segments_reused += done - gate.skip_first
             recorded.append((g, state.last_stat, action.value, residuals, state.prev_probe,

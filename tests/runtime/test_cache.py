@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dacc.runtime.cache import (Action, Computed, GateState, decide, forecast, measure, planned_actions, record,
-                                rel_l1)
+from dacc.runtime.cache import (Action, Computed, GateState, decide, forecast_weights, measure, planned_actions, record,
+                                rel_l1, skipped_outputs, skipped_residuals)
 from dacc.kernels.collectives import bind_groups
 from dacc.runtime.ranks import GATE
 from dacc.schema.manifest import CacheGate
@@ -122,14 +122,22 @@ def test_forecast_is_exact_for_polynomials_up_to_its_order(order):
 
     def traj(s):
         return sum(c * s ** i for i, c in enumerate(coeffs))
-    steps = [0, 3, 4, 7][: order + 1 + 1]
-    history = [(s, [traj(s)]) for s in steps]
+    g = gate("taylorseer", taylor_order=order)
+    state = GateState()
+    for s in [0, 3, 4, 7][: order + 2]:  # one more computed step than the forecast uses
+        state.history = (state.history + [Computed(s, [torch.zeros(3, 5, dtype=torch.float64)], [traj(s)])])[-(order + 1):]
+    x = torch.randn(3, 5, dtype=torch.float64)
     for target in (8, 9, 12):
-        got = forecast(history, order, target)[0]
-        assert torch.allclose(got, traj(target), atol=1e-9, rtol=1e-9)
+        residual = skipped_residuals(g, state, target, Action.FORECAST)[0]
+        assert torch.allclose(residual, traj(target), atol=1e-9, rtol=1e-9)
+        # the fused skip: the input plus the same forecast, in one pass
+        assert torch.allclose(skipped_outputs(g, state, target, Action.FORECAST, [x])[0], x + traj(target),
+                              atol=1e-9, rtol=1e-9)
+    assert torch.equal(skipped_outputs(g, state, 8, Action.REUSE, [x])[0], x + traj(state.history[-1].step))
     if order == 1:  # a quadratic is not recovered by a first-order forecast
-        quad = [(s, [traj(s) + s * s * coeffs[0]]) for s in steps]
-        assert not torch.allclose(forecast(quad, 1, 10)[0], traj(10) + 100 * coeffs[0])
+        weights = forecast_weights([4, 7], 10)
+        quad = [traj(s) + s * s * coeffs[0] for s in (4, 7)]
+        assert not torch.allclose(weights[0] * quad[0] + weights[1] * quad[1], traj(10) + 100 * coeffs[0])
 
 
 def _ranks_worker(rank: int, world: int, init: str, results):

@@ -11,7 +11,8 @@ import dacc
 from dacc.cli import main
 from dacc.runtime.artifact import read_manifest
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import file_sha256, manifest_digest
+from dacc.schema.digest import file_digest
+from dacc.schema.manifest import manifest_digest
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_unsigned_and_foreign_artifacts_are_refused(compiled, signed, keys):
 def test_editing_after_signing_is_caught_even_with_hashes_recomputed(signed, keys):
     (signed / "plan.yaml").write_text("num_inference_steps: 3\n")
     data = json.loads((signed / "manifest.json").read_text())
-    data["files"]["plan.yaml"] = file_sha256(signed / "plan.yaml")
+    data["files"]["plan.yaml"] = file_digest(signed / "plan.yaml")
     data["digest"] = manifest_digest(data)
     (signed / "manifest.json").write_text(json.dumps(data))
     assert dacc.load(signed).manifest.programs  # integrity alone is satisfied: anyone can rehash

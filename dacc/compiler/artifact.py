@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from dacc.compiler.ir import ProgramIR
 from dacc.compiler.output import commit, discard, write_error
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import (INCOMPLETE, MANIFEST, SIGNATURE, WEIGHTS_FILE, Manifest, dump_manifest, file_sha256,
-                                  fsdp_shard)
+from dacc.schema.digest import file_digest
+from dacc.schema.manifest import INCOMPLETE, MANIFEST, SIGNATURE, WEIGHTS_FILE, Manifest, dump_manifest, fsdp_shard
 from dacc.schema.signature import sign_manifest
 
 
@@ -93,7 +93,7 @@ def write_artifact(tmp: Path, out: Path, manifest: Manifest, irs: list[ProgramIR
                 (tmp / name).write_text(text)
             for name, source in (copies or {}).items():  # compiled packages, from the compile cache
                 shutil.copyfile(source, tmp / name)
-            manifest.files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.name != INCOMPLETE}
+            manifest.files = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.name != INCOMPLETE}
             (tmp / MANIFEST).write_text(dump_manifest(manifest))
         except (OSError, RuntimeError) as exc:
             raise write_error(exc, tmp.parent) from None

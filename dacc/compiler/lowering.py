@@ -295,7 +295,8 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
                     start = time.perf_counter()
                     # the example with the largest dynamic sizes: export would fix a size of 1 (the
                     # batch a CFG rank holds of a batch of 2) as a constant
-                    example = max(range(len(recorded)), key=lambda e: _smallest_dynamic(canon, package_args(canon, e, first)))
+                    example = max(range(len(recorded)),
+                                  key=lambda e: _smallest_dynamic(canon, package_args(canon, e, first)))
                     build(canon, package_args(canon, example, first), path)
                     seconds = time.perf_counter() - start
                     log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")

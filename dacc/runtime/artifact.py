@@ -23,7 +23,7 @@ _MAX_SIG_BYTES = 4096
 def read_manifest(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *,
                   allow_incomplete: bool = False) -> Manifest:
     """The verified manifest: signature (when keys are given) before anything is parsed, then
-    schema, digest and file names, then every file's presence, kind and sha256."""
+    schema, digest and file names, then every file's presence, kind and digest."""
     root = Path(path)
     if (root / INCOMPLETE).exists() and not allow_incomplete:
         raise DaccError(f"'{root}' is an unfinished compile (it still holds {INCOMPLETE})", str(root),
@@ -69,7 +69,7 @@ def _verify_files(root: Path, manifest: Manifest, allow_incomplete: bool) -> Non
         if name not in present:
             raise DaccError(f"artifact file '{name}' is missing", str(root / name), RECOMPILE)
         if name not in own_check and not stamps.matches(root / name, digest):
-            raise DaccError(f"artifact file '{name}' was modified or corrupted (sha256 mismatch)",
+            raise DaccError(f"artifact file '{name}' was modified or corrupted (its digest differs from the manifest's)",
                             str(root / name), RECOMPILE)
 
 

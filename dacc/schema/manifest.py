@@ -16,7 +16,9 @@ from dacc.schema.errors import DaccError, short_repr
 from dacc.schema.expr import BOOL, NUMBER, validate
 from dacc.schema.serial import from_dict, to_dict
 
-SCHEMA_VERSION = 2  # 2: ProgramSpec.gates (a list of gates over disjoint ranges) replaced .cache
+# 2: ProgramSpec.gates (a list of gates over disjoint ranges) replaced .cache; 3: files hold
+# chunked digests (dacc/schema/digest.py), no longer one sha256 per file
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 PLAN_FILE = "plan.yaml"
 WEIGHTS_FILE = "weights.safetensors"
@@ -329,7 +331,7 @@ class Manifest:
     timestep_input: str | None
     output_type: OutputType | None
     programs: list[ProgramSpec]
-    files: dict[str, str]  # file name -> sha256, every file of the artifact but the manifest
+    files: dict[str, str]  # file name -> digest (dacc/schema/digest.py), every file of the artifact but the manifest
     # quantize.target_psnr: the groups kept at higher precision, each linear's promotion, the PSNR measured
     # (quant_search.py)
     quantize_search: dict[str, Any] = field(default_factory=dict)
@@ -352,14 +354,6 @@ def dump_manifest(manifest: Manifest) -> str:
     data = to_dict(manifest)
     data["digest"] = manifest_digest(data)
     return _canonical(data)
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_manifest(raw: bytes, where: str) -> Manifest:

@@ -14,7 +14,8 @@ import pytest
 
 import dacc
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import file_sha256, manifest_digest
+from dacc.schema.digest import file_digest
+from dacc.schema.manifest import manifest_digest
 
 
 class _Payload:
@@ -46,7 +47,7 @@ def _rehash(artifact: Path, edit=None) -> None:
     data = json.loads((artifact / "manifest.json").read_text())
     if edit:
         edit(data)
-    data["files"] = {p.name: file_sha256(p) for p in sorted(artifact.iterdir()) if p.name != "manifest.json"}
+    data["files"] = {p.name: file_digest(p) for p in sorted(artifact.iterdir()) if p.name != "manifest.json"}
     data["digest"] = manifest_digest(data)
     (artifact / "manifest.json").write_text(json.dumps(data))
 

@@ -25,8 +25,8 @@ def hashed(monkeypatch):
     """Names of the files hashed in full, per load; hashes taken as if 10 s after the files' last
     change (a fresh copy would otherwise be too recent to stamp, as it should be)."""
     seen: list[str] = []
-    real_hash, real_now = stamps.file_sha256, time.time_ns
-    monkeypatch.setattr(stamps, "file_sha256", lambda p: seen.append(p.name) or real_hash(p))
+    real_hash, real_now = stamps.file_digest, time.time_ns
+    monkeypatch.setattr(stamps, "file_digest", lambda p: seen.append(p.name) or real_hash(p))
     monkeypatch.setattr(stamps.time, "time_ns", lambda: real_now() + 10_000_000_000)
     return seen
 
@@ -61,8 +61,8 @@ def test_a_file_changed_just_before_its_hash_is_not_stamped(compiled, tmp_path, 
     path = tmp_path / "a.dacc"
     shutil.copytree(compiled("dit").path, path)
     seen = []
-    real_hash = stamps.file_sha256
-    monkeypatch.setattr(stamps, "file_sha256", lambda p: seen.append(p.name) or real_hash(p))
+    real_hash = stamps.file_digest
+    monkeypatch.setattr(stamps, "file_digest", lambda p: seen.append(p.name) or real_hash(p))
     dacc.load(path)
     dacc.load(path)  # the copy is seconds old at most: too recent for its times to prove anything
     assert seen.count("weights.safetensors") == 2

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from dacc.schema.manifest import (MANIFEST, PLAN_FILE, SCHEMA_VERSION, WEIGHTS_FILE, CacheGate, InputSpec, Manifest,
-                                  OutputType, PassRecord, ProgramSpec, SegmentSpec, SymbolSpec, dump_manifest, file_sha256,
+                                  OutputType, PassRecord, ProgramSpec, SegmentSpec, SymbolSpec, dump_manifest,
                                   manifest_digest)
+from dacc.schema.digest import file_digest
 
 # Real trees, copied from the manifests the compiler writes for these families.
 FLUX_GUARD = ["eq", ["add", ["sym", "s1"], ["sym", "s2"]], ["add", ["sym", "s3"], ["sym", "s4"]]]
@@ -79,7 +80,7 @@ def write_artifact(root: Path, data: Any) -> Path:
                   and _PLAIN.fullmatch(p["file"])] if isinstance(programs, list) else []
         for name in names[1:]:
             (root / name).write_bytes(b"")
-        data = {**data, "files": {n: file_sha256(root / n) for n in names}}
+        data = {**data, "files": {n: file_digest(root / n) for n in names}}
         data["digest"] = manifest_digest(data)
     (root / MANIFEST).write_text(json.dumps(data))
     return root

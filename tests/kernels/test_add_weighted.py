@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dacc.kernels import add_weighted, add_weighted_reference
+from tests.kernels.conftest import route_to_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest set TRITON_INTERPRET=1
 
@@ -33,18 +34,7 @@ def test_reference_matches_the_definition(terms, dtype):
 
 @pytest.fixture
 def triton_interpreted(monkeypatch):
-    """Route add_weighted to the Triton kernel and count its launches, so a comparison with the
-    reference cannot pass by running the reference twice."""
-    pytest.importorskip("triton", reason="the test extra installs triton")
-    import dacc.kernels.add_weighted_triton as kernel_module
-    monkeypatch.setenv("DACC_KERNELS", "triton")
-    launches, kernel = [], kernel_module.add_weighted_triton
-
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return kernel(*args, **kwargs)
-    monkeypatch.setattr(kernel_module, "add_weighted_triton", counted)
-    return launches
+    return route_to_triton(monkeypatch, "dacc.kernels.add_weighted_triton", "add_weighted_triton")
 
 
 # sizes below, at, and across the kernel's block, and one that leaves a ragged last block

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dacc.kernels import l1_change, l1_change_reference
+from tests.kernels.conftest import route_to_triton
 
 
 def _definition(current, previous, base):
@@ -33,18 +34,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest set TRI
 
 @pytest.fixture
 def triton_interpreted(monkeypatch):
-    """Route l1_change to the Triton kernel and count its launches, so a test that compares it with
-    the reference cannot pass by running the reference twice."""
-    pytest.importorskip("triton", reason="the test extra installs triton")
-    import dacc.kernels.l1_change_triton as kernel_module
-    monkeypatch.setenv("DACC_KERNELS", "triton")
-    launches, kernel = [], kernel_module.l1_change_triton
-
-    def counted(*args, **kwargs):
-        launches.append(1)
-        return kernel(*args, **kwargs)
-    monkeypatch.setattr(kernel_module, "l1_change_triton", counted)
-    return launches
+    return route_to_triton(monkeypatch, "dacc.kernels.l1_change_triton", "l1_change_triton")
 
 
 # sizes below, at, and across the kernel's block, and one that leaves a ragged last block

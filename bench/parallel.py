@@ -7,7 +7,11 @@ the matmul FLOPs and the bytes it sends per call (both from the manifest's symbo
 these sizes; the FLOP formula is the one FlopCounterMode uses, tests/compiler/test_structure.py). The
 single process is timed again at the end; the ratio uses the mean of both medians.
 
-    python bench/parallel.py [--calls 3] [--warmup 1] [--world 2]
+    python bench/parallel.py [--calls 3] [--warmup 1] [--world 2] [--lower]
+
+With `--lower` every plan is also compiled with `lower: {backend: inductor, device: cpu}` (a
+parallel plan's packages are built and checked on its ranks) and run beside its unlowered self;
+the single process, lowered, is timed first and last like the unlowered one.
 
 Writes bench/results/parallel.json. On two CPU cores this measures the overhead of the
 partition (collectives over loopback TCP, the prologue and epilogue repeated on every rank), not
@@ -46,6 +50,7 @@ from dacc.schema.expr import NUMBER, evaluate  # noqa: E402
 MODEL = Path(__file__).with_name("flux_large.py")
 PLANS = {"single": {}, "cfg2": {"parallel": {"cfg": 2}}, "ulysses2": {"parallel": {"ulysses": 2}},
          "ring2": {"parallel": {"ring": 2}}}
+LOWER = {"lower": {"backend": "inductor", "device": "cpu"}}
 
 
 def _inputs() -> dict:
@@ -70,7 +75,7 @@ def _time_calls(model, inputs: dict, calls: int, warmup: int, sync=lambda: None)
 
 def _rank(rank: int, world: int, path: str, inputs: dict, calls: int, warmup: int, out: str) -> None:
     torch.set_num_threads(1)
-    model = dacc.load(path)
+    model = dacc.load(path, allow_native_code=True)  # packages this benchmark built just now
     times, result = _time_calls(model, inputs, calls, warmup, sync=dist.barrier)
     if rank == 0:
         save_file({"out": result.contiguous()}, out + ".safetensors")
@@ -84,7 +89,9 @@ def _per_rank(path: Path, inputs: dict, profile) -> dict:
     flops = sum(evaluate(s.flops_tree, env, s.name, NUMBER) for s in program.segments)
     sent = sum(evaluate(s.sent_bytes_tree, env, s.name, NUMBER) for s in program.segments)
     predicted = total_seconds(step_time(manifest, program, env, profile))
-    return {"matmul_flops_per_rank": float(flops), "bytes_sent_per_rank": float(sent), "predicted_s": predicted}
+    lowered = sum(s.lowered is not None for s in program.segments)
+    return {"matmul_flops_per_rank": float(flops), "bytes_sent_per_rank": float(sent), "predicted_s": predicted,
+            "segments_lowered": f"{lowered}/{len(program.segments)}"}
 
 
 def _profiles(world: int) -> dict:
@@ -100,23 +107,27 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--lower", action="store_true", help="also every plan lowered (compiled packages)")
     args = ap.parse_args()
+    plans = {**PLANS, **({f"{n}_lowered": {**p, **LOWER} for n, p in PLANS.items()} if args.lower else {})}
+    singles = [n for n in plans if n.startswith("single")]
     inputs = _inputs()
     profiles = _profiles(args.world)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = {}
-        for name, plan in PLANS.items():
+        for name, plan in plans.items():
             (root / f"{name}.yaml").write_text(yaml.safe_dump(plan))
             start = time.perf_counter()
             compile_model(MODEL, root / f"{name}.yaml", root / f"{name}.dacc", verify=False, log=lambda m: None)
             print(f"compiled {name} in {time.perf_counter() - start:.1f} s", flush=True)
             paths[name] = root / f"{name}.dacc"
         torch.set_num_threads(args.world)
-        single = dacc.load(paths["single"])
-        before, ref = _time_calls(single, inputs, args.calls, args.warmup)
+        single = {n: dacc.load(paths[n], allow_native_code=True) for n in singles}
+        before = {n: _time_calls(single[n], inputs, args.calls, args.warmup) for n in singles}
+        ref = before["single"][1]
         results = {}
-        for name in ("cfg2", "ulysses2", "ring2"):
+        for name in [n for n in plans if n not in singles]:
             out = str(root / name)
             run_local(_rank, args.world, str(paths[name]), inputs, args.calls, args.warmup, out)
             times = json.loads(Path(out + ".json").read_text())
@@ -127,16 +138,23 @@ def main() -> None:
             results[name]["predicted_over_measured"] = results[name]["predicted_s"] / results[name]["median_s"]
             print(f"{name}: {results[name]['median_s']:.3f} s, rel error {err:.2e}", flush=True)
         torch.set_num_threads(args.world)
-        after, _ = _time_calls(single, inputs, args.calls, args.warmup)
-        base = (statistics.median(before) + statistics.median(after)) / 2
+        after = {n: _time_calls(single[n], inputs, args.calls, args.warmup)[0] for n in reversed(singles)}
+        bases = {n: (statistics.median(before[n][0]) + statistics.median(after[n])) / 2 for n in singles}
+        base = bases["single"]
         report = {
             "device": "cpu", "world": args.world, "torch_threads_single": args.world, "torch_threads_per_rank": 1,
             "model": "bench/flux_large.py (batch 2, 1024 image + 128 text tokens)",
             "profiles": {t: to_dict(p) for t, p in profiles.items()},
-            "single": {"median_s_first": statistics.median(before), "median_s_last": statistics.median(after),
-                       **(single_row := _per_rank(paths["single"], inputs, profiles[args.world])),
-                       "predicted_over_measured": single_row["predicted_s"] / base},
-            **{name: {**r, "speedup_vs_single": base / r["median_s"]} for name, r in results.items()},
+            **{n: {"median_s_first": statistics.median(before[n][0]), "median_s_last": statistics.median(after[n]),
+                   "max_rel_error": float((before[n][1] - ref).abs().max() / ref.abs().max()),
+                   **(row := _per_rank(paths[n], inputs, profiles[args.world])),
+                   "predicted_over_measured": row["predicted_s"] / bases[n], "speedup_vs_single": base / bases[n]}
+               for n in singles},
+            **{name: {**r, "speedup_vs_single": base / r["median_s"],
+                      **({"speedup_vs_unlowered": results[name.removesuffix("_lowered")]["median_s"] / r["median_s"],
+                          "speedup_vs_single_lowered": bases["single_lowered"] / r["median_s"]}
+                         if name.endswith("_lowered") else {})}
+               for name, r in results.items()},
         }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "parallel.json").write_text(json.dumps(report, indent=1))

@@ -14,6 +14,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -217,7 +218,22 @@ class Needs:
 
 
 def _needs(manifest: Manifest, plan: Plan) -> Needs:
-    gates = [g for p in manifest.programs for g in p.gates]
+    return _needs_of([g for p in manifest.programs for g in p.gates], plan)
+
+
+def plan_needs_calibration(plan: Plan) -> bool:
+    """`needs_calibration` from the plan alone, before any pass has run: the cache passes give
+    every gate the plan's strategy, its `rescale` and its fixed `masks`, so one gate standing in
+    for them needs what they will. A parallel plan builds its single-process twin only then."""
+    if plan.cache.strategy == "none":
+        return False
+    options = cache_options(plan)
+    gate = SimpleNamespace(strategy=plan.cache.strategy, rescale=getattr(options, "rescale", None) or [],
+                           mask=getattr(options, "masks", None) is not None)
+    return _needs_of([gate], plan).any
+
+
+def _needs_of(gates: list, plan: Plan) -> Needs:
     options, strategy = cache_options(plan), plan.cache.strategy
     fixed = any(getattr(options, k, None) is not None for k in ("threshold", "interval", "masks"))
     masked = strategy in CALIBRATED_MASKS

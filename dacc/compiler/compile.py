@@ -13,7 +13,8 @@ import torch
 
 import dacc
 from dacc.compiler.choose_parallel import choose_parallel
-from dacc.compiler.calibrate import adopt_calibration, calibrate, check_calibration_inputs, needs_calibration
+from dacc.compiler.calibrate import (adopt_calibration, calibrate, check_calibration_inputs, needs_calibration,
+                                    plan_needs_calibration)
 from dacc.compiler.artifact import model_config, write_artifact
 from dacc.compiler.output import check_output_path, deferred_signals, discard, reserve
 from dacc.compiler.invariants import check_invariants
@@ -160,7 +161,7 @@ def _compile_into(tmp: Path, out: Path, traced: TracedModel, programs: list[Trac
     quantized = (quantized_references(programs, plan, smoothing, hessians, model, examples, log)
                  if verify and plan.quantize.mode != "none" else None)
     twin = (_calibrated_twin(traced, programs, plan, smoothing, hessians, log)
-            if plan.parallel.world_size > 1 and plan.cache.strategy != "none" else None)
+            if plan.parallel.world_size > 1 and plan_needs_calibration(plan) else None)
     irs = [_run_passes(ProgramIR(t, smoothing, hessians), plan, PIPELINE, i, log, on_graph)
            for i, t in enumerate(programs)]
     manifest = build_manifest(model, plan, irs, output_type, str(model_path))

@@ -76,3 +76,34 @@ def test_teacache_rescale_predicts_output_change_on_an_unseen_seed(tmp_path, cap
     assert len(xs) == 49 and fitted < 0.5 * np.abs(xs - ys).mean()
     assert main(["inspect", str(artifact)]) == 0
     assert "rescale fitted" in capsys.readouterr().out
+
+
+PLANS_AND_NEEDS = [  # cache section -> whether its compile calibrates (what the manifest's gates say)
+    ({"strategy": "none"}, False),
+    ({"strategy": "dbcache", "options": {"threshold": 0.2}}, False),
+    ({"strategy": "dbcache", "cache_ratio": 0.5}, True),
+    ({"strategy": "dbcache", "target_psnr": 30.0}, True),
+    ({"strategy": "teacache", "options": {"threshold": 0.3}}, True),  # its rescale is fitted
+    ({"strategy": "teacache", "options": {"threshold": 0.3, "rescale": [1.0, 0.0]}}, False),
+    ({"strategy": "taylorseer", "options": {"interval": 3}}, False),
+    ({"strategy": "taylorseer", "cache_ratio": 0.5}, True),
+    ({"strategy": "scm", "options": {"policy": "medium"}}, False),
+    ({"strategy": "schedule", "options": {"masks": [[True, False, True, True]]}}, False),
+    ({"strategy": "schedule", "cache_ratio": 0.5}, True),
+    ({"strategy": "magcache", "options": {"threshold": 0.1}}, True),  # its mask is measured
+]
+
+
+@pytest.mark.parametrize("cache, expected", PLANS_AND_NEEDS)
+def test_the_plan_alone_says_whether_the_compile_calibrates(cache, expected):
+    """A parallel plan builds its single-process twin only when this says so: it must agree with
+    the manifest the passes produce."""
+    from dacc.compiler.calibrate import needs_calibration, plan_needs_calibration
+    from dacc.compiler.compile import partition_manifest
+    from dacc.models import model_file
+    from dacc.schema.plan import parse_plan
+
+    plan = parse_plan({"num_inference_steps": 4, "cache": cache}, "plan")
+    manifest = partition_manifest(shared_trace(model_file("flux")), plan)
+    assert needs_calibration(manifest, plan) == expected
+    assert plan_needs_calibration(plan) == expected

@@ -71,6 +71,8 @@ class Canonical:
     args: list[int]  # positions of the runtime's segment arguments the package takes
     sizes: list[str]  # program symbols passed after them as size carriers
     dynamic: list[dict[int, Any] | None]  # export's dynamic_shapes, per kept argument
+    exprs: list[dict[int, Any]]  # each dynamic dim's size over the program's symbols, per kept argument
+    inner: set[Any]  # the symbolic sizes of the values computed inside
     key: str
     num_nodes: int
 
@@ -142,7 +144,7 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
     old = [n for n in gm.graph.nodes if n.op == "placeholder"]
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    kept, dynamic, descr = [], [], []
+    kept, dynamic, descr, exprs = [], [], [], []
     tensor_dims: list[tuple[fx.Node, int, Any]] = []
     for k, (node, value) in enumerate(zip(old, values)):
         if isinstance(value, torch.Tensor):
@@ -157,6 +159,7 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
                         dims[d] = Dim.AUTO
                         tensor_dims.append((ph, d, size.node.expr))
             dynamic.append(dims or None)
+            exprs.append({d: e for p, d, e in tensor_dims if p is ph})
             shape = ["?" if d in dims else str(s) for d, s in enumerate(value.shape)]
             descr.append(f"{dtype_text(value.dtype)}[{','.join(shape)}]")
         elif not isinstance(value, int) or isinstance(value, bool):
@@ -170,11 +173,15 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
             int_args.append((node, expr))
     carried = [symbol_names[sym] for sym in sizes.carriers]
     dynamic += [{0: Dim.AUTO}] * len(carried)
+    exprs += [{0: sym} for sym in sizes.carriers]
     descr += [f"size {name}" for name in carried]
     for node, expr in int_args:
         env[node] = sizes.build(expr)
-    count = 0
+    count, inner = 0, set()
     for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            inner |= {d.node.expr for d in val.shape if isinstance(d, torch.SymInt) and not d.node.expr.is_number}
         if node.op == "placeholder":
             continue
         args = fx.node.map_arg(node.args, lambda n: env[n])
@@ -188,7 +195,7 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
         count += 1
     module = fx.GraphModule(torch.nn.Module(), graph, class_name="Segment")
     text = f"recipe {RECIPE}|{device}|{target_tag(device)}|{';'.join(descr)}\n{module.code}"
-    return Canonical(module, kept, carried, dynamic, hashlib.sha256(text.encode()).hexdigest(), count)
+    return Canonical(module, kept, carried, dynamic, exprs, inner, hashlib.sha256(text.encode()).hexdigest(), count)
 
 
 def build(canon: Canonical, args: list[torch.Tensor], out: Path) -> None:
@@ -297,7 +304,8 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
                     # batch a CFG rank holds of a batch of 2) as a constant
                     example = max(range(len(recorded)),
                                   key=lambda e: _smallest_dynamic(canon, package_args(canon, e, first)))
-                    build(canon, package_args(canon, example, first), path)
+                    values = {sym: int(carriers[example][name].shape[0]) for sym, name in symbol_names.items()}
+                    build(canon, build_args(canon, package_args(canon, example, first), values), path)
                     seconds = time.perf_counter() - start
                     log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")
                 else:
@@ -320,6 +328,27 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
         for i, canon_i in members:
             result.calls[specs[i].name] = LoweredCall(file, canon_i.args, canon_i.sizes)
     return result
+
+
+def build_args(canon: Canonical, args: list[torch.Tensor], values: dict[Any, int]) -> list[torch.Tensor]:
+    """What export traces the package from: `args` when every dynamic size, of an argument or of a
+    value computed inside (a CFG prologue's half batch), is at least 2, else zeros of the shapes
+    the segment takes with the symbols behind the small sizes doubled (a batch of 1 per rank: 2).
+    Export reads shapes, not values, and the package is then checked on the real ones, size 1
+    included."""
+    sizes = canon.inner | {e for dims in canon.exprs for e in dims.values()}
+    for _ in range(4):
+        small = {sym for e in sizes if int(e.subs(values)) < 2 for sym in e.free_symbols}
+        if not small:
+            break
+        values = {sym: 2 * max(v, 1) if sym in small else v for sym, v in values.items()}
+    else:
+        return args  # export will say which size it fixed
+    out = []
+    for a, dims in zip(args, canon.exprs):
+        shape = [int(dims[d].subs(values)) if d in dims else size for d, size in enumerate(a.shape)]
+        out.append(a if shape == list(a.shape) else torch.zeros(shape, dtype=a.dtype, device=a.device))
+    return out
 
 
 def _smallest_dynamic(canon: Canonical, args: list[torch.Tensor]) -> int:

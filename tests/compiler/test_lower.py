@@ -276,3 +276,29 @@ def test_a_package_called_with_the_wrong_arguments_is_refused_at_load(built, tmp
         segments["epilogue"]["lowered"]["package"] = segments["prologue"]["lowered"]["package"]
     with pytest.raises(DaccError, match="epilogue: package .* takes 17 tensors and returns 9"):
         dacc.load(_edited(path, tmp_path, edit), allow_native_code=True)
+
+
+def test_a_size_of_one_is_exported_as_two():
+    """Export would fix a dynamic size of 1 (a CFG rank's batch) as a constant: the build traces
+    zeros with the symbols behind such sizes doubled, every other size and argument unchanged."""
+    import sympy
+    from torch.export import Dim
+    from torch.utils._sympy.functions import FloorDiv
+
+    from dacc.compiler.lowering import Canonical, build_args
+
+    s0, s1 = sympy.symbols("s0 s1", integer=True, positive=True)
+    half = FloorDiv(s0 + 1, 2)  # the batch a cfg rank holds
+    canon = Canonical(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph()), [0, 1], ["s1"],
+                      [{0: Dim.AUTO, 1: Dim.AUTO}, None, {0: Dim.AUTO}], [{0: half, 1: s1}, {}, {0: s1}], set(), "k", 4)
+    x, w, carrier = torch.randn(1, 5, 3), torch.randn(3, 3), torch.empty(5, 0)
+    got = build_args(canon, [x, w, carrier], {s0: 2, s1: 5})
+    assert got[0].shape == (2, 5, 3) and not got[0].any()
+    assert got[1] is w and got[2] is carrier
+    wide = torch.randn(2, 5, 3)
+    assert all(a is b for a, b in zip(build_args(canon, [wide, w, carrier], {s0: 4, s1: 5}), [wide, w, carrier]))
+    # a prologue takes the whole batch (s0 = 2) and halves it inside: the inner size decides
+    canon.exprs[0] = {0: s0, 1: s1}
+    canon.inner = {half, s1}
+    got = build_args(canon, [wide, w, carrier], {s0: 2, s1: 5})
+    assert got[0].shape == (4, 5, 3) and got[1] is w and got[2] is carrier

@@ -23,6 +23,7 @@ from tests.conftest import rel_err, shared_trace
 from tests.runtime.test_parallel import DBCACHE, FLUX, Transfers, _generation, _inputs, _odd_tokens
 
 LOWER = {"lower": {"backend": "inductor", "device": "cpu"}}
+PAIR = FLUX.with_name("flux_pair.py")  # every example one CFG pair: a batch of 1 on each cfg rank
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,9 @@ def compiled(tmp_path_factory):
         if name not in done:
             (root / f"{name}.yaml").write_text(yaml.safe_dump(plan))
             log: list[str] = []
-            compile_model(FLUX, root / f"{name}.yaml", root / f"{name}.dacc", log=log.append, verify=False,
-                          traced=shared_trace(FLUX))
+            model = PAIR if name.startswith("pair") else FLUX
+            compile_model(model, root / f"{name}.yaml", root / f"{name}.dacc", log=log.append, verify=False,
+                          traced=shared_trace(model))
             done[name] = (root / f"{name}.dacc", log)
         return done[name]
     yield get
@@ -114,16 +116,20 @@ SENT = {"cfg": "_c10d_functional.all_gather_into_tensor.default", "ring": "c10d.
         "fsdp": "c10d._allgather_base_.default"}
 
 
-@pytest.mark.slow  # 3 compiles on two ranks and a two-rank run: about 3 minutes on two cores
+@pytest.mark.slow  # 3 compiles on two ranks and a two-rank run: about 5 minutes on two cores
 def test_lowered_cfg_ring_and_fsdp_plans_match_one_process(compiled, tmp_path):
-    single, _ = compiled("flux", {})
+    """cfg on a model whose every example is one CFG pair: each rank's batch is 1 in every
+    example, and the packages still take any batch (built from a batch of 2, checked on 1)."""
     flux = _inputs(FLUX, 41, first=True)
-    jobs, segments = {}, {}
+    jobs, segments, refs = {}, {}, {}
     for mode in ("cfg", "ring", "fsdp"):
-        path, _ = compiled(f"flux_{mode}2_lowered", {"parallel": {mode: 2}, **LOWER})
-        segments[mode] = len(read_manifest(path, None).programs[0].segments)
+        prefix = "pair" if mode == "cfg" else "flux"
+        path, _ = compiled(f"{prefix}_{mode}2_lowered", {"parallel": {mode: 2}, **LOWER})
+        manifest = read_manifest(path, None)
+        assert not manifest.lowering.unlowered, manifest.lowering.unlowered
+        segments[mode] = len(manifest.programs[0].segments)
         jobs[mode], jobs[f"{mode}_off"] = (str(path), "use", [flux]), (str(path), "off", [flux])
+        refs[mode] = _single(compiled(f"{prefix}", {})[0], [flux])
     results = _on_ranks(jobs, 2, tmp_path)
-    ref = _single(single, [flux])
     for mode, sent in SENT.items():
-        _check(results, mode, 2, ref, f"{mode}_off", segments[mode], sent)
+        _check(results, mode, 2, refs[mode], f"{mode}_off", segments[mode], sent)

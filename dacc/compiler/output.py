@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from dacc.schema.errors import DaccError
-from dacc.schema.manifest import INCOMPLETE, MANIFEST, parse_manifest_file
+from dacc.schema.manifest import (INCOMPLETE, MANIFEST, MAX_MANIFEST_BYTES, SCHEMA_VERSION, manifest_digest,
+                                  parse_manifest_file)
 
 _FREE_MARGIN = 1.10  # weights plus stubs, graphs and manifest; an under-estimate fails at write time, clearly
 
@@ -61,8 +63,21 @@ def _not_an_artifact(path: Path) -> str | None:
     try:
         parse_manifest_file(path / MANIFEST)
     except DaccError as exc:
-        return exc.what
+        return None if _other_version(path / MANIFEST) else exc.what
     return None
+
+
+def _other_version(manifest: Path) -> bool:
+    """An artifact another dacc version wrote: another schema version, and its own digest holds
+    (an edited manifest does not pass), so `--force` may replace it as it would a current one."""
+    try:
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        data = json.loads(manifest.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return (isinstance(data, dict) and isinstance(data.get("schema_version"), int)
+            and data["schema_version"] != SCHEMA_VERSION and data.get("digest") == manifest_digest(data))
 
 
 def remove_stale(target: Path) -> list[Path]:

@@ -31,6 +31,8 @@ ring attention skips them), every other op in a block is row-wise, and the exit 
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -38,6 +40,7 @@ from torch import Tensor
 from dacc.schema.errors import DaccError
 
 _GROUPS: dict[str, "dist.ProcessGroup"] = {}
+_FAILED = threading.local()
 
 
 def bind_groups(groups: dict[str, "dist.ProcessGroup"]) -> None:
@@ -68,10 +71,21 @@ def process_group(role: str, world: int) -> "dist.ProcessGroup":
 
 def transfer_failed(what: str, role: str, exc: RuntimeError) -> DaccError:
     """A failed transfer (a rank that died, or a timeout) as an error naming the op and the group,
-    raised on every rank still alive."""
-    return DaccError(f"dacc.{what} over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
-                     f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
-                     "names the cause (restart all ranks together)")
+    raised on every rank still alive. Kept for `take_transfer_failure` too: a compiled package that
+    called the op hands its caller a RuntimeError wrapping the text."""
+    error = DaccError(f"dacc.{what} over the '{role}' group failed: {str(exc).splitlines()[0][:300]}",
+                      f"rank {dist.get_rank()}", "another rank has probably died or stalled; its own output "
+                      "names the cause (restart all ranks together)")
+    _FAILED.error = error
+    return error
+
+
+def take_transfer_failure() -> DaccError | None:
+    """The last transfer failure on this thread, once (the runtime re-raises it in place of the
+    RuntimeError a package turned it into)."""
+    error = getattr(_FAILED, "error", None)
+    _FAILED.error = None
+    return error
 
 
 def _transfer(what: str, role: str, start, *args) -> Tensor:

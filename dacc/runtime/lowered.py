@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from dacc.kernels.collectives import take_transfer_failure
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import LoweringSpec, Manifest
 
@@ -74,7 +75,14 @@ class LoweredSegment:
             picked.append(t if t.is_contiguous() else t.contiguous())
         for name in self.sizes:
             picked.append(carriers[name])
-        return self.loader.run(picked)
+        take_transfer_failure()  # none left from an earlier call may stand in for this one's error
+        try:
+            return self.loader.run(picked)
+        except RuntimeError:
+            failure = take_transfer_failure()  # a dacc collective inside failed: its own error, not the wrapper
+            if failure is not None:
+                raise failure from None
+            raise
 
 
 def package_arity(loader: Any) -> tuple[int, int]:

@@ -8,6 +8,8 @@ calls the operators back). The other modes (cfg, ring, fsdp) are in `make test-a
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -47,8 +49,13 @@ def compiled(tmp_path_factory):
     patch.undo()
 
 
+DIE = "rank 1 dies"
+
+
 def _rank(rank: int, world: int, jobs: dict, out: str) -> None:
-    """Each job: (artifact, lowered mode, calls); saves the outputs, transfers and decisions."""
+    """Each job: (artifact, lowered mode, calls); saves the outputs, transfers and decisions. Last,
+    the DIE job: rank 1 leaves without a word, rank 0 calls on and records what it is told."""
+    dying = jobs.pop(DIE, None)
     for name, (path, mode, calls) in jobs.items():
         model = dacc.load(path, lowered=mode, allow_native_code=True)
         spy, outs = Transfers(), []
@@ -58,12 +65,27 @@ def _rank(rank: int, world: int, jobs: dict, out: str) -> None:
         Path(f"{out}/{name}.{rank}.json").write_text(json.dumps({
             "calls": spy.calls, "decisions": model.stats()["decisions"],
             "lowered": model.programs[0].lowered_segments}))
+    if dying is not None:
+        model = dacc.load(dying[0], allow_native_code=True)
+        model(**dying[1])
+        if rank == 1:
+            os._exit(0)
+        start = time.monotonic()
+        try:
+            model(**dying[1])
+            result = {"error": None}
+        except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
+            result = {"type": type(exc).__name__, "error": str(exc)}
+        result["seconds"] = time.monotonic() - start
+        Path(f"{out}/{DIE}.json").write_text(json.dumps(result))
 
 
 def _on_ranks(jobs: dict, world: int, out: Path) -> dict:
     run_local(_rank, world, jobs, str(out))
     results = {}
-    for name in jobs:
+    if DIE in jobs:
+        results[DIE] = json.loads((out / f"{DIE}.json").read_text())
+    for name in [j for j in jobs if j != DIE]:
         for rank in range(world):
             got = json.loads((out / f"{name}.{rank}.json").read_text())
             tensors = load_file(out / f"{name}.{rank}.safetensors")
@@ -103,7 +125,12 @@ def test_a_lowered_cached_ulysses_plan_matches_one_process_on_two_ranks(compiled
     calls = {"even": _generation(flux), "odd": _generation(odd)}
     jobs = {f"{kind}{'' if mode == 'use' else '_off'}": (str(path), mode, c)
             for kind, c in calls.items() for mode in ("use", "off")}
+    jobs[DIE] = (str(path), flux)
     results = _on_ranks(jobs, 2, tmp_path)
+    # a rank that dies mid-generation: the other gets dacc's own error from inside the package, at once
+    died = results[DIE]
+    assert died["type"] == "DaccError" and "over the 'ulysses' group failed" in died["error"], died
+    assert died["seconds"] < 30
     for kind, c in calls.items():
         _check(results, kind, 2, _single(single, c), f"{kind}_off", segments,
                "_c10d_functional.all_to_all_single.default")

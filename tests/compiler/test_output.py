@@ -64,6 +64,23 @@ def test_force_keeps_an_artifact_whose_manifest_was_edited(compiled, tmp_path, m
         _compile(out, force=True, share=False)
 
 
+def test_force_replaces_an_artifact_of_another_schema_version(compiled, tmp_path):
+    """An artifact an older dacc wrote (its own digest holds) is still an artifact to --force."""
+    from dacc.schema.manifest import SCHEMA_VERSION, manifest_digest
+
+    out = tmp_path / "old.dacc"
+    shutil.copytree(compiled("dit").path, out)
+    data = json.loads((out / "manifest.json").read_text())
+    data["schema_version"] = SCHEMA_VERSION - 1
+    data["digest"] = manifest_digest(data)
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(DaccError, match="schema version"):
+        dacc.load(out)
+    _compile(out, force=True)
+    assert json.loads((out / "manifest.json").read_text())["schema_version"] == SCHEMA_VERSION
+    dacc.load(out)
+
+
 def test_force_through_a_symlink_replaces_its_target_and_keeps_the_link(compiled, tmp_path):
     real = tmp_path / "v1.dacc"
     shutil.copytree(compiled("dit").path, real)

@@ -69,8 +69,8 @@ def _verify_files(root: Path, manifest: Manifest, allow_incomplete: bool) -> Non
         if name not in present:
             raise DaccError(f"artifact file '{name}' is missing", str(root / name), RECOMPILE)
         if name not in own_check and not stamps.matches(root / name, digest):
-            raise DaccError(f"artifact file '{name}' was modified or corrupted (its digest differs from the manifest's)",
-                            str(root / name), RECOMPILE)
+            raise DaccError(f"artifact file '{name}' was modified or corrupted (its digest differs from the "
+                            "manifest's)", str(root / name), RECOMPILE)
 
 
 def load_weights(root: Path, name: str) -> dict[str, torch.Tensor]:

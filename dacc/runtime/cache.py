@@ -133,7 +133,8 @@ def forecast_weights(steps: list[int], step: int) -> list[float]:
     return weights
 
 
-def skip_terms(gate: CacheGate, state: GateState, step: int, action: Action) -> tuple[list[list[torch.Tensor]], list[float]]:
+def skip_terms(gate: CacheGate, state: GateState, step: int,
+               action: Action) -> tuple[list[list[torch.Tensor]], list[float]]:
     """What a skipped step adds to each stream's input: per stream, the cached residuals, and
     their weights (a reuse: the last computed residual, weight 1; a forecast: the newest
     order + 1, interpolated to this step)."""

@@ -117,8 +117,8 @@ def _place_shards(root: torch.nn.Module, spec: FsdpSpec, path: Path, digest: str
     """This rank's chunk of every sharded weight, from its own shard file (hashed before use,
     like every file the runtime reads)."""
     if not stamps.matches(path, digest):
-        raise DaccError(f"artifact file '{path.name}' was modified or corrupted (its digest differs from the manifest's)", str(path),
-                        RECOMPILE)
+        raise DaccError(f"artifact file '{path.name}' was modified or corrupted (its digest differs from the "
+                        "manifest's)", str(path), RECOMPILE)
     with safe_open(str(path), framework="pt", device="cpu") as shards, torch.no_grad():
         for unit in spec.units:
             for p in unit.params:

@@ -152,14 +152,15 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
             env[node] = ph
             kept.append(k)
             meta = metas[k] if k < n_inputs else None
-            dims = {}
+            sized = {}  # dim -> its size over the program's symbols, for the dims that are dynamic
             if isinstance(meta, torch.Tensor):
                 for d, size in enumerate(meta.shape):
                     if isinstance(size, torch.SymInt) and not size.node.expr.is_number:
-                        dims[d] = Dim.AUTO
+                        sized[d] = size.node.expr
                         tensor_dims.append((ph, d, size.node.expr))
+            dims = {d: Dim.AUTO for d in sized}
             dynamic.append(dims or None)
-            exprs.append({d: e for p, d, e in tensor_dims if p is ph})
+            exprs.append(sized)
             shape = ["?" if d in dims else str(s) for d, s in enumerate(value.shape)]
             descr.append(f"{dtype_text(value.dtype)}[{','.join(shape)}]")
         elif not isinstance(value, int) or isinstance(value, bool):

@@ -182,16 +182,22 @@ def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
         Path(f"{out}/{name}.{rank}.json").write_text(json.dumps(result))
     if dying is not None:  # last: rank 1 leaves without a word, as a killed process does
         model = _load(Path(root) / dying[0])
-        if rank == 1:
-            os._exit(0)
-        start = time.monotonic()
-        try:
-            model(**dying[1][0])
-            result = {"error": None}
-        except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        result["seconds"] = time.monotonic() - start
-        Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
+        die_or_call_on(model, dying[1][0], rank, out)
+
+
+def die_or_call_on(model, call: dict, rank: int, out: str) -> None:
+    """Rank 1 leaves without a word, as a killed process does; rank 0 calls `model` on and writes
+    what it was told and how long that took to `{DIE}.0.json`."""
+    if rank == 1:
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        model(**call)
+        result = {"error": None}
+    except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.monotonic() - start
+    Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

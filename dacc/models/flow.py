@@ -143,10 +143,11 @@ class Generation:
 @torch.no_grad()
 def generate(m: TrainedModel, transformer, encoder: ClassEncoder, labels: torch.Tensor, *, steps: int = 50,
              guidance: float = 4.0, seed: int = 0, progress: bool = False, desc: str = "sampling",
-             on_step=None) -> Generation:
+             on_step=None, device: str | torch.device | None = None) -> Generation:
     """Euler steps from sigma 1 to 0, the conditional and unconditional halves in one batch.
     `on_step(i, timestep)` is called before each transformer call (as a pipeline's
-    `_current_timestep` would be set)."""
+    `_current_timestep` would be set). `device`: where the transformer runs (its inputs are moved
+    there, its output back; the sampler itself stays on the CPU)."""
     labels = labels.long()
     n = labels.shape[0]
     x = m.noise(n, seed)
@@ -160,7 +161,12 @@ def generate(m: TrainedModel, transformer, encoder: ClassEncoder, labels: torch.
             on_step(i, float(sigma) * 1000)
         start = time.perf_counter()
         with context("cond"):  # as diffusers pipelines call their transformer
-            v = m.call(transformer, torch.cat([x, x]), prompt, pooled, sigma.expand(2 * n).contiguous())
+            if device is None:
+                v = m.call(transformer, torch.cat([x, x]), prompt, pooled, sigma.expand(2 * n).contiguous())
+            else:
+                kw = m.inputs(torch.cat([x, x]), prompt, pooled, sigma.expand(2 * n).contiguous())
+                kw = {k: t.to(device) if isinstance(t, torch.Tensor) else t for k, t in kw.items()}
+                v = transformer(**kw, return_dict=False)[0].to(x.device)
         spent += time.perf_counter() - start
         v_cond, v_uncond = v.chunk(2)
         x = x + (sigmas[i + 1] - sigma) * (v_uncond + guidance * (v_cond - v_uncond))

@@ -96,20 +96,31 @@ def rel_l1(current: list[torch.Tensor], previous: list[torch.Tensor]) -> float:
 
 def measure(gate: CacheGate, state: GateState, env: dict) -> tuple[list[torch.Tensor] | None, float | None]:
     """The gate's probe value for this step and its change against the remembered one (None on
-    the first step). Several probed tensors (a joint block's two streams) are flattened into one
-    value first: one fused statistics pass and no per-stream sums to add, the fewest dispatches on
-    the one path a never-firing gate runs every step."""
+    the first step)."""
     if gate.probe == "none":
         return None, None
-    prev = state.prev_probe[0] if state.prev_probe is not None else None
+    value, stats = probe_change(gate, env, state.prev_probe[0] if state.prev_probe is not None else None)
+    return [value], (_ratio([stats]) if stats is not None else None)
+
+
+def probe_change(gate: CacheGate, env: dict,
+                 previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the probe value, its change statistics against `previous`): device tensors, no host read.
+    Several probed tensors (a joint block's two streams) are flattened into one value first: one
+    fused statistics pass and no per-stream sums to add, the fewest dispatches on the one path a
+    never-firing gate runs every step."""
     residual = gate.probe == "residual"
     if len(gate.probe_values) == 1:  # the value and its statistics in one pass (Triton on CUDA)
-        value, stats = l1_change(env[gate.probe_values[0]], prev, env[gate.probe_base[0]] if residual else None)
-    else:
-        parts = ([env[v] - env[b] for v, b in zip(gate.probe_values, gate.probe_base)] if residual
-                 else [env[v] for v in gate.probe_values])
-        value, stats = l1_change(torch.cat([x.reshape(-1) for x in parts]), prev)
-    return [value], (_ratio([stats]) if stats is not None else None)
+        return l1_change(env[gate.probe_values[0]], previous, env[gate.probe_base[0]] if residual else None)
+    parts = ([env[v] - env[b] for v, b in zip(gate.probe_values, gate.probe_base)] if residual
+             else [env[v] for v in gate.probe_values])
+    return l1_change(torch.cat([x.reshape(-1) for x in parts]), previous)
+
+
+def change_ratio(stats: torch.Tensor) -> float:
+    """The probe's relative change from its statistics (one host read; summed over the ranks that
+    serve one request)."""
+    return _ratio([stats])
 
 
 def polyval(coefficients: list[float], x: float) -> float:
@@ -133,16 +144,20 @@ def forecast_weights(steps: list[int], step: int) -> list[float]:
     return weights
 
 
+def skip_weights(gate: CacheGate, state: GateState, step: int, action: Action) -> tuple[list[Computed], list[float]]:
+    """The computed steps a skipped step draws on, oldest first, and their weights (a reuse: the
+    last computed step, weight 1; a forecast: the newest order + 1, interpolated to this step)."""
+    if action is Action.FORECAST:
+        points = state.history[-(min(gate.taylor_order, len(state.history) - 1) + 1):]
+        return points, forecast_weights([c.step for c in points], step)
+    return state.history[-1:], [1.0]
+
+
 def skip_terms(gate: CacheGate, state: GateState, step: int,
                action: Action) -> tuple[list[list[torch.Tensor]], list[float]]:
     """What a skipped step adds to each stream's input: per stream, the cached residuals, and
-    their weights (a reuse: the last computed residual, weight 1; a forecast: the newest
-    order + 1, interpolated to this step)."""
-    if action is Action.FORECAST:
-        points = state.history[-(min(gate.taylor_order, len(state.history) - 1) + 1):]
-        weights = forecast_weights([c.step for c in points], step)
-    else:
-        points, weights = state.history[-1:], [1.0]
+    their weights (`skip_weights`)."""
+    points, weights = skip_weights(gate, state, step, action)
     per_point = [c.residuals() for c in points]
     return [list(stream) for stream in zip(*per_point)], weights
 

@@ -10,8 +10,9 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.utils._pytree as pytree
 
-from dacc.runtime.cache import (Action, Computed, GateState, StepRecord, decide, measure, record,
-                                skipped_outputs, skipped_residuals)
+from dacc.runtime.cache import Action, GateState, StepRecord, decide, record, skipped_residuals
+from dacc.runtime.eager_step import EagerStep
+from dacc.runtime.graph_step import Capture, GraphStep, cuda_capture
 from dacc.kernels.ops import missing_support
 from dacc.kernels.schemes import SCHEMES
 from dacc.runtime.artifact import load_program, load_weights, read_manifest
@@ -37,8 +38,13 @@ except ImportError:  # pragma: no cover - diffusers is a dependency, but stay us
 
 class CompiledTransformer(torch.nn.Module):
     def __init__(self, manifest: Manifest, runners: list[ProgramRunner], out_specs: list[Any], source: str,
-                 groups: dict | None = None):
+                 groups: dict | None = None, cuda_graphs: bool = False):
         super().__init__()
+        self._graph_steps: dict[tuple, GraphStep] = {}  # (context, program, input shapes)
+        self._gate_states: dict[tuple[str, int], list[GateState]] = {}  # (context, program): one per gate
+        self.cuda_graphs = cuda_graphs
+        self._graph_capture: Capture | None = None  # None: CUDA graphs; tests hand in eager_capture
+        self._graph_notes: set[str] = set()
         self._groups = groups or {}  # this artifact's process groups by role (dacc/runtime/ranks.py)
         self.manifest = manifest
         self.source = source
@@ -49,7 +55,6 @@ class CompiledTransformer(torch.nn.Module):
         self._context = "default"
         self._counters: dict[str, StepCounter] = {}
         self._stats = SegmentStats()
-        self._gate_states: dict[tuple[str, int], list[GateState]] = {}  # (context, program): one per gate
         # set by calibration: (context, step, probe stat, action, outputs, the gated range's residuals
         # when it computed) per call
         self._recorder: list | None = None
@@ -106,13 +111,32 @@ class CompiledTransformer(torch.nn.Module):
                               f"{params[0].device} the segments run unlowered", stacklevel=3)
         for runner in self.programs:
             runner.refresh_weights()
+        self._drop_graphs()  # captured graphs read the old tensors' memory
         return result
 
     def load_state_dict(self, *args: Any, **kwargs: Any):
         result = super().load_state_dict(*args, **kwargs)
         for runner in self.programs:  # assign=True swaps the tensors the segments were handed
             runner.refresh_weights()
+        self._drop_graphs()
         return result
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps replay as CUDA graphs where they can (dacc/runtime/graph_step.py)."""
+        return self._cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, on: bool) -> None:
+        if on != getattr(self, "_cuda_graphs", on):
+            self._drop_graphs()  # what one path cached, the other cannot use
+        self._cuda_graphs = bool(on)
+
+    def _drop_graphs(self) -> None:
+        """Forget captured graphs, and the cache state (held in their buffers, or in tensors
+        elsewhere): the next call starts its gates afresh."""
+        self._graph_steps.clear()
+        self._gate_states.clear()
 
     @contextlib.contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
@@ -125,7 +149,7 @@ class CompiledTransformer(torch.nn.Module):
 
     def reset(self) -> None:
         self._counters.clear()
-        self._gate_states.clear()
+        self._gate_states.clear()  # captured graphs stay: their buffers are refilled by the next generation
         self._stats = SegmentStats()
 
     def stats(self, decision_map: str | Path | None = None) -> dict:
@@ -169,18 +193,16 @@ class CompiledTransformer(torch.nn.Module):
 
     # -- execution ------------------------------------------------------------------------------
     def _execute(self, index: int, runner: ProgramRunner, flat: list[Any], counter: StepCounter) -> list[Any]:
-        env: dict[str, Any] = dict(zip(runner.placeholder_names, flat))
         runner.bind_sizes(flat)
         seg_flops = self._flops_fns[index](flat)
         specs, gates = runner.spec.segments, runner.spec.gates
         stats = self._stats
+        step = self._executor(index, runner, flat)
 
-        def run(lo: int, hi: int) -> None:
-            for i in range(lo, hi):
-                outs = runner.run_segment(i, [env[name] for name in specs[i].inputs])
-                env.update(zip(specs[i].outputs, outs))
-                stats.segments_computed += 1
-                stats.flops_computed += seg_flops[i]
+        def counted(lo: int, hi: int) -> int:
+            stats.segments_computed += hi - lo
+            stats.flops_computed += sum(seg_flops[lo:hi])
+            return hi
 
         stats.calls += 1
         stats.flops_total += sum(seg_flops)
@@ -190,35 +212,56 @@ class CompiledTransformer(torch.nn.Module):
         states = self._gate_states[key]
         recorded, done = [], 0
         for g, (gate, state) in enumerate(zip(gates, states)):
-            run(done, gate.skip_first)
-            done = gate.skip_last + 1
             if counter.fresh:  # a new generation (new sizes start one too: StepCounter.advance)
                 state.new_generation()
-            probe, stat = measure(gate, state, env)
+            probe, stat = step.probe(g, gate, state, done)
+            counted(done, gate.skip_first)
+            done = gate.skip_last + 1
             action = decide(gate, state, counter.step, self.manifest.num_inference_steps, probe, stat)
             residuals = None
             if action is Action.COMPUTE:
-                inputs = [env[i] for i in gate.stream_in]
-                run(gate.skip_first, done)
-                computed = Computed(counter.step, inputs, [env[o] for o in gate.stream_out])
+                computed = step.compute(g, gate, state, counter.step)
+                counted(gate.skip_first, done)
                 if self._recorder is not None:
                     residuals = [o - i for i, o in zip(computed.inputs, computed.outputs)]
                 record(gate, state, counter.step, action, computed)
             else:
                 if self._recorder is not None:
                     residuals = skipped_residuals(gate, state, counter.step, action)
-                outs = skipped_outputs(gate, state, counter.step, action, [env[i] for i in gate.stream_in])
-                env.update(zip(gate.stream_out, outs))
+                step.skip(g, gate, state, counter.step, action)
                 record(gate, state, counter.step, action, None)
                 stats.segments_reused += done - gate.skip_first
             recorded.append((g, state.last_stat, action.value, residuals, state.prev_probe,
                              sum(seg_flops[gate.skip_first:done])))
-        run(done, len(specs))
+        outputs = step.finish(done)
+        counted(done, len(specs))
         if self._recorder is not None:
-            outputs = [env[o] for o in runner.output_values if isinstance(o, str)]
+            outputs = [o for o, name in zip(outputs, runner.output_values) if isinstance(name, str)]
             self._recorder += [StepRecord(self._context, counter.step, stat, action, outputs, residuals, probe, g, flops)
                                for g, stat, action, residuals, probe, flops in recorded]
-        return [env[name] if isinstance(name, str) else name for name in runner.output_values]
+        return outputs
+
+    def _executor(self, index: int, runner: ProgramRunner, flat: list[Any]) -> EagerStep | GraphStep:
+        """CUDA graphs where they can serve (see dacc/runtime/graph_step.py), else op by op."""
+        capture = self._graph_capture
+        if not self.cuda_graphs or self._recorder is not None:
+            return EagerStep(runner, flat)
+        on_cuda = runner.weights_device().type == "cuda"
+        why = ("the weights are not on a CUDA device" if capture is None and not on_cuda
+               else "graphs do not hold collectives yet: this artifact has parallel degrees" if self._groups
+               else "graphs do not hold collectives yet: this artifact shards its weights" if runner.sharded
+               else None)
+        if why is not None:
+            if why not in self._graph_notes:
+                self._graph_notes.add(why)
+                warnings.warn(f"{self.source}: cuda_graphs=True: running op by op because {why}", stacklevel=4)
+            return EagerStep(runner, flat)
+        key = (self._context, index, *(tuple(v.shape) for v in flat if isinstance(v, torch.Tensor)))
+        step = self._graph_steps.get(key)
+        if step is None:
+            pool = torch.cuda.graph_pool_handle() if capture is None else None
+            step = self._graph_steps[key] = GraphStep(runner, flat, capture or cuda_capture, pool, self.source)
+        return step.bind(flat, self._stats)
 
     def _flatten(self, kwargs: dict[str, Any]) -> list[Any]:
         given = dict(flatten_with_paths(kwargs))
@@ -324,13 +367,16 @@ def _check_kernels(manifest: Manifest, where: str) -> None:
 
 
 def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *, lowered: LoweredMode = "use",
-         allow_native_code: bool = False, _allow_incomplete: bool = False) -> CompiledTransformer:
+         allow_native_code: bool = False, cuda_graphs: bool = False,
+         _allow_incomplete: bool = False) -> CompiledTransformer:
     """Load an artifact written by `dacc compile`: verifies the signature (with `trusted_keys`) and
     hashes, reads programs by allow-list, never unpickles. Compiled packages (plan `lower`) are
     native code: they load only from a signed artifact verified with `trusted_keys`, or with
     `allow_native_code=True`. `lowered="fallback"` runs the unlowered segments, with a warning,
     where the packages cannot be used (another device, torch or CPU, or no trust); "off" never
-    loads them; "use" (the default) refuses such an artifact with the reason."""
+    loads them; "use" (the default) refuses such an artifact with the reason. `cuda_graphs=True`
+    replays each step's pieces as CUDA graphs once the weights are on a CUDA device, captured per
+    input shape and cache context (dacc/runtime/graph_step.py); elsewhere it has no effect."""
     root = Path(path)
     if lowered not in ("use", "fallback", "off"):
         raise DaccError(f"lowered={lowered!r} is not one of 'use', 'fallback', 'off'", str(root),
@@ -355,4 +401,4 @@ def load(path: str | Path, trusted_keys: Iterable[KeyLike] | None = None, *, low
     if manifest.lowering is not None:  # weights load on the CPU: CUDA packages wait for .to("cuda")
         for runner in runners:
             runner.use_packages(torch.device("cpu"), manifest.lowering.device)
-    return CompiledTransformer(manifest, runners, out_specs, str(root), groups)
+    return CompiledTransformer(manifest, runners, out_specs, str(root), groups, cuda_graphs)

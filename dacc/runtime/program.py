@@ -136,9 +136,9 @@ class ProgramRunner(torch.nn.Module):
     def bind_sizes(self, flat: list[Any]) -> None:
         """Called once per call, before its segments run."""
         if self._needs_sizes:
-            self._carriers = self.size_carriers(flat, self._weights_device())
+            self._carriers = self.size_carriers(flat, self.weights_device())
 
-    def _weights_device(self) -> torch.device:
+    def weights_device(self) -> torch.device:
         return next((t.device for ws in self._weights for t in ws if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     @property

@@ -49,6 +49,8 @@ class SegmentStats:
     segments_reused: int = 0
     flops_total: float = 0.0  # what eager would have spent
     flops_computed: float = 0.0
+    graphs_captured: int = 0  # pieces of a step captured as CUDA graphs (dacc/runtime/graph_step.py)
+    graphs_replayed: int = 0
 
     def as_dict(self, counters: dict[str, StepCounter]) -> dict:
         return {
@@ -61,4 +63,6 @@ class SegmentStats:
             "flops_total": self.flops_total,
             "flops_computed": self.flops_computed,
             "flops_saved": self.flops_total - self.flops_computed,
+            "graphs_captured": self.graphs_captured,
+            "graphs_replayed": self.graphs_replayed,
         }

@@ -59,8 +59,38 @@ def test_triton_kernel_reads_non_contiguous_inputs(triton_interpreted):
     assert triton_interpreted == [1]
 
 
+@pytest.mark.parametrize("terms", [1, 2, 3])
+def test_weights_in_a_tensor_and_an_out_buffer(triton_interpreted, terms):
+    """The form a CUDA graph replays: weights read from device memory, the result written into a
+    given buffer. Kernel and reference both, against the definition; a later write to the
+    weights tensor changes the next result (nothing was read at call time from the host)."""
+    x, rs, weights = _case((3, 700), torch.float32, terms, seed=40 + terms)
+    w = torch.tensor(weights, device=DEVICE)
+    for fn in (add_weighted, add_weighted_reference):
+        out = torch.full_like(x, float("nan"))
+        assert fn(x, rs, w, out=out) is out
+        assert torch.allclose(out.double(), _definition(x, rs, weights), rtol=1e-5, atol=1e-5)
+        w.mul_(-0.5)
+        fn(x, rs, w, out=out)
+        assert torch.allclose(out.double(), _definition(x, rs, [v * -0.5 for v in weights]), rtol=1e-5, atol=1e-5)
+        w.copy_(torch.tensor(weights))
+    assert len(triton_interpreted) == 2
+
+
+def test_a_non_contiguous_out_buffer_takes_the_reference(triton_interpreted):
+    x, rs, weights = _case((64, 48), torch.float32, 2, seed=11)
+    out = torch.empty(48, 64).t()
+    add_weighted(x, rs, torch.tensor(weights), out=out)
+    assert torch.allclose(out.double(), _definition(x, rs, weights), rtol=1e-5, atol=1e-5)
+    assert triton_interpreted == []
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="4 terms"):
         add_weighted(torch.zeros(3), [torch.zeros(3)] * 4, [1.0] * 4)
     with pytest.raises(ValueError, match="a term has shape"):
         add_weighted(torch.zeros(3), [torch.zeros(4)], [1.0])
+    with pytest.raises(ValueError, match="out has shape"):
+        add_weighted(torch.zeros(3), [torch.zeros(3)], [1.0], out=torch.zeros(2))
+    with pytest.raises(ValueError, match="tensor weights must be 1-D"):
+        add_weighted(torch.zeros(3), [torch.zeros(3)], torch.ones(1, 1))

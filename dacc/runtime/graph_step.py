@@ -50,9 +50,11 @@ def cuda_capture(piece: Piece, pool: Any) -> tuple[Replay, list[torch.Tensor]]:
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         piece()
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()  # a package's completion event must be done before the capture queries it
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # relaxed: a package's runtime queries its own completion events between runs, which the
+    # default mode forbids during any capture; work that truly syncs with the host still fails
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="relaxed"):
         outputs = piece()
     return graph.replay, outputs
 
@@ -91,6 +93,10 @@ class GraphStep:
         self.buffers = [GateBuffers(max(g.taylor_order, 0) + 1) for g in runner.spec.gates]
         self.pieces: dict[tuple, Replay] = {}
         self.stats = SegmentStats()
+        # captures run the packages on instances of their own (lowered.Package.fresh); a piece
+        # run op by op (eager_capture's replays, a fallback) uses the runner's
+        self.packages = runner.fresh_packages() if runner.lowered_segments else None
+        self._capturing = False
 
     def bind(self, flat: list[Any], stats: SegmentStats) -> GraphStep:
         """This call's inputs, copied into the static ones; `stats` counts captures and replays."""
@@ -103,10 +109,12 @@ class GraphStep:
     # -- the executor's pieces (the interface of dacc/runtime/eager_step.py) --------------------
     def probe(self, g: int, gate: CacheGate, state: GateState,
               lo: int) -> tuple[list[torch.Tensor] | None, float | None]:
+        if gate.probe == "none":
+            if lo < gate.skip_first:  # adjacent ranges leave nothing before the next: no (empty) graph
+                self._replay(("head", g), lambda: self._segments(lo, gate.skip_first))
+            return None, None
         self._replay(("head", g), lambda: self._head(g, gate, lo))
         buf = self.buffers[g]
-        if gate.probe == "none":
-            return None, None
         buf.probe = [self.env[f"#probe{g}"]]
         # the probe compared with zeros on a generation's first step: nothing to compare with
         return buf.probe, (change_ratio(self.env[f"#stats{g}"]) if state.prev_probe is not None else None)
@@ -133,7 +141,8 @@ class GraphStep:
         self._replay(("skip", g), lambda: self._skip(g, gate))
 
     def finish(self, lo: int) -> list[Any]:
-        self._replay(("tail",), lambda: self._segments(lo, len(self.runner.spec.segments)))
+        if lo < len(self.runner.spec.segments):
+            self._replay(("tail",), lambda: self._segments(lo, len(self.runner.spec.segments)))
         return [self.env[n].clone() if isinstance(n, str) and isinstance(self.env[n], torch.Tensor)
                 else self.env[n] if isinstance(n, str) else n for n in self.runner.output_values]
 
@@ -142,12 +151,15 @@ class GraphStep:
         replay = self.pieces.get(key)
         if replay is None:
             names, piece = make()
+            self._capturing = True
             try:
                 replay, outputs = self.capture(piece, self.pool)
             except Exception as exc:  # whatever the capture refused: this piece runs op by op
+                self._capturing = False
                 warnings.warn(f"{self.source}: part of the step ({key[0]}) could not be captured as a CUDA graph "
                               f"({str(exc).splitlines()[0][:200]}); it runs op by op", stacklevel=4)
                 replay, outputs = eager_capture(piece)
+            self._capturing = False
             self.env.update(zip(names, outputs))
             self.pieces[key] = replay
             self.stats.graphs_captured += 1
@@ -162,16 +174,15 @@ class GraphStep:
 
         def piece() -> list[torch.Tensor]:
             local = ChainMap({}, env)
+            packages = self.packages if self._capturing else None
             for i in range(lo, hi):
-                outs = runner.run_segment(i, [local[n] for n in specs[i].inputs])
+                outs = runner.run_segment(i, [local[n] for n in specs[i].inputs], packages)
                 local.maps[0].update(zip(specs[i].outputs, outs))
             return [local[n] for n in names] + (after(local) if after is not None else [])
         return names + list(extra), piece
 
     def _head(self, g: int, gate: CacheGate, lo: int) -> tuple[list[str], Piece]:
         buf = self.buffers[g]
-        if gate.probe == "none":
-            return self._segments(lo, gate.skip_first)
 
         def statistics(local: ChainMap) -> list[torch.Tensor]:
             if buf.prev is None:  # allocated by the first (uncaptured) run: the capture reads it

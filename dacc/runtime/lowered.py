@@ -58,15 +58,34 @@ def target_mismatch(low: LoweringSpec) -> str | None:
     return None
 
 
+class Package:
+    """One compiled package file and a loaded instance of it."""
+
+    def __init__(self, path: Path):
+        from torch._C._aoti import AOTIModelPackageLoader
+
+        self.path = path
+        self.loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def fresh(self) -> Package:
+        """Another instance of the same code. A CUDA graph capture needs one of its own: the
+        package's runtime waits on an event before each run, and once a capture has recorded
+        that event no uncaptured run may wait on it (dacc/runtime/graph_step.py)."""
+        return Package(self.path)
+
+
 class LoweredSegment:
     """A package standing in for one segment: takes the segment's arguments at `args`, each made
     contiguous (a package is compiled for contiguous inputs and does not check strides), then
     the size carriers of the program symbols `sizes`."""
 
-    def __init__(self, loader: Any, args: list[int], sizes: list[str]):
-        self.loader = loader
+    def __init__(self, package: Package, args: list[int], sizes: list[str]):
+        self.package = package
         self.args = args
         self.sizes = sizes
+
+    def fresh(self) -> LoweredSegment:
+        return LoweredSegment(self.package.fresh(), self.args, self.sizes)
 
     def __call__(self, full: list[Any], carriers: dict[str, torch.Tensor]) -> list[Any]:
         picked = []
@@ -77,7 +96,7 @@ class LoweredSegment:
             picked.append(carriers[name])
         take_transfer_failure()  # none left from an earlier call may stand in for this one's error
         try:
-            return self.loader.run(picked)
+            return self.package.loader.run(picked)
         except RuntimeError:
             failure = take_transfer_failure()  # a dacc collective inside failed: its own error, not the wrapper
             if failure is not None:
@@ -94,8 +113,8 @@ def package_arity(loader: Any) -> tuple[int, int]:
     return in_spec.num_leaves, out_spec.num_leaves
 
 
-def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bool) -> dict[str, Any]:
-    """{package file: loader} for the artifact's packages, or {} when they are not to be used
+def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bool) -> dict[str, Package]:
+    """{package file: its loaded package} for the artifact's packages, or {} when they are not to be used
     (mode "off", or "fallback" on a machine or trust level that cannot run them)."""
     low = manifest.lowering
     if low is None or mode == "off" or not low.packages:
@@ -114,12 +133,10 @@ def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bo
                           stacklevel=3)
             return {}
         raise DaccError(f"cannot use this artifact's compiled packages: {why}", str(root), fix)
-    from torch._C._aoti import AOTIModelPackageLoader
-
     loaders = {}
     for spec in low.packages:
         try:
-            loaders[spec.file] = AOTIModelPackageLoader(str(root / spec.file), "model", False, 1, -1)
+            loaders[spec.file] = Package(root / spec.file)
         except RuntimeError as exc:
             raise DaccError(f"compiled package {spec.file} does not load: {str(exc).splitlines()[0][:300]}",
                             str(root / spec.file), fix) from None

@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import BOOL, evaluate
-from dacc.runtime.lowered import LoweredSegment, package_arity
+from dacc.runtime.lowered import LoweredSegment, Package, package_arity
 from dacc.schema.manifest import RECOMPILE, ProgramSpec, SegmentSpec, node_segment
 
 
@@ -56,7 +56,7 @@ def _boundaries(nodes: list[fx.Node], gate_reads: set[str]) -> tuple[list[str], 
 
 
 class ProgramRunner(torch.nn.Module):
-    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str, loaders: dict[str, Any] | None = None):
+    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str, loaders: dict[str, Package] | None = None):
         super().__init__()
         self.spec = spec
         gm = ep.module()
@@ -98,7 +98,7 @@ class ProgramRunner(torch.nn.Module):
         """Re-read each segment's weight tensors (after .to() and friends replaced them)."""
         self._weights = [[_fetch(self.weights, t) for t in targets] for targets in self._weight_targets]
 
-    def _attach(self, loaders: dict[str, Any], where: str) -> list[LoweredSegment | None]:
+    def _attach(self, loaders: dict[str, Package], where: str) -> list[LoweredSegment | None]:
         found: list[LoweredSegment | None] = []
         for seg, targets in zip(self.spec.segments, self._weight_targets):
             call = seg.lowered
@@ -113,7 +113,7 @@ class ProgramRunner(torch.nn.Module):
             if unknown:
                 raise DaccError(f"segment {seg.name}: package sizes {unknown[:5]} are not program symbols", where,
                                 RECOMPILE)
-            takes, gives = package_arity(loaders[call.package])
+            takes, gives = package_arity(loaders[call.package].loader)
             if (takes, gives) != (len(call.args) + len(call.sizes), len(seg.outputs)):
                 raise DaccError(f"segment {seg.name}: package {call.package} takes {takes} tensors and returns {gives}; "
                                 f"the segment passes {len(call.args) + len(call.sizes)} and reads {len(seg.outputs)}",
@@ -145,14 +145,20 @@ class ProgramRunner(torch.nn.Module):
     def lowered_segments(self) -> int:
         return sum(p is not None for p in self._lowered)
 
-    def run_segment(self, i: int, inputs: list[Any]) -> tuple | list:
+    def run_segment(self, i: int, inputs: list[Any], packages: list[LoweredSegment | None] | None = None) -> tuple | list:
+        """Segment i on `inputs`: its package where one is in use (from `packages`, instances of
+        the caller's own, when given), else its graph."""
         if self.sharded is not None:  # gather the segment's unit; its parameters are whole until freed
             self.sharded.enter(self.spec.segments[i].name)
             return self.segments[i].forward(*inputs, *(_fetch(self.weights, t) for t in self._weight_targets[i]))
-        package = self._lowered[i]
+        package = (self._lowered if packages is None else packages)[i]
         if package is not None:
             return package([*inputs, *self._weights[i]], self._carriers)
         return self.segments[i].forward(*inputs, *self._weights[i])
+
+    def fresh_packages(self) -> list[LoweredSegment | None]:
+        """A new instance of each package in use, one per segment (dacc/runtime/graph_step.py)."""
+        return [p.fresh() if p is not None else None for p in self._lowered]
 
     def use_packages(self, device: torch.device, package_device: str) -> bool:
         """Packages run only on the device they were built for: elsewhere (after `.to()`) the

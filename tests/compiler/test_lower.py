@@ -8,6 +8,8 @@ from that build through the compile cache, which the test also checks.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import shutil
 
@@ -81,7 +83,8 @@ def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
     lowered, plain = loaded
     assert lowered.programs[0].lowered_segments == len(lowered.manifest.programs[0].segments)
     assert plain.programs[0].lowered_segments == 0
-    calls, originals = [], [seg.loader for seg in lowered.programs[0]._lowered]
+    packages = list({id(seg.package): seg.package for seg in lowered.programs[0]._lowered}.values())
+    calls, originals = [], [p.loader for p in packages]
 
     class Spy:  # counts package calls: the graphs must not be what ran
         def __init__(self, loader):
@@ -90,8 +93,8 @@ def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
         def run(self, args):
             calls.append(1)
             return self.loader.run(args)
-    for seg in lowered.programs[0]._lowered:
-        seg.loader = Spy(seg.loader)
+    for p in packages:  # identical blocks share a package
+        p.loader = Spy(p.loader)
     try:
         # sizes the compile never saw, one of them not square: one package serves every token count
         for i, (b, h, w) in enumerate([(3, 12, 20), (2, 8, 24), (4, 16, 16)]):
@@ -101,9 +104,39 @@ def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
             assert got.shape == want.shape == (b, 4, h, w)
             assert rel_err(got, want) < 1e-4
     finally:
-        for seg, loader in zip(lowered.programs[0]._lowered, originals):
-            seg.loader = loader
+        for p, loader in zip(packages, originals):
+            p.loader = loader
     assert len(calls) == 3 * len(lowered.manifest.programs[0].segments)
+
+
+def test_a_replayed_step_captures_with_package_instances_of_its_own(built):
+    """A CUDA graph capture runs each lowered segment on a fresh instance of its package (a
+    captured run would leave the shared instance unusable uncaptured: graph_step.py); on the CPU
+    the capture is `eager_capture`. The step matches the shared packages' op-by-op step, and the
+    shared instances ran only in the replays, not in the captures."""
+    from dacc.runtime.graph_step import eager_capture
+
+    path, _ = built("none")
+    plain = dacc.load(path, allow_native_code=True)
+    graphs = dacc.load(path, allow_native_code=True, cuda_graphs=True)
+    graphs._graph_capture = eager_capture
+    shared = list({id(seg.package): seg.package for seg in graphs.programs[0]._lowered}.values())
+    runs = {id(p): 0 for p in shared}
+    for p in shared:
+        run = p.loader.run
+        p.loader = type("Counted", (), {"run": staticmethod(lambda args, p=p, run=run: (
+            runs.__setitem__(id(p), runs[id(p)] + 1), run(args))[1]),
+            "get_call_spec": p.loader.get_call_spec})()
+    for i, (b, h, w) in enumerate([(2, 8, 12), (2, 8, 12), (3, 12, 20)]):
+        x = _inputs(b, h, w, seed=200 + i)
+        assert rel_err(graphs(**x).sample, plain(**x).sample) < 1e-5
+    step = next(iter(graphs._graph_steps.values()))
+    assert all(p is not None and p.package not in shared for p in step.packages)
+    pieces_per_call = graphs.stats()["graphs_replayed"] // graphs.stats()["calls"]
+    assert pieces_per_call == 1  # the empty plan: one piece, every segment
+    # each call's replay ran every shared package once per segment using it; the captures did not
+    per_call = Counter(id(s.package) for s in graphs.programs[0]._lowered)
+    assert runs == {k: 3 * per_call[k] for k in runs}
 
 
 def test_identical_blocks_share_one_package_and_the_manifest_says_so(built, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import yaml
@@ -32,6 +33,21 @@ def write_results(stem: str, report: dict, markdown: str) -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(finite(report), indent=1) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown)
     print(markdown)
+
+
+def interleaved_rounds(models: dict, run, rounds: int) -> dict[str, list[float]]:
+    """Seconds of `run(model)` per model and round, the order rotating each round so that drift
+    within the run hits every variant alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        order = list(models.items())
+        order = order[r % len(order):] + order[:r % len(order)]
+        for name, model in order:
+            start = time.perf_counter()
+            run(model)
+            times[name].append(time.perf_counter() - start)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
+    return times
 
 
 def compile_trained(cache: dict | None, path: Path, steps: int, trained: flow.TrainedModel = DEMO) -> Path:

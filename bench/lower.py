@@ -37,7 +37,7 @@ import torch
 import yaml
 
 import dacc
-from common import RESULTS, generation_flops
+from common import RESULTS, generation_flops, interleaved_rounds
 from dacc.compiler.compile import compile_model
 from dacc.demo import DEMO_MODEL
 from dacc.models.demo import load_encoder, load_transformer
@@ -145,15 +145,7 @@ def main() -> None:
 
     for model in models.values():  # warm-up (torch.compile's JIT, graph captures)
         run(model)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        order = list(models.items())
-        order = order[r % len(order):] + order[:r % len(order)]
-        for name, model in order:
-            start = time.perf_counter()
-            run(model)
-            times[name].append(time.perf_counter() - start)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
+    times = interleaved_rounds(models, run, args.rounds)
     median = {name: statistics.median(t) for name, t in times.items()}
     # FlopCounterMode sees aten calls only: a package or a graph replay is opaque to it (it would
     # count 0). A lowered or replayed variant runs its base's graph, so it gets that one's count.

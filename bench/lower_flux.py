@@ -31,7 +31,7 @@ import yaml
 
 import dacc
 import flux_shaped
-from common import RESULTS
+from common import RESULTS, interleaved_rounds
 from dacc.compiler.compile import compile_model
 
 MODEL = Path(__file__).with_name("flux_shaped.py")
@@ -125,15 +125,7 @@ def main() -> None:
     for name, model in models.items():  # warm-up, and each variant's distance from eager
         out = _generate(model, call, args.steps, device)
         errors[name] = float(f"{float((out.float() - reference.float()).norm() / reference.float().norm()):.3g}")
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        order = list(models.items())
-        order = order[r % len(order):] + order[:r % len(order)]
-        for name, model in order:
-            start = time.perf_counter()
-            _generate(model, call, args.steps, device)
-            times[name].append(time.perf_counter() - start)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
+    times = interleaved_rounds(models, lambda model: _generate(model, call, args.steps, device), args.rounds)
     median = {n: statistics.median(t) for n, t in times.items()}
     ratios = {f"{n} vs eager": round(median["eager"] / v, 3) for n, v in median.items() if n != "eager"}
     ratios["empty lowered vs eager torch.compile"] = round(median["eager torch.compile"] / median["empty lowered"], 3)

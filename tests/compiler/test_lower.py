@@ -12,6 +12,7 @@ from collections import Counter
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -286,6 +287,14 @@ def test_cuda_packages_match_the_unlowered_artifact_on_the_gpu(tmp_path, monkeyp
     assert lowered.programs[0].lowered_segments > 0
     x = {k: v.cuda() for k, v in _inputs(3, 12, 20, seed=5).items()}
     assert rel_err(lowered(**x).sample, plain(**x).sample) < 1e-4
+    # the packages captured in a CUDA graph and replayed (a piece that failed to capture would warn)
+    replayed = dacc.load(tmp_path / "gpu.dacc", allow_native_code=True, cuda_graphs=True).to("cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in (6, 7, 7):
+            x = {k: v.cuda() for k, v in _inputs(3, 12, 20, seed=seed).items()}
+            assert rel_err(replayed(**x).sample, plain(**x).sample) < 1e-4
+    assert replayed.stats()["graphs_replayed"] == 3 and replayed.stats()["graphs_captured"] == 1
 
 
 def test_a_cuda_plan_without_a_gpu_is_a_clear_error(tmp_path):

@@ -46,10 +46,21 @@ def artifacts(tmp_path_factory):
     return out
 
 
-def _replayed(path, **kw):
-    model = dacc.load(path, cuda_graphs=True, **kw)
-    model._graph_capture = eager_capture
-    return model
+@pytest.fixture(scope="module")
+def pair(artifacts):
+    """plan -> (op by op, replayed) loaded once for the module (a load is most of a test's time),
+    reset for each use; a test that changes either puts it back."""
+    loaded = {}
+
+    def get(plan):
+        if plan not in loaded:
+            graphs = dacc.load(artifacts[plan], cuda_graphs=True)
+            graphs._graph_capture = eager_capture
+            loaded[plan] = dacc.load(artifacts[plan]), graphs
+        for model in loaded[plan]:
+            model.reset()
+        return loaded[plan]
+    return get
 
 
 def _generations(model, device=None):
@@ -60,8 +71,8 @@ def _generations(model, device=None):
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_replayed_pieces_match_the_op_by_op_step(artifacts, plan):
-    eager, graphs = dacc.load(artifacts[plan]), _replayed(artifacts[plan])
+def test_replayed_pieces_match_the_op_by_op_step(pair, plan):
+    eager, graphs = pair(plan)
     want, got = _generations(eager), _generations(graphs)
     for w, g in zip(want, got):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-5), float((g - w).abs().max())
@@ -83,24 +94,29 @@ def _pieces_per_step(model) -> int:
     return heads + len(model.manifest.programs[0].gates) + 1
 
 
-def test_an_output_held_across_the_next_call_keeps_its_values(artifacts):
-    eager, graphs = dacc.load(artifacts["dbcache"]), _replayed(artifacts["dbcache"])
+def test_an_output_held_across_the_next_call_keeps_its_values(pair):
+    eager, graphs = pair("dbcache")
     first, second = (cfg_inputs(DEMO, torch.tensor([1, 2]), sigma, seed) for sigma, seed in ((0.9, 0), (0.8, 1)))
     held = graphs(**first, return_dict=False)[0]
     graphs(**second, return_dict=False)
     assert torch.equal(held, eager(**first, return_dict=False)[0])
 
 
-def test_on_the_cpu_the_graph_path_is_never_taken(artifacts):
-    eager, asked = dacc.load(artifacts["dbcache"]), dacc.load(artifacts["dbcache"], cuda_graphs=True)
-    with pytest.warns(UserWarning, match="running op by op because the weights are not on a CUDA device") as seen:
-        got = _generations(asked)
-    assert sum("cuda_graphs=True" in str(w.message) for w in seen) == 1  # said once, not per call
-    assert all(torch.equal(g, w) for g, w in zip(got, _generations(eager)))
-    assert asked.stats()["graphs_captured"] == asked.stats()["graphs_replayed"] == 0
+def test_on_the_cpu_the_graph_path_is_never_taken(pair):
+    plain, _ = pair("dbcache")
+    want = _generations(plain)
+    plain.cuda_graphs = True  # without a capture handed in: only a CUDA device would capture
+    try:
+        with pytest.warns(UserWarning, match="running op by op because the weights are not on a CUDA device") as seen:
+            got = _generations(plain)
+        assert sum("cuda_graphs=True" in str(w.message) for w in seen) == 1  # said once, not per call
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert plain.stats()["graphs_captured"] == plain.stats()["graphs_replayed"] == 0
+    finally:
+        plain.cuda_graphs = False
 
 
-def test_a_piece_that_cannot_be_captured_runs_op_by_op(artifacts):
+def test_a_piece_that_cannot_be_captured_runs_op_by_op(pair):
     calls = []
 
     def refuse_the_second(piece, pool):
@@ -108,29 +124,42 @@ def test_a_piece_that_cannot_be_captured_runs_op_by_op(artifacts):
         if len(calls) == 2:
             raise RuntimeError("operation not permitted when stream is capturing")
         return eager_capture(piece, pool)
-    eager, graphs = dacc.load(artifacts["teacache"]), _replayed(artifacts["teacache"])
+    eager, graphs = pair("teacache")
+    graphs._drop_graphs()
     graphs._graph_capture = refuse_the_second
-    with pytest.warns(UserWarning, match=r"part of the step \(compute\) could not be captured.*not permitted"):
-        got = _generations(graphs)
+    try:
+        with pytest.warns(UserWarning, match=r"part of the step \(compute\) could not be captured.*not permitted"):
+            got = _generations(graphs)
+    finally:
+        graphs._graph_capture = eager_capture
+        graphs._drop_graphs()
+    assert len(calls) == 8  # every piece of two shapes was offered to the capture
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-5) for g, w in zip(got, _generations(eager)))
 
 
-def test_new_weights_reach_a_replayed_step(artifacts):
+def test_new_weights_reach_a_replayed_step(pair):
     """load_state_dict(assign=True) hands the segments new tensors: graphs captured over the old
     ones are dropped and captured again."""
-    eager, graphs = dacc.load(artifacts["dbcache"]), _replayed(artifacts["dbcache"])
+    eager, graphs = pair("dbcache")
+    graphs._drop_graphs()
     _generations(graphs)
     before = graphs.stats()["graphs_captured"]
+    assert before > 0
+    original = eager.state_dict()
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-             for k, v in eager.state_dict().items()}
-    for model in (eager, graphs):
-        model.load_state_dict(state, assign=True)
-        model.reset()
-    assert not graphs._graph_steps
-    got, want = _generations(graphs), _generations(eager)
-    assert graphs.stats()["graphs_captured"] == before  # every piece captured again, over the new tensors
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))
+             for k, v in original.items()}
+    try:
+        for model in (eager, graphs):
+            model.load_state_dict(state, assign=True)
+            model.reset()
+        assert not graphs._graph_steps
+        got, want = _generations(graphs), _generations(eager)
+        assert graphs.stats()["graphs_captured"] == before  # every piece captured again, over the new tensors
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))
+    finally:
+        for model in (eager, graphs):
+            model.load_state_dict(original, assign=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

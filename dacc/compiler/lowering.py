@@ -37,7 +37,7 @@ from torch.utils._sympy.functions import FloorDiv, Mod, PythonMod
 from dacc.compiler.ir import _expr
 from dacc.compiler.trace import rel_error
 from dacc.runtime.inputs import flatten_with_paths
-from dacc.runtime.lowered import cpu_isa, cuda_arch
+from dacc.runtime.lowered import LoadedPackage, cpu_isa, cuda_arch
 from dacc.runtime.stamps import cache_root
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.manifest import LoweredCall, LoweringSpec, PackageSpec
@@ -253,8 +253,6 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
                   ranks: Ranks | None = None) -> ProgramLowering:
     """Lower every segment of `runner` (a runtime ProgramRunner over the program being compiled);
     `ranks` when the program is partitioned and this is one of its ranks."""
-    from torch._C._aoti import AOTIModelPackageLoader
-
     result = ProgramLowering(device)
     specs = runner.spec.segments
     source = {n.name: n for n in runner.weights.graph.nodes}
@@ -316,7 +314,7 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
         if ranks is not None:
             why = ranks.share(why)
         if why is None:
-            why = _check(AOTIModelPackageLoader, path, runner, members, recorded, package_args, ranks)
+            why = _check(path, runner, members, recorded, package_args, ranks)
         if why is not None:
             for i, _ in members:
                 result.unlowered[specs[i].name] = why
@@ -361,12 +359,12 @@ def _reason(exc: Exception) -> str:
         f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
-def _check(loader_type, path: Path, runner, members, recorded, package_args, ranks: Ranks | None) -> str | None:
+def _check(path: Path, runner, members, recorded, package_args, ranks: Ranks | None) -> str | None:
     """Why the package at `path` cannot serve its segments (None when it matches every one on every
     example). Every check runs even after one fails, so that ranks stay in step."""
     worst, tol, why = 0.0, 1.0, None
     try:
-        loader = loader_type(str(path), "model", False, 1, -1)
+        loader = LoadedPackage(path).loader
         with torch.no_grad():
             for i, canon in members:
                 for e, per_segment in enumerate(recorded):

@@ -68,9 +68,15 @@ def _verify_files(root: Path, manifest: Manifest, allow_incomplete: bool) -> Non
     for name, digest in sorted(manifest.files.items()):
         if name not in present:
             raise DaccError(f"artifact file '{name}' is missing", str(root / name), RECOMPILE)
-        if name not in own_check and not stamps.matches(root / name, digest):
-            raise DaccError(f"artifact file '{name}' was modified or corrupted (its digest differs from the "
-                            "manifest's)", str(root / name), RECOMPILE)
+        if name not in own_check:
+            verify_file(root / name, digest)
+
+
+def verify_file(path: Path, digest: str) -> None:
+    """Refuse an artifact file whose content is not the manifest's (dacc/runtime/stamps.py)."""
+    if not stamps.matches(path, digest):
+        raise DaccError(f"artifact file '{path.name}' was modified or corrupted (its digest differs from the "
+                        "manifest's)", str(path), RECOMPILE)
 
 
 def load_weights(root: Path, name: str) -> dict[str, torch.Tensor]:

@@ -100,7 +100,7 @@ def measure(gate: CacheGate, state: GateState, env: dict) -> tuple[list[torch.Te
     if gate.probe == "none":
         return None, None
     value, stats = probe_change(gate, env, state.prev_probe[0] if state.prev_probe is not None else None)
-    return [value], (_ratio([stats]) if stats is not None else None)
+    return [value], (change_ratio(stats) if stats is not None else None)
 
 
 def probe_change(gate: CacheGate, env: dict,

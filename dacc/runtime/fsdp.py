@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
 
-from dacc.runtime import stamps
+from dacc.runtime.artifact import verify_file
 from dacc.schema.dtypes import dtype_text, parse_dtype
 from dacc.schema.errors import DaccError
 from dacc.schema.manifest import RECOMPILE, FsdpSpec, FsdpUnit
@@ -116,9 +116,7 @@ def _restore(root: torch.nn.Module, whole: dict[str, torch.Tensor], device: torc
 def _place_shards(root: torch.nn.Module, spec: FsdpSpec, path: Path, digest: str) -> None:
     """This rank's chunk of every sharded weight, from its own shard file (hashed before use,
     like every file the runtime reads)."""
-    if not stamps.matches(path, digest):
-        raise DaccError(f"artifact file '{path.name}' was modified or corrupted (its digest differs from the "
-                        "manifest's)", str(path), RECOMPILE)
+    verify_file(path, digest)
     with safe_open(str(path), framework="pt", device="cpu") as shards, torch.no_grad():
         for unit in spec.units:
             for p in unit.params:

@@ -93,7 +93,7 @@ class GraphStep:
         self.buffers = [GateBuffers(max(g.taylor_order, 0) + 1) for g in runner.spec.gates]
         self.pieces: dict[tuple, Replay] = {}
         self.stats = SegmentStats()
-        # captures run the packages on instances of their own (lowered.Package.fresh); a piece
+        # captures run the packages on instances of their own (lowered.LoadedPackage.fresh); a piece
         # run op by op (eager_capture's replays, a fallback) uses the runner's
         self.packages = runner.fresh_packages() if runner.lowered_segments else None
         self._capturing = False
@@ -143,8 +143,8 @@ class GraphStep:
     def finish(self, lo: int) -> list[Any]:
         if lo < len(self.runner.spec.segments):
             self._replay(("tail",), lambda: self._segments(lo, len(self.runner.spec.segments)))
-        return [self.env[n].clone() if isinstance(n, str) and isinstance(self.env[n], torch.Tensor)
-                else self.env[n] if isinstance(n, str) else n for n in self.runner.output_values]
+        outputs = [self.env[n] if isinstance(n, str) else n for n in self.runner.output_values]
+        return [o.clone() if isinstance(o, torch.Tensor) else o for o in outputs]
 
     # -- pieces ------------------------------------------------------------------------------
     def _replay(self, key: tuple, make: Callable[[], tuple[list[str], Piece]]) -> None:

@@ -58,7 +58,7 @@ def target_mismatch(low: LoweringSpec) -> str | None:
     return None
 
 
-class Package:
+class LoadedPackage:
     """One compiled package file and a loaded instance of it."""
 
     def __init__(self, path: Path):
@@ -67,11 +67,11 @@ class Package:
         self.path = path
         self.loader = AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
-    def fresh(self) -> Package:
+    def fresh(self) -> LoadedPackage:
         """Another instance of the same code. A CUDA graph capture needs one of its own: the
         package's runtime waits on an event before each run, and once a capture has recorded
         that event no uncaptured run may wait on it (dacc/runtime/graph_step.py)."""
-        return Package(self.path)
+        return LoadedPackage(self.path)
 
 
 class LoweredSegment:
@@ -79,7 +79,7 @@ class LoweredSegment:
     contiguous (a package is compiled for contiguous inputs and does not check strides), then
     the size carriers of the program symbols `sizes`."""
 
-    def __init__(self, package: Package, args: list[int], sizes: list[str]):
+    def __init__(self, package: LoadedPackage, args: list[int], sizes: list[str]):
         self.package = package
         self.args = args
         self.sizes = sizes
@@ -113,7 +113,7 @@ def package_arity(loader: Any) -> tuple[int, int]:
     return in_spec.num_leaves, out_spec.num_leaves
 
 
-def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bool) -> dict[str, Package]:
+def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bool) -> dict[str, LoadedPackage]:
     """{package file: its loaded package} for the artifact's packages, or {} when they are not to be used
     (mode "off", or "fallback" on a machine or trust level that cannot run them)."""
     low = manifest.lowering
@@ -136,7 +136,7 @@ def load_packages(root: Path, manifest: Manifest, mode: LoweredMode, trusted: bo
     loaders = {}
     for spec in low.packages:
         try:
-            loaders[spec.file] = Package(root / spec.file)
+            loaders[spec.file] = LoadedPackage(root / spec.file)
         except RuntimeError as exc:
             raise DaccError(f"compiled package {spec.file} does not load: {str(exc).splitlines()[0][:300]}",
                             str(root / spec.file), fix) from None

@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 from dacc.schema.dtypes import dtype_text
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import BOOL, evaluate
-from dacc.runtime.lowered import LoweredSegment, Package, package_arity
+from dacc.runtime.lowered import LoadedPackage, LoweredSegment, package_arity
 from dacc.schema.manifest import RECOMPILE, ProgramSpec, SegmentSpec, node_segment
 
 
@@ -56,7 +56,7 @@ def _boundaries(nodes: list[fx.Node], gate_reads: set[str]) -> tuple[list[str], 
 
 
 class ProgramRunner(torch.nn.Module):
-    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str, loaders: dict[str, Package] | None = None):
+    def __init__(self, ep: ExportedProgram, spec: ProgramSpec, where: str, loaders: dict[str, LoadedPackage] | None = None):
         super().__init__()
         self.spec = spec
         gm = ep.module()
@@ -98,7 +98,7 @@ class ProgramRunner(torch.nn.Module):
         """Re-read each segment's weight tensors (after .to() and friends replaced them)."""
         self._weights = [[_fetch(self.weights, t) for t in targets] for targets in self._weight_targets]
 
-    def _attach(self, loaders: dict[str, Package], where: str) -> list[LoweredSegment | None]:
+    def _attach(self, loaders: dict[str, LoadedPackage], where: str) -> list[LoweredSegment | None]:
         found: list[LoweredSegment | None] = []
         for seg, targets in zip(self.spec.segments, self._weight_targets):
             call = seg.lowered

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import dacc
 from dacc.compiler.compile import compile_model
@@ -21,7 +21,7 @@ from dacc.runtime.artifact import read_manifest
 from dacc.runtime.launch import run_local
 from tests.conftest import rel_err, shared_trace
 from tests.runtime.test_parallel import (DBCACHE, DIE, FLUX, Transfers, _generation, _inputs, _odd_tokens,
-                                        die_or_call_on)
+                                        die_or_call_on, rank_results)
 
 LOWER = {"lower": {"backend": "inductor", "device": "cpu"}}
 PAIR = FLUX.with_name("flux_pair.py")  # every example one CFG pair: a batch of 1 on each cfg rank
@@ -69,16 +69,7 @@ def _rank(rank: int, world: int, jobs: dict, out: str) -> None:
 
 def _on_ranks(jobs: dict, world: int, out: Path) -> dict:
     run_local(_rank, world, jobs, str(out))
-    results = {}
-    if DIE in jobs:
-        results[DIE] = json.loads((out / f"{DIE}.0.json").read_text())
-    for name in [j for j in jobs if j != DIE]:
-        for rank in range(world):
-            got = json.loads((out / f"{name}.{rank}.json").read_text())
-            tensors = load_file(out / f"{name}.{rank}.safetensors")
-            got["outs"] = [tensors[f"out{i}"] for i in range(len(tensors))]
-            results[name, rank] = got
-    return results
+    return rank_results(jobs, world, out)
 
 
 def _single(path: Path, calls: list[dict]) -> tuple[list[torch.Tensor], list]:

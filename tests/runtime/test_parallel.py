@@ -206,6 +206,12 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 def _spawn(root: Path, world: int, jobs: dict, out: Path) -> dict:
     run_local(_rank_job, world, str(root), jobs, str(out))
+    return rank_results(jobs, world, out)
+
+
+def rank_results(jobs: dict, world: int, out: Path) -> dict:
+    """What each rank of each job wrote under `out`: {(job, rank): its JSON, with "outs" (its
+    tensors) unless it reported an error}, and the dead-rank job's {DIE: rank 0's JSON}."""
     results = {}
     if DIE in jobs:
         results[DIE] = json.loads((out / f"{DIE}.0.json").read_text())

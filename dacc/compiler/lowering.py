@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import operator
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,24 @@ def cache_dir() -> Path:
 
 def target_tag(device: str) -> str:
     where = f"cuda{cuda_arch()}" if device == "cuda" else f"cpu-{cpu_isa() or 'scalar'}"
-    return f"torch{torch.__version__}-{where}"
+    march = host_march(device)
+    return f"torch{torch.__version__}-{where}" + (f"-{march}" if march else "")
+
+
+# Inductor compiles a package's C++ with -march=native by default: the compiler may then use any
+# extension of the building CPU (AVX512-FP16, AMX, ...), while the manifest records, and the
+# runtime checks, only Inductor's vector ISA. An x86 baseline per ISA makes the recorded ISA the
+# whole requirement; a CUDA package's host code needs no vector extension at all.
+_X86_BASELINES = {"avx512": "x86-64-v4", "avx2": "x86-64-v3"}
+
+
+def host_march(device: str) -> str | None:
+    """The -march packages are built with (None: Inductor's choice, which on ARM is already an
+    explicit feature list rather than native)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    isa = cpu_isa().split()[0] if device == "cpu" and cpu_isa() else ""
+    return _X86_BASELINES.get(isa, "x86-64-v2")
 
 
 _SIZE_OPS = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv,
@@ -199,7 +217,7 @@ def canonical(gm: fx.GraphModule, values: list[Any], metas: list[Any], n_inputs:
     return Canonical(module, kept, carried, dynamic, exprs, inner, hashlib.sha256(text.encode()).hexdigest(), count)
 
 
-def build(canon: Canonical, args: list[torch.Tensor], out: Path) -> None:
+def build(canon: Canonical, args: list[torch.Tensor], out: Path, device: str) -> None:
     """Export the canonical segment with its dynamic sizes and compile it into `out`."""
     # without duck shaping: two sizes equal in the example (a square latent's height and width)
     # must not become one symbol, only sizes the code relates do
@@ -213,7 +231,9 @@ def build(canon: Canonical, args: list[torch.Tensor], out: Path) -> None:
                 raise NotLowerable(f"export made dimension {d} of {ph.name} static ({int(size)})")
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.pt2")  # torch wants the .pt2 suffix
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp))
+        march = host_march(device)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp),
+                                                 inductor_configs={"cpp.march": march} if march else None)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -304,7 +324,7 @@ def lower_program(runner, inputs, examples: list[dict[str, Any]], device: str, l
                     example = max(range(len(recorded)),
                                   key=lambda e: _smallest_dynamic(canon, package_args(canon, e, first)))
                     values = {sym: int(carriers[example][name].shape[0]) for sym, name in symbol_names.items()}
-                    build(canon, build_args(canon, package_args(canon, example, first), values), path)
+                    build(canon, build_args(canon, package_args(canon, example, first), values), path, device)
                     seconds = time.perf_counter() - start
                     log(f"lowering [{n}/{len(groups)}] built in {seconds:.1f} s")
                 else:

@@ -6,7 +6,7 @@ Unfused, an order-1 forecast is five elementwise passes per stream (divided diff
 the polynomial) plus the add; this is one, so a skipped step costs one launch per stream on
 CUDA. The weights are host floats (they depend on the step indices alone), or a 1-D tensor on
 x's device: a CUDA graph replays one captured skip with this step's weights
-(dacc/runtime/step_graphs.py), and `out=` writes where the captured computed path wrote."""
+(dacc/runtime/graph_step.py), and `out=` writes where the captured computed path wrote."""
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,8 @@ program is lowered on its ranks (dacc/compiler/lowering_ranks.py).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dacc.compiler.ir import ProgramIR
@@ -37,11 +39,28 @@ def lower_segments(ir: ProgramIR, plan: Plan) -> PassResult:
         return _result(ir)
     runner = ProgramRunner(ir.ep, program_spec(ir, 0, where), where)
     if low.device == "cuda":
-        runner.to("cuda")
+        # copies on the device: the runner's parameters are the program's and the traced model's
+        # objects, which the checks after lowering still run on the CPU
+        with new_parameters_on_conversion():
+            runner.to("cuda")
         runner.retarget(torch.device("cuda"))
         runner.refresh_weights()
     ir.lowering = lower_program(runner, ir.traced.inputs, examples, low.device, ir.log)
     return _result(ir)
+
+
+@contextlib.contextmanager
+def new_parameters_on_conversion():
+    """`.to()` gives a module new Parameter objects instead of swapping the shared ones' data."""
+    overwrite, swap = (torch.__future__.get_overwrite_module_params_on_conversion(),
+                       torch.__future__.get_swap_module_params_on_conversion())
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    torch.__future__.set_swap_module_params_on_conversion(False)
+    try:
+        yield
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
 def _result(ir: ProgramIR) -> PassResult:

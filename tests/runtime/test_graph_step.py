@@ -167,9 +167,10 @@ def test_new_weights_reach_a_replayed_step(pair):
 def test_cuda_graphs_match_the_op_by_op_step_on_the_gpu(artifacts, plan):
     eager = dacc.load(artifacts[plan]).to("cuda")
     graphs = dacc.load(artifacts[plan], cuda_graphs=True).to("cuda")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a piece that fell back to op by op would warn
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = _generations(graphs, "cuda")
+    assert not [w for w in caught if "could not be captured" in str(w.message)]  # no piece fell back
     want = _generations(eager, "cuda")
     for w, g in zip(want, got):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-4), float((g - w).abs().max())

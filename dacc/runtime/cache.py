@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dacc.kernels import add_weighted, l1_change
+from dacc.kernels.collectives import transfer_failed
 from dacc.runtime.ranks import fsdp_group, gate_group
 from dacc.schema.manifest import CacheGate
 
@@ -78,15 +79,22 @@ def _ratio(stats: list[torch.Tensor]) -> float:
         total = total + s
     group = gate_group()
     if group is not None:
-        dist.all_reduce(total, group=group)  # in place: every stats tensor is fresh from l1_change, owned here
+        _reduce(total, dist.ReduceOp.SUM, group, "gate")  # in place: every stats tensor is fresh from l1_change
     num, den = total.tolist()
     ratio = num / max(den, 1e-12)
     shared = fsdp_group()
     if shared is not None:  # ranks with shared weight shards take one decision: the most cautious
         most = torch.tensor([ratio], dtype=torch.float64, device=total.device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=shared)
+        _reduce(most, dist.ReduceOp.MAX, shared, "fsdp")
         ratio = float(most.item())
     return ratio
+
+
+def _reduce(x: torch.Tensor, op, group, role: str) -> None:
+    try:
+        dist.all_reduce(x, op=op, group=group)
+    except RuntimeError as exc:  # a rank that died or stalled: dacc's error, on every rank
+        raise transfer_failed("cache gate all_reduce", role, exc) from None
 
 
 def rel_l1(current: list[torch.Tensor], previous: list[torch.Tensor]) -> float:

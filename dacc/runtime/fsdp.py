@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
 
+from dacc.kernels.collectives import transfer_failed
 from dacc.runtime.artifact import verify_file
 from dacc.schema.dtypes import dtype_text, parse_dtype
 from dacc.schema.errors import DaccError
@@ -50,13 +51,16 @@ class ShardedWeights:
         """Make the units `segment` reads whole; free those no later segment reads; start
         gathering the next segment's while this one runs."""
         here = self.order[segment]
-        for u in [u for u in self.gathered if self.last_use[u] < here]:
-            self._free(u)
-        for u in self.needed[segment]:
-            self._gather(u)
-            self._wait(u)
-        for u in self.needed[self.names[here + 1]] if here + 1 < len(self.names) else []:
-            self._gather(u, async_op=True)
+        try:
+            for u in [u for u in self.gathered if self.last_use[u] < here]:
+                self._free(u)
+            for u in self.needed[segment]:
+                self._gather(u)
+                self._wait(u)
+            for u in self.needed[self.names[here + 1]] if here + 1 < len(self.names) else []:
+                self._gather(u, async_op=True)
+        except RuntimeError as exc:  # a rank that died or stalled mid-gather: dacc's error, on every rank
+            raise transfer_failed(f"fsdp all_gather before {segment}", "fsdp", exc) from None
 
     def release(self) -> None:
         """After a call: every unit back to its shard."""

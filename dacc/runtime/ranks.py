@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 
+import torch
 import torch.distributed as dist
 
 from dacc.kernels.collectives import bind_groups, bound_group
@@ -49,7 +50,9 @@ def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
                         f"{world}")
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    # "nccl", or "cpu:gloo,cuda:nccl" from init_process_group() with no backend named
+    backend = str(dist.get_backend())
+    device = "cuda" if "nccl" in backend or (backend == "undefined" and torch.cuda.is_available()) else "cpu"
     names = ("fsdp", "cfg", "ulysses", "ring", "vae_patch")
     mesh = init_device_mesh(device, (spec.fsdp, spec.cfg, spec.ulysses, spec.ring, spec.vae_patch),
                             mesh_dim_names=names)
@@ -60,8 +63,21 @@ def bind_mesh(spec: ParallelSpec, where: str) -> tuple[object, dict]:
         groups[GATE] = dist.group.WORLD
     elif spec.world_size > spec.fsdp:
         groups[GATE] = mesh["cfg", "ulysses", "ring", "vae_patch"]._flatten(GATE).get_group()
+    timeout = _world_timeout(device)
+    if timeout is not None:  # the mesh's own groups would otherwise wait torch's default (30 min on gloo)
+        for group in {id(g): g for g in groups.values() if g is not dist.group.WORLD}.values():
+            group.set_timeout(timeout)
     bind_groups(groups)
     return mesh, groups
+
+
+def _world_timeout(device: str) -> datetime.timedelta | None:
+    """How long the initialised process group's collectives wait (torchrun's, the user's, or
+    `run_local`'s `default_timeout()`): every group of the mesh waits as long."""
+    try:
+        return dist.group.WORLD._get_backend(torch.device(device)).options._timeout
+    except (AttributeError, RuntimeError):  # a backend that keeps no options: torch's default stays
+        return None
 
 
 def gate_group():

@@ -4,6 +4,7 @@ dispatcher, bytes included), and a wrong launch or a dead rank is a clear error,
 At the end, parallel.auto, whose candidates are these artifacts' partitions."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -21,11 +22,13 @@ from dacc.compiler.choose_parallel import choose_parallel
 from dacc.compiler.compile import compile_model, partition_manifest
 from dacc.cost.devices import DeviceProfile, save_profile
 from dacc.cost.memory_map import memory_map
+from dacc.kernels.collectives import bound_groups
 from dacc.compiler.model_file import load_model_file
 from dacc.models import model_file
 from dacc.runtime.artifact import read_manifest
 from dacc.runtime.cache import planned_actions
 from dacc.runtime.launch import run_local
+from dacc.runtime.ranks import default_timeout
 from dacc.schema.errors import DaccError
 from dacc.report import inspect_artifact
 from dacc.schema.expr import NUMBER, evaluate
@@ -56,6 +59,9 @@ ARTIFACTS = {  # name: (model file, plan)
     "flux_f2": (FLUX, {"parallel": {"fsdp": 2}}),
     "flux_db": (FLUX, DBCACHE),
     "flux_db_f2": (FLUX, {**DBCACHE, "parallel": {"fsdp": 2}}),
+    "flux_db_c2": (FLUX, {**DBCACHE, "parallel": {"cfg": 2}}),
+    "flux_db_r2": (FLUX, {**DBCACHE, "parallel": {"ring": 2}}),
+    "flux_db_u2r2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2, "ring": 2}}),
     "flux_db_u2": (FLUX, {**DBCACHE, "parallel": {"ulysses": 2}}),
     "flux_sch": (FLUX, SCHEDULE),
     "flux_sch_u2": (FLUX, {**SCHEDULE, "parallel": {"ulysses": 2}}),
@@ -68,10 +74,16 @@ ARTIFACTS = {  # name: (model file, plan)
     "wan": (WAN, {}),
     "wan_u2": (WAN, {"parallel": {"ulysses": 2}}),
     "wan_r2": (WAN, {"parallel": {"ring": 2}}),
+    "wan_c2": (WAN, {"parallel": {"cfg": 2}}),
+    "wan_f2": (WAN, {"parallel": {"fsdp": 2}}),
+    "wan_db": (WAN, DBCACHE),
+    "wan_db_c2": (WAN, {**DBCACHE, "parallel": {"cfg": 2}}),
     "vae": (model_file("vae"), {}),
     "vae_p2": (model_file("vae"), {"parallel": {"vae_patch": 2}}),
 }
 DIE = "rank 1 dies"
+STALL = "rank 1 stalls"
+STALL_TIMEOUT = 3.0  # seconds: the world group's timeout during the STALL job
 TRANSFERS = ("_c10d_functional.all_to_all_single.default", "_c10d_functional.all_gather_into_tensor.default",
              "c10d.allreduce_.default", "c10d.send.default", "c10d.recv_.default", "c10d._allgather_base_.default",
              "_c10d_functional.all_reduce.default")
@@ -105,7 +117,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
 @pytest.fixture(scope="module")
 def root(artifacts) -> Path:
     return artifacts("flux", "flux_u2", "flux_c2", "flux_r2", "flux_db", "flux_db_u2", "flux_f2", "flux_db_f2",
-                     "flux_sch", "flux_sch_u2", "flux_cal", "flux_cal_u2", "vae", "vae_p2")
+                     "flux_db_c2", "flux_db_r2", "flux_sch", "flux_sch_u2", "flux_cal", "flux_cal_u2", "vae", "vae_p2")
 
 
 class Transfers(TorchDispatchMode):
@@ -167,7 +179,7 @@ def _run(root: Path, name: str, calls: list[dict]) -> tuple[list[torch.Tensor], 
 
 
 def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
-    dying = jobs.pop(DIE, None)
+    dying, stalling = jobs.pop(DIE, None), jobs.pop(STALL, None)
     for name, (artifact, calls) in jobs.items():
         calls = calls[rank] if isinstance(calls, dict) else calls  # {rank: calls}: each rank its own request
         try:
@@ -175,11 +187,14 @@ def _rank_job(rank: int, world: int, root: str, jobs: dict, out: str) -> None:
             params = list(_load(Path(root) / f"{artifact}.dacc").parameters())
             result = {"calls": spy.calls, "bytes": spy.bytes, "decisions": stats["decisions"],
                       "stored": sum(_local(p).numel() * p.element_size() for p in params),
-                      "sharded": sum(type(p).__name__ == "DTensor" for p in params), "params": len(params)}
+                      "sharded": sum(type(p).__name__ == "DTensor" for p in params), "params": len(params),
+                      "timeouts": sorted({str(_timeout(g)) for g in bound_groups().values()})}
             save_file({f"out{i}": o.contiguous() for i, o in enumerate(outs)}, f"{out}/{name}.{rank}.safetensors")
         except DaccError as exc:
             result = {"error": str(exc)}
         Path(f"{out}/{name}.{rank}.json").write_text(json.dumps(result))
+    if stalling is not None:  # rank 1 stays alive and silent past the timeout, then goes on
+        stall_or_call_on(_load(Path(root) / stalling[0]), stalling[1], rank, out)
     if dying is not None:  # last: rank 1 leaves without a word, as a killed process does
         model = _load(Path(root) / dying[0])
         die_or_call_on(model, dying[1][0], rank, out)
@@ -200,6 +215,31 @@ def die_or_call_on(model, call: dict, rank: int, out: str) -> None:
     Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
 
 
+def stall_or_call_on(model, calls: list[dict], rank: int, out: str) -> None:
+    """Both ranks make all but the last of `calls`; then every group waits STALL_TIMEOUT, and
+    rank 1 sleeps through three of them while rank 0 makes the last call and writes what it was
+    told and how long that took."""
+    for call in calls[:-1]:
+        model(**call)
+    for g in {id(g): g for g in [dist.group.WORLD, *bound_groups().values()]}.values():
+        g.set_timeout(datetime.timedelta(seconds=STALL_TIMEOUT))
+    if rank == 1:
+        time.sleep(3 * STALL_TIMEOUT)
+        return
+    start = time.monotonic()
+    try:
+        model(**calls[-1])
+        result = {"error": None}
+    except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    result["seconds"] = time.monotonic() - start
+    Path(f"{out}/{STALL}.0.json").write_text(json.dumps(result))
+
+
+def _timeout(group) -> datetime.timedelta:
+    return group._get_backend(torch.device("cpu")).options._timeout
+
+
 def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p
 
@@ -213,9 +253,10 @@ def rank_results(jobs: dict, world: int, out: Path) -> dict:
     """What each rank of each job wrote under `out`: {(job, rank): its JSON, with "outs" (its
     tensors) unless it reported an error}, and the dead-rank job's {DIE: rank 0's JSON}."""
     results = {}
-    if DIE in jobs:
-        results[DIE] = json.loads((out / f"{DIE}.0.json").read_text())
-    for name in [j for j in jobs if j != DIE]:
+    for special in (DIE, STALL):
+        if special in jobs:
+            results[special] = json.loads((out / f"{special}.0.json").read_text())
+    for name in [j for j in jobs if j not in (DIE, STALL)]:
         for rank in range(world):
             got = json.loads((out / f"{name}.{rank}.json").read_text())
             if "error" not in got:
@@ -241,11 +282,14 @@ def two_ranks(root, tmp_path_factory):
             "flux_db_u2": ("flux_db_u2", _generation(flux)), "flux_u2_odd": ("flux_u2", [odd]),
             "flux_r2_odd": ("flux_r2", [odd]), "flux_db_u2_odd": ("flux_db_u2", _generation(odd)),
             "flux_sch_u2": ("flux_sch_u2", _generation(flux)), "flux_cal_u2": ("flux_cal_u2", _generation(flux)),
-            DIE: ("flux_u2.dacc", [flux])}
+            "flux_db_c2": ("flux_db_c2", _generation(flux)), "flux_db_r2": ("flux_db_r2", _generation(flux)),
+            # the second call's gate reduces its probe statistic: rank 0 waits there for rank 1
+            STALL: ("flux_db_c2.dacc", _generation(flux)[:2]), DIE: ("flux_u2.dacc", [flux])}
     refs = {"flux_u2": ("flux", [flux]), "flux_c2": ("flux", [flux]), "flux_r2": ("flux", [flux]),
             "flux_db_u2": ("flux_db", _generation(flux)), "flux_u2_odd": ("flux", [odd]),
             "flux_r2_odd": ("flux", [odd]), "flux_db_u2_odd": ("flux_db", _generation(odd)),
-            "flux_sch_u2": ("flux_sch", _generation(flux)), "flux_cal_u2": ("flux_cal", _generation(flux))}
+            "flux_sch_u2": ("flux_sch", _generation(flux)), "flux_cal_u2": ("flux_cal", _generation(flux)),
+            "flux_db_c2": ("flux_db", _generation(flux)), "flux_db_r2": ("flux_db", _generation(flux))}
     # fsdp ranks serve different requests: rank 1's latent changes faster, so its gate computes more
     other = _inputs(FLUX, 21, first=True)
     requests = {0: [flux], 1: [other]}
@@ -294,7 +338,7 @@ def _exchanges_at_every_site(root: Path, name: str, calls: dict) -> None:
 
 
 @pytest.mark.parametrize("name", ["flux_u2", "flux_c2", "flux_r2", "flux_db_u2", "flux_u2_odd", "flux_r2_odd",
-                                  "flux_db_u2_odd", "flux_sch_u2", "flux_cal_u2"])
+                                  "flux_db_u2_odd", "flux_sch_u2", "flux_cal_u2", "flux_db_c2", "flux_db_r2"])
 def test_every_rank_returns_the_single_process_output(two_ranks, name):
     results, single, _ = two_ranks
     _same_outputs(results, name, 2, single[name][0], single[name][2])
@@ -481,10 +525,11 @@ def test_uneven_tokens_are_padded_and_the_pads_never_count(root, two_ranks):
 
 @pytest.mark.slow  # 40 s: four processes on two cores
 def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts, tmp_path):
-    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2", "flux_f2u2", "flux_u4")
+    root = artifacts("flux", "flux_u2", "flux_c2u2", "flux_u2r2", "flux_f2u2", "flux_u4", "flux_db", "flux_db_u2r2")
     flux, other = _inputs(FLUX, 13), _inputs(FLUX, 14)
     odd = _odd_tokens(flux, 61)  # 61 image tokens: 16 rows per rank, 3 of them pads on the last
     jobs = {"flux_c2u2": ("flux_c2u2", [flux]), "flux_u2r2": ("flux_u2r2", [flux]), "flux_u2": ("flux_u2", [flux]),
+            "flux_db_u2r2": ("flux_db_u2r2", _generation(flux)),
             "flux_u2r2_odd": ("flux_u2r2", [odd]), "flux_u4_odd": ("flux_u4", [odd]),
             # the mesh is (fsdp, cfg, ulysses, ring): ranks 0-1 serve one request, ranks 2-3 another
             "flux_f2u2": ("flux_f2u2", {0: [flux], 1: [flux], 2: [other], 3: [other]})}
@@ -492,8 +537,13 @@ def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts,
     (ref,), _, _ = _run(root, "flux", [flux])
     (ref_other,), _, _ = _run(root, "flux", [other])
     (ref_odd,), _, _ = _run(root, "flux", [odd])
+    cached, _, cached_stats = _run(root, "flux_db", _generation(flux))
+    assert "reused" in next(iter(cached_stats["decisions"].values()))
+    _same_outputs(results, "flux_db_u2r2", 4, cached, cached_stats)  # a cache gate over USP's four ranks
     sites = _sites(root, "flux_u2r2")
     for rank in range(4):
+        # the mesh's subgroups (cfg and ulysses pairs here) wait as long as the world group, not torch's 30 min
+        assert results["flux_c2u2", rank]["timeouts"] == [str(default_timeout())]
         for name in ("flux_u2r2_odd", "flux_u4_odd"):  # uneven tokens under USP; 2 heads over 4 ranks
             got = results[name, rank]
             assert "error" not in got, got.get("error")
@@ -502,7 +552,10 @@ def test_four_ranks_cfg_times_ulysses_usp_fsdp_and_a_wrong_world_size(artifacts,
             got = results[name, rank]
             assert "error" not in got, got.get("error")
             assert rel_err(got["outs"][0], ref) <= 1e-5, (name, rank)
-        assert results["flux_c2u2", rank]["calls"]["_c10d_functional.all_gather_into_tensor.default"] == 2
+        c2u2 = results["flux_c2u2", rank]["calls"]
+        # each cfg half's tokens over its ulysses pair, then the halves over the cfg pair
+        assert c2u2["_c10d_functional.all_gather_into_tensor.default"] == 2
+        assert c2u2["_c10d_functional.all_to_all_single.default"] == 4 * _sites(root, "flux_c2u2")
         # USP: heads exchanged over the ulysses pair, keys passed once around the ring pair, per site
         usp = results["flux_u2r2", rank]["calls"]
         assert usp["_c10d_functional.all_to_all_single.default"] == 4 * sites
@@ -535,22 +588,27 @@ def test_sd3_joint_attention_under_ulysses(artifacts, tmp_path):
 def test_sequence_parallel_on_a_cross_attention_family(artifacts, tmp_path):
     """Wan: ulysses and ring equal one process, at the example's size and at 45 video tokens
     (uneven over 2 ranks); only self-attention is exchanged, cross-attention reads the whole text
-    from its local queries. (cfg and fsdp split the batch and the weights, whatever the family:
-    Flux covers them.)"""
-    root = artifacts("wan", "wan_u2", "wan_r2")
+    from its local queries. cfg, fsdp and a cache gate over cfg ranks equal one process too."""
+    root = artifacts("wan", "wan_u2", "wan_r2", "wan_c2", "wan_f2", "wan_db", "wan_db_c2")
     wan = _inputs(WAN, 15, first=True)  # and 45 video tokens: 3 frames of 3 x 5 patches, uneven over 2
     wan_odd = {**wan, "hidden_states": torch.randn(2, 4, 3, 6, 10, generator=torch.Generator().manual_seed(16))}
     jobs, refs = {}, {}
     for name in ("wan_u2", "wan_r2"):
         jobs[name], refs[name] = (name, [wan]), ("wan", [wan])
         jobs[f"{name}_odd"], refs[f"{name}_odd"] = (name, [wan_odd]), ("wan", [wan_odd])
+    jobs["wan_c2"], refs["wan_c2"] = ("wan_c2", [wan]), ("wan", [wan])
+    jobs["wan_f2"], refs["wan_f2"] = ("wan_f2", [wan]), ("wan", [wan])  # both ranks serve the same request here
+    jobs["wan_db_c2"], refs["wan_db_c2"] = ("wan_db_c2", _generation(wan)), ("wan_db", _generation(wan))
     results = _spawn(root, 2, jobs, tmp_path)
     single = {name: _run(root, ref, calls) for name, (ref, calls) in refs.items()}
     program = read_manifest(root / "wan_u2.dacc", None).programs[0]
     self_sites = sum(not s.cross for s in program.attention)
     assert self_sites and len(program.attention) == 2 * self_sites  # one self and one cross site per block
-    for name in ("wan_u2", "wan_r2", "wan_u2_odd", "wan_r2_odd"):
+    assert {"computed", "reused"} <= set(next(iter(single["wan_db_c2"][2]["decisions"].values())))
+    for name in ("wan_u2", "wan_r2", "wan_u2_odd", "wan_r2_odd", "wan_c2", "wan_f2", "wan_db_c2"):
         _same_outputs(results, name, 2, single[name][0], single[name][2])
+    whole = sum(p.numel() * p.element_size() for p in _load(root / "wan.dacc").parameters())
+    assert all(abs(results["wan_f2", r]["stored"] - whole / 2) <= 0.02 * whole for r in range(2))
     for rank in range(2):
         calls = results["wan_u2_odd", rank]["calls"]
         assert calls["dacc.seq_to_heads.default"] == 3 * self_sites and calls["dacc.heads_to_seq.default"] == self_sites
@@ -576,6 +634,15 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(two_ranks):
     assert died["error"] is not None and "DaccError" in died["error"], died
     assert "dacc.seq_to_heads over the 'ulysses' group failed" in died["error"]
     assert died["seconds"] < 30  # gloo sees the closed peer; DACC_COLLECTIVE_TIMEOUT bounds any wait
+
+
+def test_a_stalled_rank_fails_the_others_within_the_timeout(two_ranks):
+    """Rank 1 alive but silent at the second step's gate: rank 0's reduce of the probe statistic
+    gives up after the group's timeout, with dacc's error rather than torch's."""
+    stalled = two_ranks[0][STALL]
+    assert stalled["error"] is not None and "DaccError" in stalled["error"], stalled
+    assert "dacc.cache gate all_reduce over the 'gate' group failed" in stalled["error"]
+    assert STALL_TIMEOUT <= stalled["seconds"] < 3 * STALL_TIMEOUT
 
 
 def test_fsdp_ranks_serve_their_own_requests_storing_half_the_weights(root, two_ranks):

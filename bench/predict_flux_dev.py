@@ -49,6 +49,17 @@ PUBLISHED = [
     ("l20", {"ulysses": 2, "ring": 2}, 0.324, "324 ms/step", "diffusers context parallel"),
 ]
 
+# (device, GPUs, published speed-up over the same setup on one GPU, what, source): how far each
+# tool's published multi-GPU runs scale, beside the scaling dacc predicts for its chosen split
+SCALING = [
+    ("h100-sxm", 2, 9.30 / 6.04, "FLUX.1-dev, Ulysses-2, 50 steps", "cache-dit"),
+    ("h100-sxm", 4, 6.71 / 4.24, "FLUX.1-dev, Ulysses-4, eager", "xDiT"),
+    ("h100-sxm", 4, 4.30 / 1.63, "FLUX.1-dev, Ulysses-4, torch.compile", "xDiT"),
+    ("l20", 4, 6.75 / 3.48, "FLUX.1-dev, FBCache + fp8 + compile on 1 and 4 GPUs (3.48x and 6.75x over eager)",
+     "ParaAttention"),
+    ("h100-sxm", 8, 1904 / 337.6, "HunyuanVideo 720p, USP (another model: for scale only)", "xDiT"),
+]
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -96,6 +107,13 @@ def main() -> None:
         report["published"].append({"device": device, "parallel": degrees, "published_s_per_step": seconds,
                                     "what": what, "source": source, "predicted_s_per_step": predicted,
                                     "predicted_peak_bytes": peak, "predicted_over_published": predicted / seconds})
+    report["scaling"] = []
+    for device, world, published, what, source in SCALING:
+        worlds = report["devices"][device]["worlds"]
+        if 1 in worlds and world in worlds:
+            one, many = (next(c for c in worlds[w]["candidates"] if c["verdict"] == "chosen") for w in (1, world))
+            report["scaling"].append({"device": device, "gpus": world, "published_speedup": published, "what": what,
+                                      "source": source, "predicted_speedup": one["step_seconds"] / many["step_seconds"]})
     report["seconds"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "predict_flux_dev.json").write_text(json.dumps(report, indent=1))
@@ -117,6 +135,11 @@ def _markdown(report: dict) -> str:
         split = " × ".join(f"{k} {v}" for k, v in p["parallel"].items()) or "one GPU"
         lines.append(f"| {p['device']} | {split} | {p['what']} ({p['source']}) | {p['published_s_per_step'] * 1e3:.0f} ms "
                      f"| {p['predicted_s_per_step'] * 1e3:.0f} ms | {p['predicted_over_published']:.2f} |")
+    lines += ["", "| device | GPUs | published run (source) | published speed-up over 1 GPU | dacc predicts |",
+              "|---|---|---|---|---|"]
+    for p in report.get("scaling", []):
+        lines.append(f"| {p['device']} | {p['gpus']} | {p['what']} ({p['source']}) | {p['published_speedup']:.2f}× "
+                     f"| {p['predicted_speedup']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dacc
 from dacc.compiler.memory import VIEWS
 from dacc.cost.devices import DeviceProfile
-from dacc.cost.memory_map import memory_map
+from dacc.cost.memory_map import COLORS, memory_map
+from dacc.cost.sizes import sizes_at
 from dacc.cost.step_time import step_time, total_seconds
 from dacc.schema.errors import DaccError
 from dacc.schema.expr import NUMBER, evaluate
@@ -56,7 +57,19 @@ def test_inspect_memory_draws_the_map_and_refuses_unknown_sizes(compiled, tmp_pa
     tied = {"s1": 256, "s3": 256 + manifest.programs[0].example_shapes["encoder_hidden_states"][1] -
             manifest.programs[0].example_shapes["txt_ids"][0]}
     text = inspect_artifact(c.path, memory=True, at=tied, memory_png=png)
-    assert "memory per rank at" in text and "s1=256" in text and png.stat().st_size > 1000
+    assert "memory per rank at" in text and "s1=256" in text
+    # the picture is the map: one bar per segment, as long as its total against the peak's
+    from PIL import Image
+
+    rows = memory_map(manifest, manifest.programs[0], sizes_at(manifest.programs[0], tied, "test"))
+    image = Image.open(png).convert("RGB")
+    assert image.height == 40 + len(rows) * 18 + 50
+    colors = {tuple(c) for c in COLORS.values()}
+    peak = max(r.total for r in rows)
+    for k, r in enumerate(rows):
+        middle = 40 + k * 18 + 7
+        drawn = sum(image.getpixel((x, middle)) in colors for x in range(230, 230 + 560 + 1))
+        assert abs(drawn - 560 * r.total / peak) <= 3, (r.segment, drawn, 560 * r.total / peak)
     with pytest.raises(DaccError, match="shape condition"):  # image ids no longer as many as the tokens
         inspect_artifact(c.path, memory=True, at={"s1": 256})
     with pytest.raises(DaccError, match="not symbols of the program"):

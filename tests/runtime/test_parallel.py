@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -295,6 +296,15 @@ def two_ranks(root, tmp_path_factory):
     requests = {0: [flux], 1: [other]}
     generations = {0: _generation(flux), 1: _generation(other, pace=0.05)}
     jobs.update({"flux_f2": ("flux_f2", requests), "flux_db_f2": ("flux_db_f2", generations)})
+    # rank 1's shard file corrupted in a copy: a load (no call) that only rank 1 can notice
+    bad = root / "flux_f2_bad.dacc"
+    if not bad.exists():
+        shutil.copytree(root / "flux_f2.dacc", bad)
+        shard = bad / read_manifest(bad, None).fsdp.files[1]
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    jobs["flux_f2_bad"] = ("flux_f2_bad", [])
     for rank in range(2):
         refs.update({f"flux_f2.{rank}": ("flux", requests[rank]), f"flux_db_f2.{rank}": ("flux_db", generations[rank])})
     # a VAE latent of a size the compile never saw: bands of 5 latent rows, 20 image rows
@@ -666,6 +676,15 @@ def test_fsdp_ranks_serve_their_own_requests_storing_half_the_weights(root, two_
     manifest = read_manifest(root / "flux_f2.dacc", None)
     env = {s.name: int(inputs["flux"][s.input].shape[s.dim]) for s in manifest.programs[0].symbols}
     assert memory_map(manifest, manifest.programs[0], env)[0].parts["weights"] == results["flux_f2", 0]["stored"]
+
+
+def test_each_fsdp_rank_reads_and_checks_only_its_own_shard_file(root, two_ranks):
+    results = two_ranks[0]
+    shard = read_manifest(root / "flux_f2_bad.dacc", None).fsdp.files[1]
+    assert "error" not in results["flux_f2_bad", 0], results["flux_f2_bad", 0].get("error")
+    assert results["flux_f2_bad", 0]["sharded"] > 0  # rank 0 loaded its shards and never opened rank 1's
+    error = results["flux_f2_bad", 1].get("error", "")
+    assert f"artifact file '{shard}' was modified or corrupted" in error
 
 
 def test_fsdp_ranks_share_the_most_cautious_gate_decision(two_ranks):

@@ -17,10 +17,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, interleaved_rounds
 from dacc.schema.digest import file_digest
 
 
@@ -41,7 +40,6 @@ def main(argv=None) -> int:
     variants = {"one sha256 over the file": whole_file_sha256,
                 "chunked, 1 thread": lambda path: file_digest(path, workers=1),
                 f"chunked, {cores} threads": file_digest}
-    times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "weights.bin"
         size = int(args.gib * (1 << 30))
@@ -49,12 +47,7 @@ def main(argv=None) -> int:
             for _ in range(size // (64 << 20)):
                 f.write(os.urandom(64 << 20))
         whole_file_sha256(path)  # into the page cache
-        for r in range(args.repeats):
-            names = list(variants)
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                start = time.perf_counter()
-                variants[name](path)
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_rounds(variants, lambda digest: digest(path), args.repeats)
     gib = size / (1 << 30)
     report = {"gib": gib, "cores": cores, "repeats": args.repeats,
               "median_s": {k: statistics.median(v) for k, v in times.items()},

@@ -21,13 +21,11 @@ Weights = list[float] | torch.Tensor
 def add_weighted_reference(x: torch.Tensor, terms: list[torch.Tensor], weights: Weights,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(weights, torch.Tensor):  # x + t0 * w[0], then + t_k * w[k]: no host read of w
-        out = torch.addcmul(x, terms[0], weights[0], out=out) if out is not None else \
-            torch.addcmul(x, terms[0], weights[0])
+        out = torch.addcmul(x, terms[0], weights[0], out=out)  # out=None: a new tensor
         for k, t in enumerate(terms[1:], 1):
             out.addcmul_(t, weights[k])
         return out
-    out = torch.add(x, terms[0], alpha=weights[0], out=out) if out is not None else \
-        torch.add(x, terms[0], alpha=weights[0])
+    out = torch.add(x, terms[0], alpha=weights[0], out=out)
     for t, w in zip(terms[1:], weights[1:]):
         out.add_(t, alpha=w)
     return out

@@ -85,22 +85,33 @@ def _manifest(path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
+class CountedRuns:
+    """A package's loader that counts its runs."""
+
+    def __init__(self, loader):
+        self.loader, self.runs = loader, 0
+
+    def run(self, args):
+        self.runs += 1
+        return self.loader.run(args)
+
+    def get_call_spec(self):
+        return self.loader.get_call_spec()
+
+
+def _shared_packages(model) -> list:
+    """The model's loaded packages, once each (identical blocks share one)."""
+    return list({id(seg.package): seg.package for seg in model.programs[0]._lowered}.values())
+
+
 def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
     lowered, plain = loaded
     assert lowered.programs[0].lowered_segments == len(lowered.manifest.programs[0].segments)
     assert plain.programs[0].lowered_segments == 0
-    packages = list({id(seg.package): seg.package for seg in lowered.programs[0]._lowered}.values())
-    calls, originals = [], [p.loader for p in packages]
-
-    class Spy:  # counts package calls: the graphs must not be what ran
-        def __init__(self, loader):
-            self.loader = loader
-
-        def run(self, args):
-            calls.append(1)
-            return self.loader.run(args)
-    for p in packages:  # identical blocks share a package
-        p.loader = Spy(p.loader)
+    packages = _shared_packages(lowered)
+    originals = [p.loader for p in packages]
+    for p in packages:  # counts package calls: the graphs must not be what ran
+        p.loader = CountedRuns(p.loader)
     try:
         # sizes the compile never saw, one of them not square: one package serves every token count
         for i, (b, h, w) in enumerate([(3, 12, 20), (2, 8, 24), (4, 16, 16)]):
@@ -109,10 +120,11 @@ def test_lowered_segments_match_the_graph_on_fresh_sizes_and_values(loaded):
             got = lowered(**x).sample
             assert got.shape == want.shape == (b, 4, h, w)
             assert rel_err(got, want) < 1e-4
+        calls = sum(p.loader.runs for p in packages)
     finally:
         for p, loader in zip(packages, originals):
             p.loader = loader
-    assert len(calls) == 3 * len(lowered.manifest.programs[0].segments)
+    assert calls == 3 * len(lowered.manifest.programs[0].segments)
 
 
 def test_a_replayed_step_captures_with_package_instances_of_its_own(built):
@@ -126,13 +138,9 @@ def test_a_replayed_step_captures_with_package_instances_of_its_own(built):
     plain = dacc.load(path, allow_native_code=True)
     graphs = dacc.load(path, allow_native_code=True, cuda_graphs=True)
     graphs._graph_capture = eager_capture
-    shared = list({id(seg.package): seg.package for seg in graphs.programs[0]._lowered}.values())
-    runs = {id(p): 0 for p in shared}
+    shared = _shared_packages(graphs)
     for p in shared:
-        run = p.loader.run
-        p.loader = type("Counted", (), {"run": staticmethod(lambda args, p=p, run=run: (
-            runs.__setitem__(id(p), runs[id(p)] + 1), run(args))[1]),
-            "get_call_spec": p.loader.get_call_spec})()
+        p.loader = CountedRuns(p.loader)
     for i, (b, h, w) in enumerate([(2, 8, 12), (2, 8, 12), (3, 12, 20)]):
         x = _inputs(b, h, w, seed=200 + i)
         assert rel_err(graphs(**x).sample, plain(**x).sample) < 1e-5
@@ -142,7 +150,7 @@ def test_a_replayed_step_captures_with_package_instances_of_its_own(built):
     assert pieces_per_call == 1  # the empty plan: one piece, every segment
     # each call's replay ran every shared package once per segment using it; the captures did not
     per_call = Counter(id(s.package) for s in graphs.programs[0]._lowered)
-    assert runs == {k: 3 * per_call[k] for k in runs}
+    assert {id(p): p.loader.runs for p in shared} == {id(p): 3 * per_call[id(p)] for p in shared}
 
 
 def test_identical_blocks_share_one_package_and_the_manifest_says_so(built, capsys):

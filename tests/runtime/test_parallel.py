@@ -206,14 +206,7 @@ def die_or_call_on(model, call: dict, rank: int, out: str) -> None:
     what it was told and how long that took to `{DIE}.0.json`."""
     if rank == 1:
         os._exit(0)
-    start = time.monotonic()
-    try:
-        model(**call)
-        result = {"error": None}
-    except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    result["seconds"] = time.monotonic() - start
-    Path(f"{out}/{DIE}.0.json").write_text(json.dumps(result))
+    _told(model, call, f"{out}/{DIE}.0.json")
 
 
 def stall_or_call_on(model, calls: list[dict], rank: int, out: str) -> None:
@@ -227,14 +220,20 @@ def stall_or_call_on(model, calls: list[dict], rank: int, out: str) -> None:
     if rank == 1:
         time.sleep(3 * STALL_TIMEOUT)
         return
+    _told(model, calls[-1], f"{out}/{STALL}.0.json")
+
+
+def _told(model, call: dict, path: str) -> None:
+    """Call `model` and write to `path` what the caller was told (the error, if any) and how long
+    that took."""
     start = time.monotonic()
     try:
-        model(**calls[-1])
+        model(**call)
         result = {"error": None}
     except Exception as exc:  # noqa: BLE001 (what the user would see, whatever it is)
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["seconds"] = time.monotonic() - start
-    Path(f"{out}/{STALL}.0.json").write_text(json.dumps(result))
+    Path(path).write_text(json.dumps(result))
 
 
 def _timeout(group) -> datetime.timedelta:
